@@ -1,0 +1,82 @@
+"""Range coding with frozen tables: exact round trips, escapes, and refusal of bad bytes in bounded time."""
+
+import time
+
+import numpy as np
+import pytest
+
+from taskcodec.coding import EntropyTables, RangeCoder, StreamError, compress, decompress
+from taskcodec.coding.tables import TablesError
+
+
+def random_tables(rng, dim=32):
+    return EntropyTables.from_pmfs(rng.integers(-6, 1, dim), [rng.random(rng.integers(1, 20)) + 1e-3 for _ in range(dim)])
+
+
+def test_round_trip_random_tables_and_symbols():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        tables = random_tables(rng, int(rng.integers(1, 64)))
+        symbols = (tables.lower + rng.integers(0, tables.length)).astype(np.int32)
+        data = compress(symbols, tables, b"model-01")
+        assert np.array_equal(decompress(data, tables, b"model-01"), symbols)
+
+
+def test_escapes_round_trip_extreme_values():
+    rng = np.random.default_rng(1)
+    tables = random_tables(rng, 16)
+    symbols = np.zeros(16, np.int32)
+    symbols[:4] = [2**31 - 1, -(2**31), 1000, -1000]
+    data = compress(symbols, tables)
+    assert np.array_equal(decompress(data, tables), symbols)
+    idx, escaped = tables.indices(symbols)
+    assert escaped[:4].all()
+
+
+def test_estimate_matches_coded_size_on_long_vectors():
+    rng = np.random.default_rng(2)
+    tables = random_tables(rng, 512)
+    p = tables.pmf[:, :-1].astype(np.float64)
+    symbols = np.array([tables.lower[d] + rng.choice(tables.length[d], p=p[d, : tables.length[d]] / p[d, : tables.length[d]].sum())
+                        for d in range(512)], np.int32)
+    coded = 8 * (len(compress(symbols, tables)) - 2)
+    estimate = tables.estimated_bits(symbols[None])[0]
+    assert coded <= estimate * 1.02 + 32
+
+
+def test_bad_bytes_are_refused_quickly():
+    rng = np.random.default_rng(3)
+    tables = random_tables(rng, 24)
+    coder = RangeCoder(tables)
+    symbols = (tables.lower + rng.integers(0, tables.length)).astype(np.int32)
+    good = compress(symbols, coder, b"AAAAAAAA")
+    bad = [b"", good[:1], good[:-1], good + b"\0", good + b"\0\0\0\0", bytes(len(good))]
+    bad += [good[:i] + bytes([good[i] ^ (1 << bit)]) + good[i + 1:] for i in range(len(good)) for bit in range(8)]
+    start = time.monotonic()
+    for data in bad:
+        with pytest.raises(StreamError):
+            decompress(data, coder, b"AAAAAAAA")
+    with pytest.raises(StreamError):
+        decompress(good, coder, b"BBBBBBBB")  # another model's stream
+    for _ in range(3000):
+        data = rng.bytes(int(rng.integers(0, 40)))
+        try:
+            decompress(data, coder, b"AAAAAAAA")
+        except StreamError:
+            pass
+    assert time.monotonic() - start < 60
+
+
+def test_tables_file_round_trip_and_errors(tmp_path):
+    rng = np.random.default_rng(4)
+    tables = random_tables(rng, 8)
+    tables.save(tmp_path / "t.npz")
+    again = EntropyTables.load(tmp_path / "t.npz")
+    assert again.digest() == tables.digest()
+    with pytest.raises(TablesError, match="not found"):
+        EntropyTables.load(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(TablesError, match="not a valid"):
+        EntropyTables.load(tmp_path / "junk.npz")
+    with pytest.raises(TablesError, match="escape"):
+        EntropyTables(np.zeros(1), np.ones(1), np.array([[1.0, 0.0]]))

@@ -82,7 +82,7 @@ def test_engine_cache_keyed_by_model_trt_version_and_gpu(tmp_path):
     path = trt_path.build_engine(bundle, "fp32", tmp_path / "cache", max_batch=32, gpu="NVIDIA H100 sm90", trt=fake)
     assert path.read_bytes() == b"engine-bytes"
     assert bundle.model_id in path.name and "trt10.99" in path.name
-    assert ("network_flags", 1) in fake.calls  # strongly typed, no implicit calibrator
+    assert ("network_flags", 1 << fake.NetworkDefinitionCreationFlag.STRONGLY_TYPED) in fake.calls  # strongly typed
     assert ("profile", ("frames", (1, 28, 28, 1), (8, 28, 28, 1), (32, 28, 28, 1))) in fake.calls
     builds = sum(c[0] == "build" for c in fake.calls)
     assert trt_path.build_engine(bundle, "fp32", tmp_path / "cache", gpu="NVIDIA H100 sm90", trt=fake) == path

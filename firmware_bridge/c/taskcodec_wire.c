@@ -1,0 +1,307 @@
+/* taskcodec uplink wire format v1: encoders for camera messages, decoder for server replies. See taskcodec_wire.h. */
+#include "taskcodec_wire.h"
+
+#include <string.h>
+
+const char *tcw_strerror(int status)
+{
+    switch (status) {
+    case TCW_OK: return "ok";
+    case TCW_E_ARG: return "invalid argument";
+    case TCW_E_NOSPACE: return "output buffer too small";
+    case TCW_E_TRUNCATED: return "message ends early";
+    case TCW_E_VARINT: return "varint too long";
+    case TCW_E_RANGE: return "value exceeds the format's limit";
+    case TCW_E_TYPE: return "unexpected message type";
+    case TCW_E_TRAILING: return "trailing bytes after the message";
+    case TCW_E_VERSION: return "unsupported wire version";
+    case TCW_E_STATE: return "batch builder used out of order";
+    default: return "unknown error";
+    }
+}
+
+static size_t varint_size(uint64_t v)
+{
+    size_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+int tcw_put_varint(uint8_t *buf, size_t cap, size_t *pos, uint64_t value)
+{
+    size_t n, i;
+    if (!buf || !pos || *pos > cap)
+        return TCW_E_ARG;
+    n = varint_size(value);
+    if (cap - *pos < n)
+        return TCW_E_NOSPACE;
+    for (i = 0; i + 1 < n; i++) {
+        buf[(*pos)++] = (uint8_t)((value & 0x7F) | 0x80);
+        value >>= 7;
+    }
+    buf[(*pos)++] = (uint8_t)value;
+    return TCW_OK;
+}
+
+int tcw_get_varint(const uint8_t *buf, size_t len, size_t *pos, uint64_t limit, uint64_t *value)
+{
+    uint64_t v = 0;
+    unsigned shift = 0;
+    size_t p;
+    if (!buf || !pos || !value || *pos > len)
+        return TCW_E_ARG;
+    p = *pos;
+    for (;;) {
+        uint8_t byte;
+        if (p >= len)
+            return TCW_E_TRUNCATED;
+        byte = buf[p++];
+        if (shift == 63) {
+            /* 10th byte: only bit 63 fits in 64 bits; anything higher is above every limit (all are <= 2^63). */
+            if (byte & 0x80)
+                return TCW_E_VARINT;
+            if (byte & 0x7E)
+                return TCW_E_RANGE;
+        }
+        v |= (uint64_t)(byte & 0x7F) << shift;
+        if (!(byte & 0x80))
+            break;
+        shift += 7;
+    }
+    if (v > limit)
+        return TCW_E_RANGE;
+    *value = v;
+    *pos = p;
+    return TCW_OK;
+}
+
+int tcw_encode_hello(uint8_t *out, size_t cap, size_t *out_len, const uint8_t model_tag[TCW_MODEL_TAG_BYTES],
+                     const char *camera_id, size_t camera_id_len, const uint8_t *token, size_t token_len)
+{
+    size_t need;
+    uint8_t *p;
+    if (!out || !out_len || !model_tag || !camera_id || (token_len && !token))
+        return TCW_E_ARG;
+    if (camera_id_len < 1 || camera_id_len > 255 || token_len > 255)
+        return TCW_E_ARG;
+    need = 2 + TCW_MODEL_TAG_BYTES + 1 + camera_id_len + 1 + token_len;
+    if (cap < need)
+        return TCW_E_NOSPACE;
+    p = out;
+    *p++ = TCW_HELLO;
+    *p++ = TCW_VERSION;
+    memcpy(p, model_tag, TCW_MODEL_TAG_BYTES);
+    p += TCW_MODEL_TAG_BYTES;
+    *p++ = (uint8_t)camera_id_len;
+    memcpy(p, camera_id, camera_id_len);
+    p += camera_id_len;
+    *p++ = (uint8_t)token_len;
+    if (token_len)
+        memcpy(p, token, token_len);
+    *out_len = need;
+    return TCW_OK;
+}
+
+int tcw_batch_begin(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint64_t first_seq)
+{
+    size_t pos = 0;
+    int rc;
+    if (!b || !buf)
+        return TCW_E_ARG;
+    memset(b, 0, sizeof(*b));
+    if (epoch > TCW_MAX_EPOCH || first_seq > TCW_MAX_SEQ)
+        return TCW_E_ARG;
+    if (cap < 1)
+        return TCW_E_NOSPACE;
+    buf[pos++] = TCW_BATCH;
+    if ((rc = tcw_put_varint(buf, cap, &pos, epoch)) != TCW_OK)
+        return rc;
+    if ((rc = tcw_put_varint(buf, cap, &pos, first_seq)) != TCW_OK)
+        return rc;
+    if (cap - pos < 2) /* the count (1..4096) is written by finish: at most 2 varint bytes */
+        return TCW_E_NOSPACE;
+    b->buf = buf;
+    b->cap = cap;
+    b->count_pos = pos;
+    b->len = pos + 2;
+    return TCW_OK;
+}
+
+int tcw_batch_add(tcw_batch *b, uint64_t ts_ms, const uint8_t *payload, size_t payload_len)
+{
+    uint64_t delta;
+    size_t need, pos;
+    if (!b || !b->buf || (payload_len && !payload))
+        return TCW_E_ARG;
+    if (b->finished || b->count >= TCW_MAX_FRAMES_PER_BATCH)
+        return TCW_E_STATE;
+    if (payload_len > TCW_MAX_FRAME_BYTES)
+        return TCW_E_ARG;
+    if (b->count == 0) {
+        if (ts_ms > TCW_MAX_TS_MS)
+            return TCW_E_ARG;
+        delta = 0;
+    } else {
+        delta = ts_ms > b->prev_ts ? ts_ms - b->prev_ts : 0;
+        if (delta > TCW_MAX_TS_DELTA_MS)
+            return TCW_E_ARG;
+    }
+    need = (b->count == 0 ? varint_size(ts_ms) : 0) + varint_size(delta) + varint_size(payload_len) + payload_len;
+    if (b->cap - b->len < need)
+        return TCW_E_NOSPACE;
+    pos = b->len;
+    if (b->count == 0) {
+        tcw_put_varint(b->buf, b->cap, &pos, ts_ms);
+        b->prev_ts = ts_ms;
+    }
+    tcw_put_varint(b->buf, b->cap, &pos, delta);
+    tcw_put_varint(b->buf, b->cap, &pos, payload_len);
+    if (payload_len)
+        memcpy(b->buf + pos, payload, payload_len);
+    b->len = pos + payload_len;
+    if (ts_ms > b->prev_ts)
+        b->prev_ts = ts_ms;
+    b->count++;
+    return TCW_OK;
+}
+
+int tcw_batch_finish(tcw_batch *b, size_t *out_len)
+{
+    size_t pos;
+    if (!b || !b->buf || !out_len)
+        return TCW_E_ARG;
+    if (b->finished || b->count == 0)
+        return TCW_E_STATE;
+    pos = b->count_pos;
+    if (b->count < 0x80) {
+        /* One count byte: close the gap left by the 2 reserved bytes. */
+        memmove(b->buf + pos + 1, b->buf + pos + 2, b->len - pos - 2);
+        b->len -= 1;
+    }
+    tcw_put_varint(b->buf, b->cap, &pos, b->count);
+    b->finished = 1;
+    *out_len = b->len;
+    return TCW_OK;
+}
+
+int tcw_encode_batch(uint8_t *out, size_t cap, size_t *out_len, uint64_t epoch, uint64_t first_seq,
+                     const tcw_frame *frames, size_t count)
+{
+    tcw_batch b;
+    size_t i;
+    int rc;
+    if (!out || !out_len || (count && !frames))
+        return TCW_E_ARG;
+    if (count == 0 || count > TCW_MAX_FRAMES_PER_BATCH)
+        return TCW_E_ARG;
+    if ((rc = tcw_batch_begin(&b, out, cap, epoch, first_seq)) != TCW_OK)
+        return rc;
+    for (i = 0; i < count; i++)
+        if ((rc = tcw_batch_add(&b, frames[i].ts_ms, frames[i].payload, frames[i].len)) != TCW_OK)
+            return rc;
+    return tcw_batch_finish(&b, out_len);
+}
+
+static int get_u8(const uint8_t *msg, size_t len, size_t *pos, uint8_t *v)
+{
+    if (*pos >= len)
+        return TCW_E_TRUNCATED;
+    *v = msg[(*pos)++];
+    return TCW_OK;
+}
+
+static int get_text(const uint8_t *msg, size_t len, size_t *pos, tcw_reply *out)
+{
+    uint64_t n;
+    int rc = tcw_get_varint(msg, len, pos, TCW_MAX_REASON_BYTES, &n);
+    if (rc != TCW_OK)
+        return rc;
+    if (len - *pos < n)
+        return TCW_E_TRUNCATED;
+    out->reason = msg + *pos;
+    out->reason_len = (size_t)n;
+    *pos += (size_t)n;
+    return TCW_OK;
+}
+
+static int get_range(const uint8_t *msg, size_t len, size_t *pos, tcw_reply *out)
+{
+    int rc;
+    if ((rc = tcw_get_varint(msg, len, pos, TCW_MAX_EPOCH, &out->epoch)) != TCW_OK)
+        return rc;
+    if ((rc = tcw_get_varint(msg, len, pos, TCW_MAX_SEQ, &out->first_seq)) != TCW_OK)
+        return rc;
+    return tcw_get_varint(msg, len, pos, TCW_MAX_FRAMES_PER_BATCH, &out->count);
+}
+
+int tcw_decode_reply(const uint8_t *msg, size_t len, tcw_reply *out)
+{
+    size_t pos = 0;
+    uint8_t type;
+    int rc;
+    tcw_reply r;
+    if (!msg || !out)
+        return TCW_E_ARG;
+    memset(&r, 0, sizeof(r));
+    if ((rc = get_u8(msg, len, &pos, &type)) != TCW_OK)
+        return rc;
+    r.type = type;
+    switch (type) {
+    case TCW_WELCOME:
+        rc = get_u8(msg, len, &pos, &r.version);
+        break;
+    case TCW_ACK:
+        rc = get_range(msg, len, &pos, &r);
+        break;
+    case TCW_REJECT:
+        if ((rc = get_range(msg, len, &pos, &r)) == TCW_OK && (rc = get_u8(msg, len, &pos, &r.code)) == TCW_OK)
+            rc = get_text(msg, len, &pos, &r);
+        break;
+    case TCW_ERROR:
+        if ((rc = get_u8(msg, len, &pos, &r.code)) == TCW_OK)
+            rc = get_text(msg, len, &pos, &r);
+        break;
+    default:
+        return TCW_E_TYPE; /* unknown, or HELLO/BATCH which only cameras send */
+    }
+    if (rc != TCW_OK)
+        return rc;
+    if (pos != len)
+        return TCW_E_TRAILING;
+    *out = r;
+    return TCW_OK;
+}
+
+static uint16_t crc_ccitt(uint16_t crc, const uint8_t *data, size_t len)
+{
+    size_t i;
+    int bit;
+    for (i = 0; i < len; i++) {
+        crc ^= (uint16_t)(data[i] << 8);
+        for (bit = 0; bit < 8; bit++)
+            crc = (uint16_t)((crc & 0x8000) ? (crc << 1) ^ 0x1021 : crc << 1);
+    }
+    return crc;
+}
+
+void tcw_stream_check(const uint8_t *model_tag, size_t tag_len, const uint8_t *payload, size_t payload_len,
+                      uint8_t out[TCW_STREAM_CHECK_BYTES])
+{
+    uint8_t n[4];
+    uint16_t crc = 0xFFFF;
+    n[0] = (uint8_t)payload_len;
+    n[1] = (uint8_t)(payload_len >> 8);
+    n[2] = (uint8_t)(payload_len >> 16);
+    n[3] = (uint8_t)(payload_len >> 24);
+    if (model_tag && tag_len)
+        crc = crc_ccitt(crc, model_tag, tag_len);
+    crc = crc_ccitt(crc, n, 4);
+    if (payload && payload_len)
+        crc = crc_ccitt(crc, payload, payload_len);
+    crc ^= 0xFFFF;
+    out[0] = (uint8_t)crc;
+    out[1] = (uint8_t)(crc >> 8);
+}

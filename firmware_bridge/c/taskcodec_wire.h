@@ -1,0 +1,127 @@
+/* taskcodec uplink wire format, version 1 (see docs/wire-format.md; taskcodec/wire.py is the reference).
+ *
+ * C99, no allocation: every function works on caller buffers, checks every bound and returns a tcw_status.
+ * Cameras encode HELLO and BATCH and decode the server's replies (WELCOME, ACK, REJECT, ERROR).
+ */
+#ifndef TASKCODEC_WIRE_H
+#define TASKCODEC_WIRE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define TCW_VERSION 1u
+#define TCW_MODEL_TAG_BYTES 8u
+#define TCW_MAX_FRAMES_PER_BATCH 4096u
+#define TCW_MAX_FRAME_BYTES 65536u
+#define TCW_MAX_REASON_BYTES 1024u
+#define TCW_MAX_EPOCH 4294967296ull        /* 2^32, inclusive (the reference decoder's limit) */
+#define TCW_MAX_SEQ 9223372036854775808ull /* 2^63, inclusive */
+#define TCW_MAX_TS_MS 9223372036854775808ull
+#define TCW_MAX_TS_DELTA_MS 4294967296ull
+#define TCW_MAX_VARINT_BYTES 10u
+#define TCW_STREAM_CHECK_BYTES 2u
+
+/* Message types: the first byte of every message. */
+enum tcw_type {
+    TCW_HELLO = 0x01,
+    TCW_BATCH = 0x02,
+    TCW_ACK = 0x03,
+    TCW_REJECT = 0x04,
+    TCW_ERROR = 0x05,
+    TCW_WELCOME = 0x06
+};
+
+/* Reason codes carried by REJECT and ERROR. */
+enum tcw_code {
+    TCW_CODE_BAD_MESSAGE = 1,
+    TCW_CODE_UNAUTHORIZED = 2,
+    TCW_CODE_UNKNOWN_MODEL = 3,
+    TCW_CODE_BAD_PAYLOAD = 4,
+    TCW_CODE_BUSY = 5
+};
+
+/* Return values: 0 is success, every failure is negative. */
+typedef enum {
+    TCW_OK = 0,
+    TCW_E_ARG = -1,       /* NULL pointer, or a field outside what the format allows */
+    TCW_E_NOSPACE = -2,   /* the caller's output buffer is too small (nothing useful was written) */
+    TCW_E_TRUNCATED = -3, /* the message ends early */
+    TCW_E_VARINT = -4,    /* a varint longer than 10 bytes */
+    TCW_E_RANGE = -5,     /* a decoded value exceeds the format's limit */
+    TCW_E_TYPE = -6,      /* unknown message type, or one a camera never receives */
+    TCW_E_TRAILING = -7,  /* bytes after the end of the message */
+    TCW_E_VERSION = -8,   /* wire version this library does not speak */
+    TCW_E_STATE = -9      /* batch builder used out of order (no frame, too many frames, finished) */
+} tcw_status;
+
+const char *tcw_strerror(int status);
+
+/* Unsigned LEB128. put: writes at buf[*pos], advances *pos. get: reads at buf[*pos], fails above `limit`. */
+int tcw_put_varint(uint8_t *buf, size_t cap, size_t *pos, uint64_t value);
+int tcw_get_varint(const uint8_t *buf, size_t len, size_t *pos, uint64_t limit, uint64_t *value);
+
+/* HELLO: camera_id is 1..255 bytes of utf-8 (not NUL-terminated necessarily), token 0..255 bytes. */
+int tcw_encode_hello(uint8_t *out, size_t cap, size_t *out_len, const uint8_t model_tag[TCW_MODEL_TAG_BYTES],
+                     const char *camera_id, size_t camera_id_len, const uint8_t *token, size_t token_len);
+
+/* BATCH, built in place in the caller's buffer as frames arrive:
+ *   tcw_batch_begin(&b, buf, cap, epoch, first_seq);
+ *   tcw_batch_add(&b, ts_ms, payload, len);   ... 1..4096 times
+ *   tcw_batch_finish(&b, &msg_len);            -> the message is buf[0..msg_len)
+ * Frames get sequence numbers first_seq, first_seq + 1, ...; the first frame's time is the batch's base time.
+ * A timestamp earlier than the latest one is sent as
+ * delta 0 (exactly as the reference encoder does). A failed add leaves the batch as it was, so the caller can
+ * finish it and put the frame in the next batch. */
+typedef struct {
+    uint8_t *buf;
+    size_t cap;
+    size_t len;
+    size_t count_pos; /* where the 2 reserved count bytes are */
+    uint32_t count;
+    uint64_t prev_ts;
+    int finished;
+} tcw_batch;
+
+int tcw_batch_begin(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint64_t first_seq);
+int tcw_batch_add(tcw_batch *b, uint64_t ts_ms, const uint8_t *payload, size_t payload_len);
+int tcw_batch_finish(tcw_batch *b, size_t *out_len);
+
+/* One-shot BATCH from an array of frames (frame i has sequence number first_seq + i). */
+typedef struct {
+    uint64_t ts_ms;
+    const uint8_t *payload;
+    size_t len;
+} tcw_frame;
+
+int tcw_encode_batch(uint8_t *out, size_t cap, size_t *out_len, uint64_t epoch, uint64_t first_seq,
+                     const tcw_frame *frames, size_t count);
+
+/* A server reply. `reason` points into the decoded message (valid while it is), `reason_len` bytes, not
+ * NUL-terminated, utf-8 as sent. Fields a type does not carry are zero. */
+typedef struct {
+    uint8_t type;      /* TCW_WELCOME, TCW_ACK, TCW_REJECT or TCW_ERROR */
+    uint8_t version;   /* WELCOME */
+    uint8_t code;      /* REJECT, ERROR */
+    uint64_t epoch;    /* ACK, REJECT */
+    uint64_t first_seq;
+    uint64_t count;
+    const uint8_t *reason; /* REJECT, ERROR */
+    size_t reason_len;
+} tcw_reply;
+
+int tcw_decode_reply(const uint8_t *msg, size_t len, tcw_reply *out);
+
+/* The 2-byte per-frame stream check (taskcodec/coding/stream.py): CRC-16/CCITT (poly 0x1021, init 0xFFFF, no
+ * reflection) over model_tag || u32le(payload_len) || payload, xor 0xFFFF, stored little-endian. A camera that
+ * builds frame payloads itself writes these 2 bytes before the range-coder words. */
+void tcw_stream_check(const uint8_t *model_tag, size_t tag_len, const uint8_t *payload, size_t payload_len,
+                      uint8_t out[TCW_STREAM_CHECK_BYTES]);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,201 @@
+/* Line-oriented driver of taskcodec_wire for cross-checks against the Python reference (tests and debugging).
+ * One command per stdin line, one answer per stdout line ("ok ..." or "err CODE"); "-" stands for empty hex.
+ *   reply HEX                          -> ok TYPE VERSION CODE EPOCH FIRST_SEQ COUNT REASON_HEX
+ *   hello CAP TAG_HEX CAMERA_HEX TOKEN_HEX -> ok MESSAGE_HEX
+ *   batch CAP EPOCH FIRST_SEQ TS:PAYLOAD_HEX ... -> ok MESSAGE_HEX
+ *   check TAG_HEX PAYLOAD_HEX          -> ok CHECK_HEX
+ *   varint CAP VALUE                   -> ok HEX
+ * Output buffers are allocated with exactly CAP bytes so that AddressSanitizer catches any write past them. */
+#define _POSIX_C_SOURCE 200809L
+#include "taskcodec_wire.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int unhex(const char *s, uint8_t **out, size_t *len)
+{
+    size_t n, i;
+    *out = NULL;
+    *len = 0;
+    if (strcmp(s, "-") == 0) {
+        *out = malloc(1);
+        return *out ? 0 : -1;
+    }
+    n = strlen(s);
+    if (n % 2)
+        return -1;
+    *out = malloc(n / 2 ? n / 2 : 1); /* exact size: ASan sees reads past the end */
+    if (!*out)
+        return -1;
+    for (i = 0; i < n / 2; i++) {
+        unsigned v;
+        if (sscanf(s + 2 * i, "%2x", &v) != 1) {
+            free(*out);
+            *out = NULL;
+            return -1;
+        }
+        (*out)[i] = (uint8_t)v;
+    }
+    *len = n / 2;
+    return 0;
+}
+
+static void print_hex(const uint8_t *p, size_t n)
+{
+    size_t i;
+    if (n == 0)
+        fputs("-", stdout);
+    for (i = 0; i < n; i++)
+        printf("%02x", p[i]);
+}
+
+static void answer(int rc, const uint8_t *p, size_t n)
+{
+    if (rc != TCW_OK) {
+        printf("err %d\n", rc);
+        return;
+    }
+    fputs("ok ", stdout);
+    print_hex(p, n);
+    fputs("\n", stdout);
+}
+
+static void cmd_reply(char *arg)
+{
+    uint8_t *msg;
+    size_t len;
+    tcw_reply r;
+    int rc;
+    if (!arg || unhex(arg, &msg, &len)) {
+        puts("err usage");
+        return;
+    }
+    rc = tcw_decode_reply(msg, len, &r);
+    if (rc != TCW_OK) {
+        printf("err %d\n", rc);
+    } else {
+        printf("ok %u %u %u %llu %llu %llu ", r.type, r.version, r.code, (unsigned long long)r.epoch,
+               (unsigned long long)r.first_seq, (unsigned long long)r.count);
+        print_hex(r.reason, r.reason_len);
+        fputs("\n", stdout);
+    }
+    free(msg);
+}
+
+static void cmd_hello(char *save)
+{
+    char *cap_s = strtok_r(NULL, " ", &save), *tag_s = strtok_r(NULL, " ", &save);
+    char *cam_s = strtok_r(NULL, " ", &save), *tok_s = strtok_r(NULL, " ", &save);
+    uint8_t *tag = NULL, *cam = NULL, *tok = NULL, *out;
+    size_t tag_len, cam_len, tok_len, cap, len = 0;
+    int rc;
+    if (!tok_s || unhex(tag_s, &tag, &tag_len) || unhex(cam_s, &cam, &cam_len) || unhex(tok_s, &tok, &tok_len) ||
+        tag_len != TCW_MODEL_TAG_BYTES) {
+        puts("err usage");
+        free(tag), free(cam), free(tok);
+        return;
+    }
+    cap = strtoull(cap_s, NULL, 10);
+    out = malloc(cap ? cap : 1);
+    rc = tcw_encode_hello(out, cap, &len, tag, (const char *)cam, cam_len, tok, tok_len);
+    answer(rc, out, len);
+    free(out), free(tag), free(cam), free(tok);
+}
+
+static void cmd_batch(char *save)
+{
+    char *cap_s = strtok_r(NULL, " ", &save), *epoch_s = strtok_r(NULL, " ", &save);
+    char *first_s = strtok_r(NULL, " ", &save), *item;
+    tcw_frame frames[TCW_MAX_FRAMES_PER_BATCH + 1];
+    uint8_t *payloads[TCW_MAX_FRAMES_PER_BATCH + 1];
+    size_t n = 0, i, cap, len = 0;
+    uint8_t *out;
+    int rc, bad = !first_s;
+    while (!bad && (item = strtok_r(NULL, " ", &save)) != NULL) {
+        char *colon = strchr(item, ':');
+        if (!colon || n > TCW_MAX_FRAMES_PER_BATCH) {
+            bad = 1;
+            break;
+        }
+        *colon = 0;
+        frames[n].ts_ms = strtoull(item, NULL, 10);
+        if (unhex(colon + 1, &payloads[n], &frames[n].len)) {
+            bad = 1;
+            break;
+        }
+        frames[n].payload = payloads[n];
+        n++;
+    }
+    if (bad) {
+        puts("err usage");
+    } else {
+        cap = strtoull(cap_s, NULL, 10);
+        out = malloc(cap ? cap : 1);
+        rc = tcw_encode_batch(out, cap, &len, strtoull(epoch_s, NULL, 10), strtoull(first_s, NULL, 10), frames, n);
+        answer(rc, out, len);
+        free(out);
+    }
+    for (i = 0; i < n; i++)
+        free(payloads[i]);
+}
+
+static void cmd_check(char *save)
+{
+    char *tag_s = strtok_r(NULL, " ", &save), *pay_s = strtok_r(NULL, " ", &save);
+    uint8_t *tag = NULL, *pay = NULL, check[TCW_STREAM_CHECK_BYTES];
+    size_t tag_len, pay_len;
+    if (!pay_s || unhex(tag_s, &tag, &tag_len) || unhex(pay_s, &pay, &pay_len)) {
+        puts("err usage");
+    } else {
+        tcw_stream_check(tag, tag_len, pay, pay_len, check);
+        answer(TCW_OK, check, sizeof(check));
+    }
+    free(tag), free(pay);
+}
+
+static void cmd_varint(char *save)
+{
+    char *cap_s = strtok_r(NULL, " ", &save), *v_s = strtok_r(NULL, " ", &save);
+    size_t cap, pos = 0;
+    uint8_t *out;
+    int rc;
+    if (!v_s) {
+        puts("err usage");
+        return;
+    }
+    cap = strtoull(cap_s, NULL, 10);
+    out = malloc(cap ? cap : 1);
+    rc = tcw_put_varint(out, cap, &pos, strtoull(v_s, NULL, 10));
+    answer(rc, out, pos);
+    free(out);
+}
+
+int main(void)
+{
+    char *line = NULL, *save, *cmd;
+    size_t size = 0;
+    ssize_t n;
+    while ((n = getline(&line, &size, stdin)) > 0) {
+        while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+            line[--n] = 0;
+        cmd = strtok_r(line, " ", &save);
+        if (!cmd)
+            puts("err usage");
+        else if (strcmp(cmd, "reply") == 0)
+            cmd_reply(strtok_r(NULL, " ", &save));
+        else if (strcmp(cmd, "hello") == 0)
+            cmd_hello(save);
+        else if (strcmp(cmd, "batch") == 0)
+            cmd_batch(save);
+        else if (strcmp(cmd, "check") == 0)
+            cmd_check(save);
+        else if (strcmp(cmd, "varint") == 0)
+            cmd_varint(save);
+        else
+            puts("err usage");
+        fflush(stdout);
+    }
+    free(line);
+    return 0;
+}

@@ -1,0 +1,135 @@
+"""A real server in a subprocess on a free loopback port, for tests and benchmarks of the runtime and the server.
+
+    with ServerProcess(bundle_path, db_path) as srv:
+        token = srv.add_camera("cam-1")
+        with StreamClient(srv.url) as c: ...
+        srv.kill()          # SIGKILL, like a power cut of the process
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from server.client import HttpIngestClient, StreamClient, read_replies  # noqa: F401  (re-exported for callers)
+
+
+class ServerError(RuntimeError):
+    """The server subprocess did not start or died."""
+
+
+class ServerProcess:
+    def __init__(self, bundle_path: str | Path | None, db_path: str | Path, *extra_args: str,
+                 startup_timeout: float = 60.0, host: str = "127.0.0.1"):
+        self.bundle_path = bundle_path
+        self.db_path = Path(db_path)
+        self.extra_args = list(extra_args)
+        self.startup_timeout = startup_timeout
+        self.host = host
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="taskcodec-server-")
+        self.log_path = Path(self._tmp.name) / "server.log"
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise ServerError("server is not started")
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "ServerProcess":
+        port_file = Path(self._tmp.name) / "port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "server", "serve", "--db", str(self.db_path), "--host", self.host,
+               "--port", "0", "--port-file", str(port_file), *self.extra_args]
+        if self.bundle_path is not None:
+            cmd += ["--bundle", str(self.bundle_path)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with code {self.proc.returncode}:\n{self.log()}")
+            if self.port is None and port_file.is_file():
+                self.port = int(port_file.read_text())
+            if self.port is not None and self._healthy():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise ServerError(f"server did not answer /healthz within {self.startup_timeout:.0f} s:\n{self.log()}")
+
+    def _healthy(self) -> bool:
+        try:
+            return self.health().get("status") == "ok"
+        except OSError:
+            return False
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.url + "/healthz", timeout=10) as r:
+            return json.loads(r.read())
+
+    def get_json(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def get_text(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.read().decode()
+
+    def add_camera(self, camera_id: str) -> bytes:
+        """Register a camera in this server's database with the real CLI; returns its token as bytes."""
+        out = subprocess.run([sys.executable, "-m", "server", "cameras", "add", camera_id, "--db", str(self.db_path)],
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise ServerError(f"cameras add failed: {out.stderr}")
+        return out.stdout.strip().encode()
+
+    def stream(self, timeout: float = 30.0) -> StreamClient:
+        return StreamClient(self.url, timeout)
+
+    def http(self, timeout: float = 30.0) -> HttpIngestClient:
+        return HttpIngestClient(self.url, timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers run, exactly like a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.port = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM and wait for a graceful exit (SIGKILL after ``timeout``)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.port = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if getattr(self, "_log", None):
+            self._log.close()
+        self._tmp.cleanup()

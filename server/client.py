@@ -46,7 +46,8 @@ class StreamClient:
     def __init__(self, url: str, timeout: float = 30.0):
         ws_url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/") + "/v1/stream"
         self.timeout = timeout
-        self.ws = connect(ws_url, open_timeout=timeout, close_timeout=5, max_size=None)
+        # __enter__ keeps websockets >= 17.1 from warning about connect() outside a with-block; close() exits it.
+        self.ws = connect(ws_url, open_timeout=timeout, close_timeout=5, max_size=None).__enter__()
 
     def hello(self, hello: wire.Hello) -> wire.Message:
         return self.send_raw(hello.encode())[0]

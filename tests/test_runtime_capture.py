@@ -1,0 +1,126 @@
+"""The whole runtime: virtual camera -> tiny bundle encoder -> spool -> uplink, against the fake server and the real
+server subprocess; store-and-forward across runtime restarts; Prometheus metrics; the CLI's config file and errors."""
+
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from runtime.capture import CaptureConfig, CaptureRuntime, run_capture
+from runtime.cli import app
+from runtime.fakeserver import FakeIngestServer
+from runtime.preprocess import Preprocessor
+from runtime.sources import open_source
+from taskcodec.coding import decompress
+from tiny_bundle import make_tiny_bundle
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def _cfg(bundle, server_url, spool, **kw):
+    base = dict(device="virtual://fashion-mnist?seed=1", bundle=str(bundle.path), server=server_url, camera_id="cam-1",
+                token="secret", spool=str(spool), quiet=True, drain_timeout=TIMEOUT, threads=1)
+    return CaptureConfig(**{**base, **kw})
+
+
+def test_capture_delivers_decodable_frames(bundle, tmp_path):
+    with FakeIngestServer(bundle.model_tag, tables=bundle.tables) as server:
+        report = run_capture(_cfg(bundle, server.url, tmp_path / "spool", frames=30), keep_labels=True)
+    assert report.frames == 30 and report.acked == 30 and report.dropped == 0 and report.drained
+    assert report.spool_depth == 0 and len(report.labels) == 30 and all(0 <= lab < 10 for lab in report.labels)
+    assert report.bits_per_frame > 0 and 0 < report.coding_share < 1 and report.peak_rss_mb > 0
+    # the payloads the server got decode to what the encoder makes of the same virtual frames
+    frames = [f.image for f, _ in zip(open_source("virtual://fashion-mnist?seed=1"), range(30))]
+    sess = ort.InferenceSession(str(bundle.encoder_path()), providers=["CPUExecutionProvider"])
+    symbols = sess.run(None, {"frames": Preprocessor(bundle.input).batch(frames)})[0]
+    got = {seq: decompress(p, bundle.tables, bundle.model_tag) for (_, _, seq), (_, p) in server.frames.items()}
+    assert sorted(got) == list(range(30))
+    assert all(np.array_equal(got[i], symbols[i]) for i in range(30))
+
+
+def test_unsent_frames_survive_a_restart(bundle, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    offline = run_capture(_cfg(bundle, f"http://127.0.0.1:{port}", tmp_path / "spool", frames=12, drain_timeout=0.2))
+    assert offline.frames == 12 and offline.acked == 0 and offline.spool_depth == 12 and not offline.drained
+    with FakeIngestServer(bundle.model_tag, tables=bundle.tables, port=port) as server:
+        online = run_capture(_cfg(bundle, server.url, tmp_path / "spool", frames=5))
+    assert online.epoch == offline.epoch + 1
+    assert online.acked == 17 and online.spool_depth == 0
+    epochs = sorted({e for (_, e, _) in server.frames})
+    assert epochs == [offline.epoch, online.epoch] and len(server.frames) == 17
+
+
+def test_metrics_endpoint_and_stop(bundle, tmp_path):
+    with FakeIngestServer(bundle.model_tag) as server:
+        rt = CaptureRuntime(_cfg(bundle, server.url, tmp_path / "spool", loop=True, metrics_port=0, fps=200))
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("r", rt.run()))
+        t.start()
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            text = ""
+            while time.monotonic() < deadline:
+                if rt.metrics_port and rt.stats.acked >= 5:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{rt.metrics_port}/metrics", timeout=30) as r:
+                        text = r.read().decode()
+                    break
+                time.sleep(0.05)
+        finally:
+            rt.stop()
+            t.join(TIMEOUT)
+    assert "taskcodec_runtime_frames_captured_total" in text and "taskcodec_runtime_spool_depth" in text
+    assert "taskcodec_runtime_stage_seconds_bucket" in text and 'stage="coding"' in text
+    assert not t.is_alive() and result["r"].frames >= 5
+
+
+def test_cli_config_file_and_flags(bundle, tmp_path):
+    with FakeIngestServer(bundle.model_tag) as server:
+        config = tmp_path / "camera.yaml"
+        config.write_text(yaml.safe_dump({"device": "virtual://fashion-mnist", "bundle": str(bundle.path),
+                                          "server": server.url, "camera-id": "cam-yaml", "token": "secret",
+                                          "spool": str(tmp_path / "spool"), "frames": 100, "quiet": True}))
+        result = CliRunner().invoke(app, ["capture", "--config", str(config), "--frames", "7", "--profile",
+                                          "--report", str(tmp_path / "r.json"), "--max-delay", "0"])
+        assert result.exit_code == 0, result.output
+        assert "7 frames, 7 acked" in result.output and "range coding" in result.output
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["frames"] == 7 and report["camera_id"] == "cam-yaml"
+        assert {k[0] for k in server.frames} == {"cam-yaml"}
+        # a refused camera is a clear fatal error, exit code 1
+        bad = CliRunner().invoke(app, ["capture", "--config", str(config), "--token", "nope", "--frames", "3"])
+        assert bad.exit_code == 1 and "unauthorized" in bad.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "/dev/video97"], "does not exist"),
+    (["--device", "gopher://x"], "unknown source scheme"),
+    (["--size", "big"], "WIDTHxHEIGHT"),
+    (["--roi", "1,2"], "x,y,w,h"),
+    (["--precision", "fp16"], "fp32 or int8"),
+    (["--precision", "int8"], "no int8 encoder"),
+    (["--fps", "0"], "at least"),
+    (["--server", "ftp://x"], "http://HOST:PORT"),
+    (["--bundle", "/nonexistent/bundle"], "not a taskcodec bundle"),
+    (["--config", "/nonexistent.yaml"], "not found"),
+])
+def test_cli_errors_are_clear(bundle, tmp_path, args, message):
+    base = ["capture", "--device", "virtual://fashion-mnist", "--bundle", str(bundle.path), "--server",
+            "http://127.0.0.1:9", "--camera-id", "c", "--spool", str(tmp_path / "s"), "--frames", "1", "-q"]
+    result = CliRunner().invoke(app, base + args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output

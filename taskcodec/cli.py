@@ -31,6 +31,7 @@ _PARTS = (
     "server.cli",
     "runtime.cli",
     "bench.cli",
+    "firmware_bridge.cli",
     "taskcodec.demo_cli",
 )
 

@@ -121,19 +121,19 @@ int tcw_batch_begin(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint
         return rc;
     if ((rc = tcw_put_varint(buf, cap, &pos, first_seq)) != TCW_OK)
         return rc;
-    if (cap - pos < 2) /* the count (1..4096) is written by finish: at most 2 varint bytes */
+    if (cap - pos < 1) /* the count is written by finish; 1 byte now, grown to 2 at the 128th frame */
         return TCW_E_NOSPACE;
     b->buf = buf;
     b->cap = cap;
     b->count_pos = pos;
-    b->len = pos + 2;
+    b->len = pos + 1;
     return TCW_OK;
 }
 
 int tcw_batch_add(tcw_batch *b, uint64_t ts_ms, const uint8_t *payload, size_t payload_len)
 {
     uint64_t delta;
-    size_t need, pos;
+    size_t need, pos, grow;
     if (!b || !b->buf || (payload_len && !payload))
         return TCW_E_ARG;
     if (b->finished || b->count >= TCW_MAX_FRAMES_PER_BATCH)
@@ -149,9 +149,15 @@ int tcw_batch_add(tcw_batch *b, uint64_t ts_ms, const uint8_t *payload, size_t p
         if (delta > TCW_MAX_TS_DELTA_MS)
             return TCW_E_ARG;
     }
-    need = (b->count == 0 ? varint_size(ts_ms) : 0) + varint_size(delta) + varint_size(payload_len) + payload_len;
+    grow = b->count == 0x7F; /* the 128th frame makes the count a 2-byte varint */
+    need = grow + (b->count == 0 ? varint_size(ts_ms) : 0) + varint_size(delta) + varint_size(payload_len) +
+           payload_len;
     if (b->cap - b->len < need)
         return TCW_E_NOSPACE;
+    if (grow) {
+        memmove(b->buf + b->count_pos + 2, b->buf + b->count_pos + 1, b->len - b->count_pos - 1);
+        b->len += 1;
+    }
     pos = b->len;
     if (b->count == 0) {
         tcw_put_varint(b->buf, b->cap, &pos, ts_ms);
@@ -175,12 +181,7 @@ int tcw_batch_finish(tcw_batch *b, size_t *out_len)
         return TCW_E_ARG;
     if (b->finished || b->count == 0)
         return TCW_E_STATE;
-    pos = b->count_pos;
-    if (b->count < 0x80) {
-        /* One count byte: close the gap left by the 2 reserved bytes. */
-        memmove(b->buf + pos + 1, b->buf + pos + 2, b->len - pos - 2);
-        b->len -= 1;
-    }
+    pos = b->count_pos; /* the space reserved for the count has exactly its varint size */
     tcw_put_varint(b->buf, b->cap, &pos, b->count);
     b->finished = 1;
     *out_len = b->len;

@@ -74,13 +74,13 @@ int tcw_encode_hello(uint8_t *out, size_t cap, size_t *out_len, const uint8_t mo
  *   tcw_batch_finish(&b, &msg_len);            -> the message is buf[0..msg_len)
  * Frames get sequence numbers first_seq, first_seq + 1, ...; the first frame's time is the batch's base time.
  * A timestamp earlier than the latest one is sent as
- * delta 0 (exactly as the reference encoder does). A failed add leaves the batch as it was, so the caller can
+ * delta 0 (exactly as the reference encoder does). A buffer of exactly the final message size suffices. A failed add leaves the batch as it was, so the caller can
  * finish it and put the frame in the next batch. */
 typedef struct {
     uint8_t *buf;
     size_t cap;
     size_t len;
-    size_t count_pos; /* where the 2 reserved count bytes are */
+    size_t count_pos; /* where the count goes (1 byte reserved, 2 from the 128th frame) */
     uint32_t count;
     uint64_t prev_ts;
     int finished;

@@ -168,3 +168,16 @@ def test_cli_build_and_listen(tmp_path):
     assert any(p.name.startswith("fw_camera_example-") for p in (tmp_path / "bin").iterdir())
     result = CliRunner().invoke(app, ["firmware", "listen", str(tmp_path / "nofolder" / "s.sock")])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_wire_format_document_examples_are_the_reference_bytes():
+    from firmware_bridge.doc_examples import DOC, EXAMPLES, parse_doc
+
+    from taskcodec import wire
+
+    documented = parse_doc(DOC.read_text())
+    assert set(documented) == set(EXAMPLES)
+    for name, make in EXAMPLES.items():
+        assert documented[name] == make(), f"docs/wire-format.md example {name!r} is stale"
+        if name not in ("stream", "frame_header"):
+            wire.decode(documented[name])

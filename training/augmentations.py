@@ -1,0 +1,109 @@
+"""Invariance sets: the transformations the codec is allowed to forget.
+
+The compressor keeps only what is needed to predict labels that are invariant to these transformations (Dubois et al.
+2021), so the set *is* the task specification. All transforms work batched on float images in [0, 1], shape
+[N, 1, H, W], with torch ops (one ``affine_grid``/``grid_sample`` per batch), and draw from an explicit
+``torch.Generator`` so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    name: str
+    description: str
+    rotate_deg: float = 0.0       # uniform in +-rotate_deg
+    shift_px: float = 0.0         # uniform translation in +-shift_px (pixels)
+    scale: float = 0.0            # zoom factor uniform in 1 +- scale (zoom-in crops / zoom-out pads)
+    hflip: bool = False           # mirror left-right with probability 1/2
+    brightness: float = 0.0       # additive, uniform in +-brightness
+    contrast: float = 0.0         # multiplicative around the image mean, uniform in 1 +- contrast
+    erase_prob: float = 0.0       # random erasing of one rectangle (2-15 % of the area)
+    label_positive_prob: float = 0.0  # chance that the positive view comes from another image of the same class
+
+    @property
+    def uses_labels(self) -> bool:
+        return self.label_positive_prob > 0
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """x float [N, C, H, W] in [0, 1] -> an augmented view of the same shape."""
+        if self.rotate_deg or self.shift_px or self.scale or self.hflip:
+            x = _affine(x, self, gen)
+        if self.brightness or self.contrast:
+            x = _photometric(x, self, gen)
+        if self.erase_prob:
+            x = _erase(x, self.erase_prob, gen)
+        return x
+
+
+def _u(n: int, lo: float, hi: float, gen, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
+
+def _affine(x: torch.Tensor, a: Augmentation, gen) -> torch.Tensor:
+    n, _, h, w = x.shape
+    angle = _u(n, -a.rotate_deg, a.rotate_deg, gen, x.device) * (math.pi / 180.0)
+    zoom = _u(n, 1 - a.scale, 1 + a.scale, gen, x.device)
+    flip = torch.where(torch.rand(n, generator=gen, device=x.device) < 0.5, -1.0, 1.0) if a.hflip else torch.ones(n, device=x.device)
+    tx = _u(n, -a.shift_px, a.shift_px, gen, x.device) * (2.0 / w)
+    ty = _u(n, -a.shift_px, a.shift_px, gen, x.device) * (2.0 / h)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _photometric(x: torch.Tensor, a: Augmentation, gen) -> torch.Tensor:
+    n = x.shape[0]
+    c = _u(n, 1 - a.contrast, 1 + a.contrast, gen, x.device).view(n, 1, 1, 1)
+    b = _u(n, -a.brightness, a.brightness, gen, x.device).view(n, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * c + mean + b).clamp(0.0, 1.0)
+
+
+def _erase(x: torch.Tensor, prob: float, gen) -> torch.Tensor:
+    n, _, h, w = x.shape
+    area = _u(n, 0.02, 0.15, gen, x.device) * h * w
+    aspect = torch.exp(_u(n, math.log(0.3), math.log(3.3), gen, x.device))
+    eh = torch.sqrt(area * aspect).clamp(1, h)
+    ew = torch.sqrt(area / aspect).clamp(1, w)
+    top = torch.rand(n, generator=gen, device=x.device) * (h - eh)
+    left = torch.rand(n, generator=gen, device=x.device) * (w - ew)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    box = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1))
+           & (cols >= left.view(n, 1, 1)) & (cols < (left + ew).view(n, 1, 1)))
+    on = (torch.rand(n, generator=gen, device=x.device) < prob).view(n, 1, 1)
+    return x.masked_fill((box & on).unsqueeze(1), 0.0)
+
+
+_FASHION = dict(rotate_deg=10.0, shift_px=2.5, scale=0.1, hflip=True, brightness=0.1, contrast=0.2, erase_prob=0.25)
+
+REGISTRY: dict[str, Augmentation] = {
+    a.name: a
+    for a in (
+        Augmentation("none", "No transformation: the codec must keep everything it keeps (non-invariant baseline)."),
+        Augmentation("geometric", "Small rotations (+-10 deg), shifts (+-2.5 px), zoom (+-10 %) and left-right flips.",
+                     rotate_deg=10.0, shift_px=2.5, scale=0.1, hflip=True),
+        Augmentation("photometric", "Brightness (+-0.1), contrast (+-20 %) and random erasing (p=0.25).",
+                     brightness=0.1, contrast=0.2, erase_prob=0.25),
+        Augmentation("fashion", "Label-preserving for Fashion-MNIST: geometric + photometric together.", **_FASHION),
+        Augmentation("fashion+label", "The fashion views, and the positive view is another training image of the "
+                     "same class half the time (invariance to all label-preserving changes; same-class batch items "
+                     "also count as positives).", label_positive_prob=0.5, **_FASHION),
+    )
+}
+
+
+def get_augmentation(name: str) -> Augmentation:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown augmentations {name!r}; choose one of {', '.join(REGISTRY)}") from None

@@ -133,6 +133,37 @@ def _write_port_file(path: Path, port: int) -> None:
     tmp.replace(path)  # atomic: a reader never sees a half-written port
 
 
+def serve_bench(
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Model bundle folder (default: the embedded one)"),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for serve_bench_d<D>.{json,md,png}"),
+    frames: int = typer.Option(2000, "--frames", min=10, help="Frames per stage measurement"),
+    seconds: float = typer.Option(5.0, "--seconds", min=0.5, help="Duration of each pipeline run"),
+    cameras: str = typer.Option("50,500", "--cameras", help="Simulated camera counts, comma-separated"),
+) -> None:
+    """Measure the server's CPU per frame (decode, classify, store) in-process and micro-batching vs per-message."""
+    from server import perf
+    from taskcodec.bundle import BundleError, load_bundle
+
+    try:
+        loaded = load_bundle(bundle)
+        counts = tuple(int(c) for c in cameras.split(","))
+    except BundleError as exc:
+        _fail(str(exc))
+    except ValueError:
+        _fail(f"--cameras must be comma-separated integers, got {cameras!r}")
+    with console_status("measuring server CPU per frame (about a minute)"):
+        result = perf.run(loaded, out, frames=frames, cameras=counts, seconds=seconds)
+    typer.echo(perf.to_markdown(result))
+    typer.echo(f"wrote {out}/serve_bench_d{loaded.latent_dim}.{{json,md,png}}")
+
+
+def console_status(text: str):
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+    app.command("serve-bench")(serve_bench)
     app.add_typer(cameras_app, name="cameras")

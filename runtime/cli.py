@@ -149,6 +149,28 @@ def capture(
         report.write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def profile(
+    bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Model bundle folder (default: the embedded one)."),
+    frames: int = typer.Option(500, "--frames", "-n", min=10, help="Frames per run."),
+    threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads."),
+    precision: Optional[list[str]] = typer.Option(None, "--precision", help="fp32/int8 (default: all the bundle has)."),
+    out: Path = typer.Option(Path("bench/results/runtime"), "--out", help="Folder for runtime_profile.{json,md}."),
+) -> None:
+    """Measure per-stage time per frame, the range-coding share and peak RSS of `runtime capture` on this machine."""
+    from runtime.profile import profile as run_profile
+    from taskcodec.bundle import BundleError
+
+    try:
+        result = run_profile(bundle, frames, out, threads, precision)
+    except (BundleError, RuntimeError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from None
+    from runtime.profile import markdown
+
+    typer.echo(markdown(result))
+    typer.echo(f"wrote {out / 'runtime_profile.json'} and {out / 'runtime_profile.md'}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("capture")(capture)
 
@@ -156,6 +178,7 @@ def register(app: typer.Typer) -> None:
 app = typer.Typer(name="runtime", help="taskcodec edge runtime: capture, encode, spool and stream.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 register(app)
+app.command("profile")(profile)
 
 
 @app.callback()

@@ -163,9 +163,11 @@ class Uplink:
 
     # -- the event loop ----------------------------------------------------------------------------------------------
     def _thread_main(self) -> None:
-        asyncio.run(self._main())
+        asyncio.run(self.run_async())
 
-    async def _main(self) -> None:
+    async def run_async(self) -> None:
+        """The uplink as a coroutine, for callers that run many uplinks in one event loop (the fleet benchmark)
+        instead of :meth:`start`'s thread; :meth:`notify` and :meth:`stop` work the same from other threads."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -183,6 +185,8 @@ class Uplink:
             task.cancel()
         await asyncio.gather(runner, stopper, return_exceptions=True)
         self.stats.set_connected(False)
+
+    _main = run_async  # the name the fleet benchmark first used
 
     async def _run(self) -> None:
         failures = 0

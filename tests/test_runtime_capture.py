@@ -124,3 +124,14 @@ def test_cli_errors_are_clear(bundle, tmp_path, args, message):
     result = CliRunner().invoke(app, base + args)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
+
+
+def test_profile_command_writes_json_and_markdown(bundle, tmp_path):
+    result = CliRunner().invoke(app, ["profile", "--bundle", str(bundle.path), "--frames", "20", "--out",
+                                      str(tmp_path / "prof")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "prof" / "runtime_profile.json").read_text())
+    run = data["runs"][0]
+    assert run["precision"] == "fp32" and run["frames"] == 20 and run["acked"] == 20 and run["peak_rss_mb"] > 0
+    assert 0 < run["coding_share"] < 1 and "CPU" in data["machine"]
+    assert "| fp32 | 20 |" in (tmp_path / "prof" / "runtime_profile.md").read_text()

@@ -1,0 +1,77 @@
+"""`runtime profile`: where a frame's time goes on this machine, and how much memory the runtime needs.
+
+Each run is a real `runtime capture` in its own process (so its peak RSS is the runtime's alone) streaming a virtual
+640x480 camera (ROI on the item) to an in-process fake ingest server over loopback. Writes JSON and a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from taskcodec.bundle import load_bundle
+
+COLUMNS = [("precision", "precision", "{}"), ("frames", "frames", "{}"), ("fps", "fps", "{:.1f}"),
+           ("bits_per_frame", "bits/frame", "{:.1f}"), ("preprocess_ms_per_frame", "preprocess ms", "{:.3f}"),
+           ("inference_ms_per_frame", "inference ms", "{:.3f}"), ("coding_ms_per_frame", "range coding ms", "{:.3f}"),
+           ("spool_ms_per_frame", "spool ms", "{:.3f}"), ("coding_share", "coding share of encode", "{:.1%}"),
+           ("coding_share_of_frame", "coding share of frame", "{:.1%}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({model}), {platform.system()} {platform.release()}"
+
+
+def profile(bundle_path: str | None, frames: int, out: Path, threads: int = 1, precisions: list[str] | None = None,
+            timeout: float = 600.0) -> dict:
+    from runtime.fakeserver import FakeIngestServer
+
+    bundle = load_bundle(bundle_path)
+    precisions = precisions or (["fp32", "int8"] if bundle.has("encoder_int8") else ["fp32"])
+    uri = f"virtual://fashion-mnist?size=640x480&count={frames}&channels=3"  # cameras deliver BGR
+    rows = []
+    with FakeIngestServer(bundle.model_tag) as server, tempfile.TemporaryDirectory(prefix="taskcodec-profile-") as tmp:
+        for precision in precisions:
+            report = Path(tmp) / f"{precision}.json"
+            cmd = [sys.executable, "-m", "runtime.cli", "capture", "--device", uri, "--bundle", str(bundle.path),
+                   "--server", server.url, "--camera-id", f"profile-{precision}", "--token", "secret",
+                   "--precision", precision, "--threads", str(threads), "--roi", "80,0,480,480",
+                   "--spool", str(Path(tmp) / f"spool-{precision}"), "--frames", str(frames), "--quiet",
+                   "--max-delay", "0.05", "--report", str(report)]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+            if done.returncode != 0:
+                raise RuntimeError(f"capture ({precision}) failed: {done.stderr.strip() or done.stdout.strip()}")
+            rows.append(dict(json.loads(report.read_text()), precision=precision))
+    result = {"machine": machine(), "bundle": str(bundle.path), "model_id": bundle.model_id, "threads": threads,
+              "source": uri + " roi 80,0,480,480", "server": "in-process fake ingest server on loopback",
+              "spool": "SQLite WAL synchronous=FULL (one fsync per frame)",
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runtime_profile.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "runtime_profile.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Runtime profile — {result['machine']}, {result['threads']} encoder thread(s), bundle "
+             f"{result['model_id']}; source {result['source']}; spool {result['spool']}.", "",
+             "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in result["runs"]:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"

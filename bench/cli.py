@@ -24,8 +24,10 @@ def classical(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for classical.{json,md,png}."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads (the CPU is shared: keep 1)."),
-    train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="Use only the first N train images."),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="Train the codec CNNs (and the raw row) on the first N train images only."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="Use only the first N test images."),
+    baseline_train_limit: Optional[int] = typer.Option(None, "--baseline-train-limit", min=1,
+                                                       help="Train images for the baseline (default: all)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Fashion-MNIST folder (default: system dataset)."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="Reuse rows already in OUT/classical.json measured with the same settings."),
@@ -37,13 +39,19 @@ def classical(
     try:
         parsed = parse_qualities(qualities) if qualities else None
         results = run_benchmark(parsed, epochs=epochs, baseline_epochs=baseline_epochs, seed=seed, threads=threads,
-                                train_limit=train_limit, test_limit=test_limit, data=data, out=out, resume=resume,
+                                train_limit=train_limit, test_limit=test_limit,
+                                baseline_train_limit=baseline_train_limit, data=data, out=out, resume=resume,
                                 progress=True, log=typer.echo)
     except (CodecError, DataError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {out / 'classical.json'}, {out / 'classical.md'}, {out / 'classical.png'} "
                f"({len(results['rows'])} rows)")
+
+
+from bench.fleet_cli import fleet as _fleet  # noqa: E402  (light: typer only)
+
+bench_app.command("fleet")(_fleet)
 
 
 def register(app: typer.Typer) -> None:

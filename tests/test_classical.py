@@ -75,7 +75,8 @@ def test_cli_runs_the_pipeline_and_writes_results(tmp_path):
     from taskcodec.cli import app
 
     args = ["bench", "classical", "-q", "jpeg=5", "-q", "png", "--epochs", "1", "--baseline-epochs", "1",
-            "--train-limit", "600", "--test-limit", "200", "--out", str(tmp_path)]
+            "--train-limit", "600", "--test-limit", "200",
+            "--baseline-train-limit", "600", "--out", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "classical.json").read_text())

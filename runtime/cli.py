@@ -122,6 +122,9 @@ def capture(
     except bad_input as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise typer.Exit(2) from None
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: runtime.stop())  # systemd stop: finish the frame, keep the spool
     try:
         result = runtime.run()
     except KeyboardInterrupt:

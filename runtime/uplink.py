@@ -202,12 +202,15 @@ class Uplink:
                 log.error("uplink stopped: %s", exc)
                 return
             except (OSError, asyncio.TimeoutError, wire.WireError, _Retry, Exception) as exc:  # noqa: BLE001
+                repeated = self.last_error == f"{type(exc).__name__}: {exc}"
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 if _is_fatal_handshake(exc):
                     self.fatal = UplinkFatal(f"server {self.config.url} refused the connection: {exc}")
                     log.error("uplink stopped: %s", self.fatal)
                     return
-                log.warning("uplink to %s: %s; retrying", self.config.url, self.last_error)
+                # one warning per new error (and every 20th repeat), not a log line per retry of a long outage
+                log.log(logging.DEBUG if repeated and failures % 20 else logging.WARNING,
+                        "uplink to %s: %s; retrying (attempt %d)", self.config.url, self.last_error, self.attempts)
             finally:
                 self.stats.set_connected(False)
             delay = backoff_delay(failures, self.config.backoff_initial, self.config.backoff_max, self._rng)

@@ -131,3 +131,14 @@ def test_preprocess_roi_colour_resize():
         parse_roi("1,2,3")
     assert parse_roi("80,0,480,480") == (80, 0, 480, 480)
     assert Preprocessor(InputSpec(28, 28, 1, "gray")).batch([bgr, bgr]).shape == (2, 28, 28, 1)
+
+
+def test_fw_scheme_opens_the_firmware_frame_socket(tmp_path):
+    frame_socket = pytest.importorskip("firmware_bridge.frame_socket")
+    src = open_source(f"fw://{tmp_path / 'cam.sock'}", size=(28, 28))
+    try:
+        assert isinstance(src, frame_socket.FrameSocketSource) and (tmp_path / "cam.sock").exists()
+    finally:
+        src.close()
+    with pytest.raises(SourceError, match="does not exist"):
+        open_source(f"fw://{tmp_path / 'missing' / 'cam.sock'}")

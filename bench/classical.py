@@ -375,12 +375,47 @@ def markdown(results: dict[str, Any]) -> str:
         "read.\n",
         markdown_table(rows, _COLUMNS, _FORMATS),
     ]
+    text.append(bytes_at_accuracy_table(results))
     if results.get("baseline"):
         b = results["baseline"]
         text.append(f"\nRaw-pixel CNN baseline (fully trained reference): {b['epochs']} epochs on {b['n_train']} "
                     f"train images, accuracy **{b['accuracy']:.4f}** on {b['n_test']} test images (trained in "
                     f"{b['train_seconds']:.0f} s on this shared CPU).\n")
     return "\n".join(text)
+
+
+def bytes_at_accuracy_table(results: dict[str, Any]) -> str:
+    """Markdown: bytes/image each codec needs for a few target accuracies (same CNN epochs and images as ``raw``)."""
+    from bench.report import markdown_table
+
+    raw = [r for r in results["rows"] if r["codec"] == "raw"]
+    targets = [0.80, 0.85] + ([round(raw[0]["accuracy"] - 0.01, 4)] if raw else [])
+    codecs = [c for c in CODECS if any(r["codec"] == c for r in results["rows"])]
+    rows = []
+    for codec in codecs:
+        row: dict[str, Any] = {"codec": codec}
+        for t in targets:
+            for key, label in (("bytes_per_image", "file"), ("payload_bytes_per_image", "stripped")):
+                b, upper = bytes_at_accuracy(results, codec, t, key)
+                row[f"{t}-{label}"] = "not reached" if b is None else (f"≤ {b:.1f}" if upper else f"{b:.1f}")
+        rows.append(row)
+    columns = [("codec", "codec")] + [(f"{t}-{label}", f"{label} B @ acc {t:.4g}") for t in targets
+                                      for label in ("file", "stripped")]
+    note = ("\nBytes per image at equal accuracy (bench.classical.bytes_at_accuracy: log-bytes interpolation "
+            "between neighbouring qualities; \"≤\" = even the lowest quality tried beats the target, so the codec "
+            f"needs at most this much and a ratio to taskcodec built on it is a lower bound). Last target = raw-pixel "
+            f"CNN accuracy at the same epochs minus one point.\n\n")
+    return note + markdown_table(rows, columns) if rows else ""
+
+
+def load_results(out: str | Path) -> dict[str, Any]:
+    """Read ``out``/classical.json written by run_benchmark."""
+    import json
+
+    path = Path(out) / "classical.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `taskcodec bench classical --out {out}` first")
+    return json.loads(path.read_text())
 
 
 def plot(results: dict[str, Any], path: str | Path) -> Path:

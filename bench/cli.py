@@ -29,6 +29,8 @@ def classical(
     baseline_train_limit: Optional[int] = typer.Option(None, "--baseline-train-limit", min=1,
                                                        help="Train images for the baseline (default: all)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Fashion-MNIST folder (default: system dataset)."),
+    report_only: bool = typer.Option(False, "--report-only",
+                                     help="Only rewrite classical.md and classical.png from OUT/classical.json."),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="Reuse rows already in OUT/classical.json measured with the same settings."),
 ) -> None:
@@ -36,6 +38,16 @@ def classical(
     from bench.classical import CodecError, parse_qualities, run_benchmark
     from taskcodec.data import DataError
 
+    if report_only:
+        from bench.classical import load_results, write_results
+
+        try:
+            paths = write_results(load_results(out), out)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            typer.echo(f"error: cannot rebuild the report from {out}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo("wrote " + ", ".join(map(str, paths)))
+        return
     try:
         parsed = parse_qualities(qualities) if qualities else None
         results = run_benchmark(parsed, epochs=epochs, baseline_epochs=baseline_epochs, seed=seed, threads=threads,

@@ -95,5 +95,11 @@ def test_cli_runs_the_pipeline_and_writes_results(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and again.output.count("reusing") == 3
 
+    (tmp_path / "classical.md").unlink()
+    rebuilt = CliRunner().invoke(app, ["bench", "classical", "--report-only", "--out", str(tmp_path)])
+    assert rebuilt.exit_code == 0 and "bytes per image at equal accuracy" in (tmp_path / "classical.md").read_text().lower()
+    missing = CliRunner().invoke(app, ["bench", "classical", "--report-only", "--out", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "not found" in missing.output
+
     bad = CliRunner().invoke(app, ["bench", "classical", "-q", "bmp=1", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "unknown codec" in bad.output

@@ -116,41 +116,61 @@ class OpenCVSource(Source):
         super().__init__(**options)
         self.description = description
         self.live = live
-        self.target, self.api = target, api
-        self.cap = cv2.VideoCapture(target, api)
-        if not self.cap.isOpened():
-            self.cap.release()
+        self.target, self.api, self.props = target, api, dict(props or {})
+        self.cap = self._open()
+        if self.cap is None:
             raise SourceError(f"cannot open {description}")
-        for prop, value in (props or {}).items():
-            self.cap.set(prop, value)
-        if self.size is not None and live:
-            self.cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.size[0])
-            self.cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.size[1])
         self._failures = 0
 
+    def _open(self) -> "cv2.VideoCapture | None":
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, 15000, cv2.CAP_PROP_READ_TIMEOUT_MSEC, 10000] \
+            if self.api == cv2.CAP_FFMPEG and self.live else []
+        cap = cv2.VideoCapture(self.target, self.api, params) if params else cv2.VideoCapture(self.target, self.api)
+        if not cap.isOpened():
+            cap.release()
+            return None
+        for prop, value in self.props.items():
+            cap.set(prop, value)
+        if self.size is not None and self.live:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.size[0])
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.size[1])
+        return cap
+
     def _read(self):
+        reopens = 0
         while True:
-            ok, image = self.cap.read()
+            ok, image = self.cap.read() if self.cap is not None else (False, None)
             if ok and image is not None:
                 self._failures = 0
                 return image, None
             if not self.live:
                 return None
             self._failures += 1
-            if self._failures >= 50:
-                raise SourceError(f"{self.description} stopped delivering frames")
-            time.sleep(0.02)
+            if self._failures < 50:
+                time.sleep(0.02)
+                continue
+            # a network camera dropped or a USB camera re-enumerated: reopen a few times before giving up
+            if reopens >= 5:
+                raise SourceError(f"{self.description} stopped delivering frames (reopened {reopens} times)")
+            log.warning("%s delivers no frames; reopening", self.description)
+            time.sleep(min(2 ** reopens, 10))
+            reopens += 1
+            if self.cap is not None:
+                self.cap.release()
+            self.cap = self._open()
+            self._failures = 0
 
     def _rewind(self) -> bool:
         if self.live:
             return False
         if not self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
             self.cap.release()
-            self.cap = cv2.VideoCapture(self.target, self.api)
-        return self.cap.isOpened()
+            self.cap = self._open()
+        return self.cap is not None
 
     def close(self) -> None:
-        self.cap.release()
+        if self.cap is not None:
+            self.cap.release()
 
 
 def _v4l2(path: str, **options) -> Source:

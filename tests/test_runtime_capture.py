@@ -135,3 +135,19 @@ def test_profile_command_writes_json_and_markdown(bundle, tmp_path):
     assert run["precision"] == "fp32" and run["frames"] == 20 and run["acked"] == 20 and run["peak_rss_mb"] > 0
     assert 0 < run["coding_share"] < 1 and "CPU" in data["machine"]
     assert "| fp32 | 20 |" in (tmp_path / "prof" / "runtime_profile.md").read_text()
+
+
+def test_status_line_renders_rates():
+    import io
+
+    from runtime.status import RuntimeStats, StatusLine
+
+    stats = RuntimeStats(camera_id="cam-s")
+    line = StatusLine(stats, stream=io.StringIO())
+    for _ in range(10):
+        stats.frame(25, {"coding": 0.001})
+    stats.ack(8)
+    stats.set_depth(2)
+    text = line.render()
+    assert text.startswith("cam-s") and "200.0 bits/frame" in text and "spool 2" in text and "acked 8" in text
+    assert "fps" in text and "kbit/s" in text and "[offline]" in text

@@ -93,6 +93,13 @@ def test_device_errors_are_clear(tmp_path):
     if not gstreamer_available():
         with pytest.raises(SourceError, match="GStreamer"):
             open_source("csi://0")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SourceError, match="cannot open network stream"):
+        open_source(f"rtsp://127.0.0.1:{port}/cam")
     with pytest.raises(SourceError, match="unknown source scheme"):
         open_source("gopher://camera")
     with pytest.raises(SourceError, match="no such file"):

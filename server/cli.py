@@ -139,6 +139,9 @@ def serve_bench(
     frames: int = typer.Option(2000, "--frames", min=10, help="Frames per stage measurement"),
     seconds: float = typer.Option(5.0, "--seconds", min=0.5, help="Duration of each pipeline run"),
     cameras: str = typer.Option("50,500", "--cameras", help="Simulated camera counts, comma-separated"),
+    load_cameras: int = typer.Option(0, "--load-cameras", min=0,
+                                     help="Also run a real server with this many 1-fps WebSocket cameras (0: skip)"),
+    load_seconds: float = typer.Option(20.0, "--load-seconds", min=2.0),
 ) -> None:
     """Measure the server's CPU per frame (decode, classify, store) in-process and micro-batching vs per-message."""
     from server import perf
@@ -152,7 +155,8 @@ def serve_bench(
     except ValueError:
         _fail(f"--cameras must be comma-separated integers, got {cameras!r}")
     with console_status("measuring server CPU per frame (about a minute)"):
-        result = perf.run(loaded, out, frames=frames, cameras=counts, seconds=seconds)
+        result = perf.run(loaded, out, frames=frames, cameras=counts, seconds=seconds, load_cameras=load_cameras,
+                          load_seconds=load_seconds)
     typer.echo(perf.to_markdown(result))
     typer.echo(f"wrote {out}/serve_bench_d{loaded.latent_dim}.{{json,md,png}}")
 

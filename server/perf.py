@@ -109,8 +109,72 @@ async def _pipeline(bundle: Bundle, db: Path, cameras: int, seconds: float, micr
             "latency_p99_ms": float(np.percentile(lat, 99))}
 
 
+async def _load_clients(url: str, bundle: Bundle, tokens: dict[str, bytes], seconds: float) -> list[float]:
+    """Each camera: one WebSocket, one 1-frame batch per second (phases spread over the second); ack RTTs in ms."""
+    from websockets.asyncio.client import connect
+
+    payloads = _frames(bundle, 64, seed=2)
+    rtts: list[float] = []
+    ws_url = url.replace("http://", "ws://") + "/v1/stream"
+    start = time.perf_counter() + 1.0
+
+    async def camera(i: int, cam: str, token: bytes) -> None:
+        async with connect(ws_url, max_size=None, open_timeout=60) as ws:
+            await ws.send(wire.Hello(bundle.model_tag, cam, token).encode())
+            assert isinstance(wire.decode(await ws.recv()), wire.Welcome)
+            t_next = start + (i / len(tokens))
+            seq = 0
+            while t_next < start + seconds:
+                await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
+                t = time.perf_counter()
+                await ws.send(wire.Batch(1, [wire.Frame(seq, time.time_ns() // 1_000_000,
+                                                        payloads[seq % len(payloads)])]).encode())
+                reply = wire.decode(await ws.recv())
+                assert isinstance(reply, wire.Ack), reply
+                rtts.append((time.perf_counter() - t) * 1e3)
+                seq += 1
+                t_next += 1.0
+
+    await asyncio.gather(*(camera(i, cam, tok) for i, (cam, tok) in enumerate(tokens.items())))
+    return rtts
+
+
+def measure_load(bundle: Bundle, tmp: Path, cameras: int, seconds: float) -> dict:
+    """A real server subprocess on loopback and ``cameras`` WebSocket cameras at 1 fps from this process."""
+    import sqlite3
+
+    from server.auth import add_camera
+    from server.testing import ServerProcess
+
+    db = tmp / "load.db"
+    storage = SQLiteStorage(db)
+    tokens = {f"cam-{i:04d}": add_camera(storage, f"cam-{i:04d}").encode() for i in range(cameras)}
+    storage.close()
+    with ServerProcess(bundle.path, db) as srv:
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def server_cpu() -> float:
+            fields = Path(f"/proc/{srv.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+
+        cpu0, client0, t0 = server_cpu(), time.process_time(), time.perf_counter()
+        rtts = asyncio.run(_load_clients(srv.url, bundle, tokens, seconds))
+        cpu, client, wall = server_cpu() - cpu0, time.process_time() - client0, time.perf_counter() - t0
+    with sqlite3.connect(db) as conn:
+        lat = np.array([r[0] for r in conn.execute("SELECT ts_stored_ms - ts_capture_ms FROM frames")], float)
+    rtt = np.array(rtts)
+    return {"cameras": cameras, "fps_per_camera": 1.0, "seconds": seconds, "frames_acked": len(rtt),
+            "frames_stored": len(lat), "server_cpu_percent_of_one_core": 100 * cpu / wall,
+            "server_cpu_us_per_frame": cpu / max(1, len(rtt)) * 1e6,
+            "client_cpu_percent_of_one_core": 100 * client / wall,
+            "ack_rtt_p50_ms": float(np.percentile(rtt, 50)), "ack_rtt_p99_ms": float(np.percentile(rtt, 99)),
+            "capture_to_stored_p50_ms": float(np.percentile(lat, 50)),
+            "capture_to_stored_p99_ms": float(np.percentile(lat, 99))}
+
+
 def run(bundle: Bundle, out: Path, frames: int = 2000, sizes: tuple[int, ...] = (1, 10, 50, 250),
-        cameras: tuple[int, ...] = (50, 500), seconds: float = 5.0) -> dict:
+        cameras: tuple[int, ...] = (50, 500), seconds: float = 5.0, load_cameras: int = 0,
+        load_seconds: float = 20.0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="serve-bench-", dir=out) as tmp:
         stages = measure_stages(bundle, Path(tmp) / "stages.db", frames, list(sizes))
@@ -118,11 +182,12 @@ def run(bundle: Bundle, out: Path, frames: int = 2000, sizes: tuple[int, ...] = 
         for c in cameras:
             for mb in (False, True):
                 pipeline.append(asyncio.run(_pipeline(bundle, Path(tmp) / f"pipe-{c}-{mb}.db", c, seconds, mb)))
+        load = measure_load(bundle, Path(tmp), load_cameras, load_seconds) if load_cameras else None
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores visible, {platform.python_version()}",
               "bundle": {"model_id": bundle.model_id, "latent_dim": bundle.latent_dim,
                          "mean_payload_bytes": float(np.mean([len(p) for p in _frames(bundle, 200)]))},
               "sqlite": "WAL, synchronous=FULL, one transaction per micro-batch", "stages": stages,
-              "pipeline": pipeline}
+              "pipeline": pipeline, "load": load}
     tag = f"serve_bench_d{bundle.latent_dim}"
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{tag}.md").write_text(to_markdown(result))
@@ -147,6 +212,17 @@ def to_markdown(r: dict) -> str:
     for p in r["pipeline"]:
         lines.append(f"| {p['cameras']} | {'on' if p['microbatch'] else 'off'} | {p['frames_per_s']:.0f} | "
                      f"{p['cpu_us_per_frame']:.1f} | {p['latency_p50_ms']:.1f} | {p['latency_p99_ms']:.1f} |")
+    if r.get("load"):
+        g = r["load"]
+        lines += ["", f"Real server subprocess on loopback, {g['cameras']} WebSocket cameras at 1 fps for "
+                  f"{g['seconds']:.0f} s, clients in the bench process on the same box:", "",
+                  "| cameras | frames acked / stored | server CPU % of one core | server CPU µs/frame | "
+                  "client CPU % | ack RTT p50 / p99 ms | capture->stored p50 / p99 ms |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {g['cameras']} | {g['frames_acked']} / {g['frames_stored']} | "
+                  f"{g['server_cpu_percent_of_one_core']:.1f} | {g['server_cpu_us_per_frame']:.0f} | "
+                  f"{g['client_cpu_percent_of_one_core']:.1f} | {g['ack_rtt_p50_ms']:.1f} / {g['ack_rtt_p99_ms']:.1f} | "
+                  f"{g['capture_to_stored_p50_ms']:.0f} / {g['capture_to_stored_p99_ms']:.0f} |"]
     return "\n".join(lines) + "\n"
 
 

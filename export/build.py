@@ -34,7 +34,7 @@ def export_run(run: Path, out: Path, data_dir: Path | None = None, parity: bool 
 
     run, out = Path(run), Path(out)
     compressor, probe, info = load_run(run)
-    config = info["config"]
+    config = info["config"].to_dict()
     torch.manual_seed(0)
     encoder = SymbolEncoder(compressor).eval()
     height, width, channels = _input_shape(config)
@@ -67,7 +67,7 @@ def _input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
 
 def _manifest(config: dict[str, Any], info: dict[str, Any], name: str) -> dict[str, Any]:
     height, width, channels = _input_shape(config)
-    from training.augmentations import describe
+    from training.augmentations import get_augmentation
 
     return {
         "name": name,
@@ -80,7 +80,7 @@ def _manifest(config: dict[str, Any], info: dict[str, Any], name: str) -> dict[s
                            "layout": "per dimension: lower, length; pmf[d, i] = P(lower+i), pmf[d, length] = escape"},
         "stream": {"check": "crc16-ccitt over model tag, payload length and payload, 2 bytes",
                    "coder": "constriction queue RangeEncoder, 32-bit words, little-endian"},
-        "invariances": {"name": config.get("augmentations"), "description": describe(config.get("augmentations"))},
+        "invariances": {"name": config.get("augmentations"), "description": get_augmentation(config["augmentations"]).description},
         "objective": config.get("objective"),
         "beta": config.get("beta"),
         "classes": list(CLASSES),

@@ -87,10 +87,20 @@ class NetNamespace:
             _ip("link", "set", "dev", self.ns_if, "gso_max_segs", "1", netns=self.name)
             _ip("link", "set", self.ns_if, "up", netns=self.name)
             _ip("link", "set", "lo", "up", netns=self.name)
+            self._quiet_ipv6()
         except NetnsError:
             self.close()
             raise
         return self
+
+    def _quiet_ipv6(self) -> None:
+        """No IPv6 on the link: its router solicitations and MLD reports would be counted as benchmark bytes."""
+        try:
+            Path(f"/proc/sys/net/ipv6/conf/{self.host_if}/disable_ipv6").write_text("1")
+        except OSError:
+            pass
+        subprocess.run([*self.exec_prefix, "sh", "-c",
+                        f"echo 1 > /proc/sys/net/ipv6/conf/{self.ns_if}/disable_ipv6"], capture_output=True)
 
     def counters(self) -> Counters:
         stats = Path("/sys/class/net") / self.host_if / "statistics"

@@ -43,6 +43,7 @@ class CaptureConfig:
     max_in_flight: int = 8
     spool: str = "~/.cache/taskcodec/spool"
     spool_max_frames: int = 100_000
+    spool_sync: str = "full"           # "normal": no fsync per frame (survives kill -9, not power loss)
     metrics_port: int | None = None
     frames: int | None = None          # stop after this many frames (None: until the source ends or stop())
     drain_timeout: float = 30.0        # at the end, wait this long for the spool to empty
@@ -96,7 +97,7 @@ class CaptureRuntime:
         self.encoder = FrameEncoder(self.bundle, config.precision, config.threads, config.providers)
         self.source = source or open_source(config.device, size=config.size, fps=config.fps, loop=config.loop)
         try:
-            self.spool = Spool(config.spool, config.spool_max_frames)
+            self.spool = Spool(config.spool, config.spool_max_frames, sync=config.spool_sync)
         except Exception:
             self.source.close()
             raise

@@ -93,6 +93,7 @@ def capture(
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Frames per batch."),
     spool: Optional[str] = typer.Option(None, "--spool", help="Spool folder (durable store-and-forward)."),
     spool_max_frames: Optional[int] = typer.Option(None, "--spool-max-frames", help="Spool bound; when full the oldest frames are dropped."),
+    spool_sync: Optional[str] = typer.Option(None, "--spool-sync", help="full (fsync each frame; survives power loss) or normal (survives kill -9 only)."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
     frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Stop after this many frames."),
     drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="At the end, seconds to wait for acks."),

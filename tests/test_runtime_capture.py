@@ -117,6 +117,7 @@ def test_cli_config_file_and_flags(bundle, tmp_path):
     (["--server", "ftp://x"], "http://HOST:PORT"),
     (["--bundle", "/nonexistent/bundle"], "not a taskcodec bundle"),
     (["--config", "/nonexistent.yaml"], "not found"),
+    (["--spool-sync", "sometimes"], "full or normal"),
 ])
 def test_cli_errors_are_clear(bundle, tmp_path, args, message):
     base = ["capture", "--device", "virtual://fashion-mnist", "--bundle", str(bundle.path), "--server",

@@ -124,8 +124,12 @@ def capture(
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise typer.Exit(2) from None
     import signal
+    import threading
 
-    signal.signal(signal.SIGTERM, lambda *_: runtime.stop())  # systemd stop: finish the frame, keep the spool
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # systemd stop: finish the frame in hand and exit cleanly; unsent frames stay spooled
+        previous = signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
     try:
         result = runtime.run()
     except KeyboardInterrupt:
@@ -137,6 +141,9 @@ def capture(
     except bad_input as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise typer.Exit(2) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     summary = result.to_dict()
     summary.pop("labels")
     typer.echo(f"{result.frames} frames, {result.acked} acked, {result.dropped} dropped, {result.spool_depth} left "

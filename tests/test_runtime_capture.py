@@ -152,3 +152,13 @@ def test_status_line_renders_rates():
     text = line.render()
     assert text.startswith("cam-s") and "200.0 bits/frame" in text and "spool 2" in text and "acked 8" in text
     assert "fps" in text and "kbit/s" in text and "[offline]" in text
+
+
+def test_cli_restores_the_sigterm_handler(bundle, tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    CliRunner().invoke(app, ["capture", "--device", "virtual://fashion-mnist", "--bundle", str(bundle.path),
+                             "--server", "http://127.0.0.1:9", "--camera-id", "c", "--spool", str(tmp_path / "s"),
+                             "--frames", "2", "--drain-timeout", "0", "-q"])
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -84,7 +84,8 @@ class UplinkConfig:
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter (AWS style): uniform in [0, min(max, initial * 2**attempt)]."""
+    """Exponential backoff with jitter: uniform in [cap/4, cap], cap = min(max, initial * 2**attempt), so a fleet
+    that lost its server together does not come back in lockstep, yet no camera retries in a tight loop."""
     cap = min(maximum, initial * (2 ** min(attempt, 30)))
     return (rng or random).uniform(cap / 4, cap)
 
@@ -191,6 +192,7 @@ class Uplink:
     async def _run(self) -> None:
         failures = 0
         while True:
+            sessions_before = self.sessions
             self.attempts += 1
             if self.attempts > 1:
                 self.stats.reconnect()
@@ -213,6 +215,8 @@ class Uplink:
                         "uplink to %s: %s; retrying (attempt %d)", self.config.url, self.last_error, self.attempts)
             finally:
                 self.stats.set_connected(False)
+            if self.sessions > sessions_before:
+                failures = 0  # the link worked until it broke: come back quickly, not after the last long backoff
             delay = backoff_delay(failures, self.config.backoff_initial, self.config.backoff_max, self._rng)
             failures += 1
             await asyncio.sleep(delay)

@@ -75,6 +75,9 @@ class NetNamespace:
             raise NetnsError("iproute2 (`ip`) is not installed")
         if os.geteuid() != 0:
             raise NetnsError("creating a network namespace needs root (CAP_NET_ADMIN)")
+        # A namespace of the same name can only be a leftover of a killed run of an earlier process with our pid.
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
         _ip("netns", "add", self.name)
         self._up = True
         try:
@@ -88,6 +91,7 @@ class NetNamespace:
             _ip("link", "set", self.ns_if, "up", netns=self.name)
             _ip("link", "set", "lo", "up", netns=self.name)
             self._quiet_ipv6()
+            self._static_neighbours()
         except NetnsError:
             self.close()
             raise
@@ -101,6 +105,17 @@ class NetNamespace:
             pass
         subprocess.run([*self.exec_prefix, "sh", "-c",
                         f"echo 1 > /proc/sys/net/ipv6/conf/{self.ns_if}/disable_ipv6"], capture_output=True)
+
+    def _static_neighbours(self) -> None:
+        """Permanent ARP entries both ways: no ARP packets (not IP) appear in the counts mid-run."""
+        host_mac = Path(f"/sys/class/net/{self.host_if}/address").read_text().strip()
+        out = subprocess.run([*self.exec_prefix, "cat", f"/sys/class/net/{self.ns_if}/address"], capture_output=True,
+                             text=True)
+        ns_mac = out.stdout.strip()
+        if out.returncode == 0 and ns_mac:
+            _ip("neigh", "replace", self.ns_ip, "lladdr", ns_mac, "dev", self.host_if, "nud", "permanent")
+            _ip("neigh", "replace", self.host_ip, "lladdr", host_mac, "dev", self.ns_if, "nud", "permanent",
+                netns=self.name)
 
     def counters(self) -> Counters:
         stats = Path("/sys/class/net") / self.host_if / "statistics"

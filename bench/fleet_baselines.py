@@ -5,7 +5,8 @@ Variants: ``jpeg_roi`` JPEG-encodes what the taskcodec encoder sees (the ROI cro
 28x28 gray input) at the JPEG quality bench/results/classical.json says reaches taskcodec's accuracy (that file
 measured accuracy with a CNN retrained on decoded images); ``jpeg_frame`` the whole 640x480 camera frame at the same
 quality (what a camera that knows nothing about the task uploads); ``h264`` the 640x480 frames as an x264 stream
-(tune zerolatency, one access unit per frame) at a CRF chosen by a linear probe (below).
+(preset veryfast, tune zerolatency, x264's default keyint 250, one access unit per frame) at a CRF chosen by a
+linear probe (below).
 
 Accuracy of the baselines is measured by decoding the uploaded bytes, applying the runtime's preprocessing and a
 linear probe (ridge classifier on raw 28x28 pixels): it is a *relative* check (does the codec lose what the probe
@@ -30,7 +31,7 @@ from taskcodec.bundle import InputSpec
 
 PROBE_INPUT = InputSpec(28, 28, 1, "gray")
 DEFAULT_JPEG_QUALITY = 90
-H264_CRFS = (23, 30, 36, 42)
+H264_CRFS = (23, 30, 36, 42, 48)
 
 
 # ---------------------------------------------------------------------------------------------------- quality

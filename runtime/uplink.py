@@ -118,6 +118,8 @@ class Uplink:
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._ws = None
+        self._active = False
+        self._stop_requested = False
         self._ready = threading.Event()
         self._rng = random.Random()
 
@@ -150,9 +152,10 @@ class Uplink:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._active
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stop_requested = True
         loop, stopping = self._loop, self._stopping
         if loop is not None and stopping is not None and not loop.is_closed():
             try:
@@ -172,7 +175,17 @@ class Uplink:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
+        self._active = True
         self._ready.set()
+        try:
+            await self._until_stopped()
+        finally:
+            self._active = False
+            self.stats.set_connected(False)
+
+    async def _until_stopped(self) -> None:
         runner = asyncio.create_task(self._run())
         stopper = asyncio.create_task(self._stopping.wait())
         await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -185,7 +198,6 @@ class Uplink:
         for task in (runner, stopper):
             task.cancel()
         await asyncio.gather(runner, stopper, return_exceptions=True)
-        self.stats.set_connected(False)
 
     _main = run_async  # the name the fleet benchmark first used
 

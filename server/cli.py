@@ -75,6 +75,8 @@ def serve(
     microbatch: bool = typer.Option(True, "--microbatch/--no-microbatch",
                                     help="Batch decode/classify/commit across connections"),
     log_level: str = typer.Option("warning", "--log-level"),
+    ws: str = typer.Option("auto", "--ws",
+                           help="uvicorn WebSocket implementation: auto, websockets, websockets-sansio, wsproto"),
 ) -> None:
     """Run the ingest server (WebSocket /v1/stream, POST /v1/ingest, queries, /healthz, /metrics)."""
     import uvicorn
@@ -104,7 +106,7 @@ def serve(
     extra = {"loop": "uvloop"} if _has("uvloop") else {}
     if _has("httptools"):
         extra["http"] = "httptools"
-    common = dict(log_level=log_level, access_log=False, ws_max_size=64 << 20, **extra)
+    common = dict(log_level=log_level, access_log=False, ws_max_size=64 << 20, ws=ws, **extra)
     if workers == 1:
         server = uvicorn.Server(uvicorn.Config(app, **common))
         if port_file:

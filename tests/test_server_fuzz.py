@@ -1,5 +1,5 @@
-"""10,000 mutated or random ingest packets: every one is answered cleanly (no crash, a reason), the server stays healthy,
-and the database holds exactly the frames an independent oracle says are genuine (nothing from the garbage).
+"""10,000 mutated or random ingest packets: every one is answered cleanly (no crash, a reason), the server stays
+healthy, and the database holds exactly the frames an independent oracle says are genuine (nothing from the garbage).
 
 Most packets go through the transport-free ingest core in-process (fast); a few hundred go to a real server
 subprocess over HTTP (one keep-alive connection) and over WebSocket."""

@@ -66,7 +66,7 @@ def test_server_killed_mid_stream_loses_and_duplicates_nothing(tmp_path):
         # the fps cap makes capture last at least ~3 s, so the kill lands while frames are still flowing
         rt = CaptureRuntime(CaptureConfig(
             device="virtual://fashion-mnist", bundle=str(bundle.path), server=first.url, camera_id="cam-k",
-            token=token, spool=str(tmp_path / "spool"), frames=N, fps=30, quiet=True, drain_timeout=TIMEOUT,
+            token=token, spool=str(tmp_path / "spool"), frames=N, fps=30, quiet=True, drain_timeout=2 * TIMEOUT,
             threads=1, max_delay=0.0))
         result = {}
         t = threading.Thread(target=lambda: result.setdefault("r", rt.run()))
@@ -78,7 +78,7 @@ def test_server_killed_mid_stream_loses_and_duplicates_nothing(tmp_path):
         first.kill()
         second = stack.enter_context(testing.ServerProcess(bundle.path, db, "--port", str(port)))
         assert second.port == port
-        t.join(TIMEOUT * 2)
+        t.join(3 * TIMEOUT)
         assert not t.is_alive()
         report = result["r"]
         assert report.acked == N and report.spool_depth == 0 and report.dropped == 0

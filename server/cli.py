@@ -120,7 +120,7 @@ def serve(
     config = uvicorn.Config("server.app_env:app", factory=True, workers=workers, **common)
     if port_file:
         _write_port_file(port_file, bound)
-    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    Multiprocess(config, sockets=[sock]).run()
 
 
 def _has(module: str) -> bool:

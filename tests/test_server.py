@@ -254,3 +254,15 @@ def test_every_acked_frame_survives_kill_9(tmp_path):
         assert set(acked) <= {f["seq"] for f in got}
     finally:
         srv.kill()
+
+
+def test_two_worker_processes_share_port_and_database(tmp_path):
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    with ServerProcess(bundle.path, tmp_path / "frames.db", "--workers", "2") as srv:
+        token = srv.add_camera("cam-w")
+        frames = _frames(bundle, 0, 40, seed=11)
+        for i in range(0, 40, 4):
+            with srv.http() as h:  # a new connection each time, so both workers get some
+                assert h.post(_hello(bundle, "cam-w", token), wire.Batch(1, frames[i:i + 4])).status == 200
+        got = srv.get_json("/v1/cameras/cam-w/frames?limit=100")["frames"]
+        assert [f["seq"] for f in got] == list(range(40))

@@ -2,7 +2,8 @@
 
 A run folder holds everything later stages need, so export and evaluation never retrain:
 ``config.json``, ``model.pt`` (state_dict), ``tables.npz`` (frozen entropy tables), ``probe.pt`` (MLP probe on the
-integer symbols + its constructor args; it becomes the server classifier), ``metrics.json`` and ``train.log``.
+integer symbols + its constructor args; it becomes the server classifier), ``probe_linear.pt``, ``metrics.json``
+and ``train.log``.
 """
 
 from __future__ import annotations
@@ -94,14 +95,16 @@ def train_model(cfg: CompressorConfig, images: np.ndarray, labels: np.ndarray, p
     if total == 0:
         return model.eval()
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total,
+                                                pct_start=0.15)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, disable=not progress, desc=f"train {cfg.objective} beta={cfg.beta}", unit="step")
     model.train()
+    t_start = time.perf_counter()
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(x_all), generator=gen)
-        sums = np.zeros(3)
+        sums = np.zeros(4)
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             pos = _positive_sources(y_all, idx, aug.label_positive_prob, by_class, gen)
@@ -110,13 +113,14 @@ def train_model(cfg: CompressorConfig, images: np.ndarray, labels: np.ndarray, p
             parts.loss.backward()
             opt.step()
             sched.step()
-            sums += [float(parts.loss.detach()), float(parts.distortion), float(parts.rate_bits)]
+            sums += [float(parts.loss.detach()), float(parts.distortion), float(parts.rate_bits), float(parts.aux)]
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{parts.loss.item():.3f}", dist=f"{parts.distortion.item():.3f}",
+            bar.set_postfix(epoch=epoch + 1, dist=f"{parts.distortion.item():.3f}",
                             bits=f"{parts.rate_bits.item():.1f}")
         if log:
             m = sums / max(1, steps_per_epoch)
-            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {m[0]:.4f} distortion {m[1]:.4f} rate {m[2]:.2f} bits")
+            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {m[0]:.4f} distortion {m[1]:.4f} rate {m[2]:.2f} bits "
+                f"aux {m[3]:.1f} ({time.perf_counter() - t_start:.0f} s)")
     bar.close()
     return model.eval()
 
@@ -125,6 +129,9 @@ def train(config: CompressorConfig, data_dir: str | Path | None = None, out: str
           progress: bool = True) -> Path:
     """Train, freeze tables, fit probes on the integer symbols, measure real coded sizes; returns the run folder."""
     torch.set_num_threads(max(1, int(config.threads)))
+    cfg = config
+    xtr, ytr = load_fashion_mnist("train", data_dir)  # data errors surface before anything is written
+    xte, yte = load_fashion_mnist("test", data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train.log"
@@ -134,9 +141,6 @@ def train(config: CompressorConfig, data_dir: str | Path | None = None, out: str
         with open(log_path, "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
-    cfg = config
-    xtr, ytr = load_fashion_mnist("train", data_dir)
-    xte, yte = load_fashion_mnist("test", data_dir)
     if cfg.train_subset:
         xtr, ytr = xtr[: cfg.train_subset], ytr[: cfg.train_subset]
     if cfg.test_subset:
@@ -158,6 +162,7 @@ def train(config: CompressorConfig, data_dir: str | Path | None = None, out: str
     linear = fit_probe(s_tr, ytr, hidden=0, epochs=cfg.probe_epochs, seed=cfg.seed)
     mlp = fit_probe(s_tr, ytr, hidden=cfg.probe_hidden, epochs=cfg.probe_epochs, lr=3e-3, seed=cfg.seed)
     torch.save({"state_dict": mlp.state_dict(), "init_args": mlp.init_args()}, out / "probe.pt")
+    torch.save({"state_dict": linear.state_dict(), "init_args": linear.init_args()}, out / "probe_linear.pt")
     with torch.no_grad():
         model_bits = float(model.bottleneck.bits(torch.as_tensor(s_te, dtype=torch.float32)).mean()) if len(s_te) else 0.0
     coded = coded_bits(s_te, tables)
@@ -181,6 +186,14 @@ def train(config: CompressorConfig, data_dir: str | Path | None = None, out: str
     return out
 
 
+def load_probe(path: str | Path) -> StandardisedClassifier:
+    """A probe saved by :func:`train` (state_dict + constructor args), in eval mode."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    probe = StandardisedClassifier(**blob["init_args"])
+    probe.load_state_dict(blob["state_dict"])
+    return probe.eval()
+
+
 def load_run(path: str | Path) -> tuple[Compressor, StandardisedClassifier, dict]:
     """Rebuild (compressor in eval mode, MLP probe, info) from a run folder; info has config, metrics, tables, path."""
     path = Path(path)
@@ -193,10 +206,7 @@ def load_run(path: str | Path) -> tuple[Compressor, StandardisedClassifier, dict
     model = Compressor(cfg)
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
-    blob = torch.load(path / "probe.pt", map_location="cpu", weights_only=True)
-    probe = StandardisedClassifier(**blob["init_args"])
-    probe.load_state_dict(blob["state_dict"])
-    probe.eval()
+    probe = load_probe(path / "probe.pt")
     metrics_path = path / "metrics.json"
     info = {
         "path": path, "config": cfg, "tables": EntropyTables.load(path / "tables.npz"),

@@ -50,7 +50,7 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
         metrics.connections.inc()
         try:
             await _serve_stream(ws, service)
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, OSError):  # the camera went away (uvicorn's ClientDisconnected is an OSError)
             pass
         finally:
             metrics.connections.dec()

@@ -11,7 +11,7 @@ from taskcodec.coding import compress, decompress
 from taskcodec.data import load_fashion_mnist
 from training.augmentations import REGISTRY, get_augmentation
 from training.entropy_bottleneck import EntropyBottleneck
-from training.models import Compressor, CompressorConfig, SymbolEncoder
+from training.models import CompressorConfig, SymbolEncoder
 from training.probes import accuracy, fit_probe
 from training.trainer import RunError, encode_symbols, load_run, train, train_model
 

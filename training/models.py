@@ -7,7 +7,7 @@ projection head (BINCE critic) and the decoder (VIC/VC) exist only to train them
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn

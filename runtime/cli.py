@@ -165,6 +165,7 @@ def profile(
     frames: int = typer.Option(500, "--frames", "-n", min=10, help="Frames per run."),
     threads: int = typer.Option(1, "--threads", min=1, help="ONNX Runtime intra-op threads."),
     precision: Optional[list[str]] = typer.Option(None, "--precision", help="fp32/int8 (default: all the bundle has)."),
+    spool_sync: Optional[list[str]] = typer.Option(None, "--spool-sync", help="full and/or normal (default: full)."),
     out: Path = typer.Option(Path("bench/results/runtime"), "--out", help="Folder for runtime_profile.{json,md}."),
 ) -> None:
     """Measure per-stage time per frame, the range-coding share and peak RSS of `runtime capture` on this machine."""
@@ -172,7 +173,10 @@ def profile(
     from taskcodec.bundle import BundleError
 
     try:
-        result = run_profile(bundle, frames, out, threads, precision)
+        for sync in spool_sync or []:
+            if sync not in ("full", "normal"):
+                raise typer.BadParameter(f"spool sync must be full or normal, got {sync!r}", param_hint="--spool-sync")
+        result = run_profile(bundle, frames, out, threads, precision, spool_syncs=spool_sync)
     except (BundleError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise typer.Exit(2) from None

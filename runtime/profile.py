@@ -17,7 +17,7 @@ from pathlib import Path
 
 from taskcodec.bundle import load_bundle
 
-COLUMNS = [("precision", "precision", "{}"), ("frames", "frames", "{}"), ("fps", "fps", "{:.1f}"),
+COLUMNS = [("precision", "precision", "{}"), ("spool_sync", "spool sync", "{}"), ("frames", "frames", "{}"), ("fps", "fps", "{:.1f}"),
            ("bits_per_frame", "bits/frame", "{:.1f}"), ("preprocess_ms_per_frame", "preprocess ms", "{:.3f}"),
            ("inference_ms_per_frame", "inference ms", "{:.3f}"), ("coding_ms_per_frame", "range coding ms", "{:.3f}"),
            ("spool_ms_per_frame", "spool ms", "{:.3f}"), ("coding_share", "coding share of encode", "{:.1%}"),
@@ -37,29 +37,31 @@ def machine() -> str:
 
 
 def profile(bundle_path: str | None, frames: int, out: Path, threads: int = 1, precisions: list[str] | None = None,
-            timeout: float = 600.0) -> dict:
+            timeout: float = 600.0, spool_syncs: list[str] | None = None) -> dict:
     from runtime.fakeserver import FakeIngestServer
 
     bundle = load_bundle(bundle_path)
     precisions = precisions or (["fp32", "int8"] if bundle.has("encoder_int8") else ["fp32"])
     uri = f"virtual://fashion-mnist?size=640x480&count={frames}&channels=3"  # cameras deliver BGR
     rows = []
+    runs = [(p, sync) for p in precisions for sync in (spool_syncs or ["full"])]
     with FakeIngestServer(bundle.model_tag) as server, tempfile.TemporaryDirectory(prefix="taskcodec-profile-") as tmp:
-        for precision in precisions:
-            report = Path(tmp) / f"{precision}.json"
+        for precision, sync in runs:
+            report = Path(tmp) / f"{precision}-{sync}.json"
             cmd = [sys.executable, "-m", "runtime.cli", "capture", "--device", uri, "--bundle", str(bundle.path),
                    "--server", server.url, "--camera-id", f"profile-{precision}", "--token", "secret",
                    "--precision", precision, "--threads", str(threads), "--roi", "80,0,480,480",
-                   "--spool", str(Path(tmp) / f"spool-{precision}"), "--frames", str(frames), "--quiet",
+                   "--spool", str(Path(tmp) / f"spool-{precision}-{sync}"), "--spool-sync", sync,
+                   "--frames", str(frames), "--quiet",
                    "--max-delay", "0.05", "--report", str(report)]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
             if done.returncode != 0:
                 raise RuntimeError(f"capture ({precision}) failed: {done.stderr.strip() or done.stdout.strip()}")
-            rows.append(dict(json.loads(report.read_text()), precision=precision))
+            rows.append(dict(json.loads(report.read_text()), precision=precision, spool_sync=sync))
     result = {"machine": machine(), "bundle": str(bundle.path), "model_id": bundle.model_id, "threads": threads,
               "source": uri + " roi 80,0,480,480", "server": "in-process fake ingest server on loopback",
-              "spool": "SQLite WAL synchronous=FULL (one fsync per frame)",
+              "spool": "SQLite WAL; sync full = one fsync per frame, normal = none",
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtime_profile.json").write_text(json.dumps(result, indent=2) + "\n")

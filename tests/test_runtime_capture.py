@@ -135,7 +135,7 @@ def test_profile_command_writes_json_and_markdown(bundle, tmp_path):
     run = data["runs"][0]
     assert run["precision"] == "fp32" and run["frames"] == 20 and run["acked"] == 20 and run["peak_rss_mb"] > 0
     assert 0 < run["coding_share"] < 1 and "CPU" in data["machine"]
-    assert "| fp32 | 20 |" in (tmp_path / "prof" / "runtime_profile.md").read_text()
+    assert "| fp32 | full | 20 |" in (tmp_path / "prof" / "runtime_profile.md").read_text()
 
 
 def test_status_line_renders_rates():

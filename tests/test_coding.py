@@ -80,3 +80,18 @@ def test_tables_file_round_trip_and_errors(tmp_path):
         EntropyTables.load(tmp_path / "junk.npz")
     with pytest.raises(TablesError, match="escape"):
         EntropyTables(np.zeros(1), np.ones(1), np.array([[1.0, 0.0]]))
+
+
+def test_short_streams_stay_within_32_bits_of_the_estimate():
+    """The regime of real latents (tens of bits): byte-level termination keeps coded <= estimate * 1.02 + 32."""
+    rng = np.random.default_rng(5)
+    support = np.arange(-3, 4)
+    tables = EntropyTables.from_pmfs(np.full(64, -3), [np.exp(-np.abs(support) * rng.uniform(1.5, 6)) for _ in range(64)])
+    coder = RangeCoder(tables)
+    p = tables.pmf[:, :7].astype(np.float64)
+    p /= p.sum(axis=1, keepdims=True)
+    for _ in range(1000):
+        symbols = np.array([rng.choice(7, p=p[d]) - 3 for d in range(64)], np.int32)
+        data = compress(symbols, coder)
+        assert np.array_equal(decompress(data, coder), symbols)
+        assert 8 * (len(data) - 2) <= tables.estimated_bits(symbols[None])[0] * 1.02 + 32

@@ -10,7 +10,7 @@ import pytest
 
 from export.build import REPORT_FILE, export_run
 from export.golden import verify_golden
-from taskcodec.bundle import DEFAULT_BUNDLE, load_bundle
+from taskcodec.bundle import load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,6 @@ def test_export_parity_and_golden(short_run, tmp_path):
     assert "symbols equal 64, bytes equal 64, decoded equal 64" in out.stdout
 
 
-@pytest.mark.skipif(not (DEFAULT_BUNDLE / "manifest.json").is_file(), reason="default bundle not exported yet")
 def test_default_bundle_golden_vectors_decode_bit_exactly():
     bundle = load_bundle(None)
     report = verify_golden(bundle)

@@ -167,6 +167,7 @@ def profile(
     precision: Optional[list[str]] = typer.Option(None, "--precision", help="fp32/int8 (default: all the bundle has)."),
     spool_sync: Optional[list[str]] = typer.Option(None, "--spool-sync", help="full and/or normal (default: full)."),
     out: Path = typer.Option(Path("bench/results/runtime"), "--out", help="Folder for runtime_profile.{json,md}."),
+    note: str = typer.Option("", "--note", help="Free text recorded with the results (e.g. where the bundle came from)."),
 ) -> None:
     """Measure per-stage time per frame, the range-coding share and peak RSS of `runtime capture` on this machine."""
     from runtime.profile import profile as run_profile
@@ -176,7 +177,7 @@ def profile(
         for sync in spool_sync or []:
             if sync not in ("full", "normal"):
                 raise typer.BadParameter(f"spool sync must be full or normal, got {sync!r}", param_hint="--spool-sync")
-        result = run_profile(bundle, frames, out, threads, precision, spool_syncs=spool_sync)
+        result = run_profile(bundle, frames, out, threads, precision, spool_syncs=spool_sync, note=note)
     except (BundleError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise typer.Exit(2) from None

@@ -37,7 +37,7 @@ def machine() -> str:
 
 
 def profile(bundle_path: str | None, frames: int, out: Path, threads: int = 1, precisions: list[str] | None = None,
-            timeout: float = 600.0, spool_syncs: list[str] | None = None) -> dict:
+            timeout: float = 600.0, spool_syncs: list[str] | None = None, note: str = "") -> dict:
     from runtime.fakeserver import FakeIngestServer
 
     bundle = load_bundle(bundle_path)
@@ -62,6 +62,7 @@ def profile(bundle_path: str | None, frames: int, out: Path, threads: int = 1, p
     result = {"machine": machine(), "bundle": str(bundle.path), "model_id": bundle.model_id, "threads": threads,
               "source": uri + " roi 80,0,480,480", "server": "in-process fake ingest server on loopback",
               "spool": "SQLite WAL; sync full = one fsync per frame, normal = none",
+              "load_avg_1min": os.getloadavg()[0], "note": note,
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtime_profile.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -71,7 +72,8 @@ def profile(bundle_path: str | None, frames: int, out: Path, threads: int = 1, p
 
 def markdown(result: dict) -> str:
     lines = [f"Runtime profile — {result['machine']}, {result['threads']} encoder thread(s), bundle "
-             f"{result['model_id']}; source {result['source']}; spool {result['spool']}.", "",
+             f"{result['model_id']}; source {result['source']}; spool {result['spool']}; load average "
+             f"{result['load_avg_1min']:.1f} at the end (a shared machine: timings are indicative). {result['note']}", "",
              "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     for row in result["runs"]:

@@ -358,6 +358,8 @@ def runtime_process(network: Network, bundle: Bundle, *, fps: float = 10.0, fram
     out = {"command": " ".join(cmd[2:]).replace(token, "<token>"), **r,
            "self_reported_peak_rss_mb": r.get("peak_rss_mb"), "peak_rss_mb": hwm,
            "peak_rss_how": "VmHWM of /proc/<pid>/status polled every 50 ms while the process ran"}
+    compute = r["preprocess_ms_per_frame"] + r["inference_ms_per_frame"] + r["coding_ms_per_frame"]
+    out["coding_share_of_compute"] = r["coding_ms_per_frame"] / compute if compute else None
     log(f"runtime capture: peak RSS {hwm:.1f} MB, range coding {100 * r['coding_share_of_frame']:.1f}% "
         f"of per-frame time ({r['frames']} frames)")
     return out
@@ -430,7 +432,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                  "met": rss <= 150 if rss else None})
     share = rt.get("coding_share_of_frame")
     rows.append({"target": "range coding <= 10% of the runtime's per-frame time",
-                 "measured": f"{100 * share:.1f}%" if share is not None else None,
+                 "measured": (f"{100 * share:.1f}% of the whole frame; {100 * rt['coding_share_of_compute']:.1f}% "
+                              "without the spool write" if share is not None else None),
                  "met": share <= 0.10 if share is not None else None})
     return rows
 
@@ -554,8 +557,10 @@ def markdown(results: dict[str, Any]) -> str:
                       f"`{rt['command']}`: {rt['frames']} frames, peak RSS {rt['peak_rss_mb']:.1f} MB; per frame "
                       f"preprocess {rt['preprocess_ms_per_frame']:.3f} ms, encoder {rt['inference_ms_per_frame']:.3f} ms, "
                       f"range coding {rt['coding_ms_per_frame']:.3f} ms, spool {rt['spool_ms_per_frame']:.3f} ms: range "
-                      f"coding is {100 * rt['coding_share_of_frame']:.1f}% of the per-frame time "
-                      f"({100 * rt['coding_share']:.1f}% of encoder + coding).", ""]
+                      f"coding is {100 * rt['coding_share_of_frame']:.1f}% of the per-frame time, "
+                      f"{100 * rt['coding_share_of_compute']:.1f}% of the compute without the spool write "
+                      f"(preprocess + encoder + coding), {100 * rt['coding_share']:.1f}% of encoder + coding. The spool "
+                      "write is a durable SQLite commit (the runtime's default sync), so it depends on the disk.", ""]
     return "\n".join(lines) + "\n"
 
 

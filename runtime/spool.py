@@ -1,8 +1,10 @@
 """Durable store-and-forward spool: every encoded frame is on disk before it is sent, and leaves only when acked.
 
 SQLite in WAL mode with ``synchronous=FULL`` makes each append durable when it returns (it survives kill -9 and
-power loss); frames are keyed by (boot epoch, seq). The epoch is persisted and incremented at each open, so sequence
+power loss); frames are keyed by (boot epoch, seq). The epoch is persisted and increases at each open, so sequence
 numbers can restart from 0 on every boot without ever colliding with frames of an earlier boot still in the spool.
+A new epoch is ``max(last epoch + 1, Unix seconds now)``: a camera whose spool was wiped (new SD card, reinstall)
+does not restart at epoch 1 and have its new frames taken for duplicates of old ones by the server.
 Frames are handed out oldest epoch first, then by seq.
 
 Policy when full (``max_frames``): the *oldest* frames are deleted to make room and counted as dropped (with a
@@ -14,12 +16,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "spool.sqlite3"
+MAX_EPOCH = 2**32  # the wire format's limit
 
 
 class SpoolError(RuntimeError):
@@ -64,7 +68,10 @@ class Spool:
             with self._tx():
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', 0), ('dropped', 0)")
                 if start_epoch:
-                    self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'epoch'")
+                    new_epoch = max(self._meta("epoch") + 1, min(int(time.time()), MAX_EPOCH))
+                    if new_epoch > MAX_EPOCH:
+                        raise SpoolError(f"spool {path} has used up its boot epochs (max {MAX_EPOCH})")
+                    self._db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (new_epoch,))
                 self.epoch = self._meta("epoch")
                 self._count = self._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
                 row = self._db.execute("SELECT MAX(seq) FROM frames WHERE epoch = ?", (self.epoch,)).fetchone()

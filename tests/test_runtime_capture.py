@@ -59,7 +59,7 @@ def test_unsent_frames_survive_a_restart(bundle, tmp_path):
     assert offline.frames == 12 and offline.acked == 0 and offline.spool_depth == 12 and not offline.drained
     with FakeIngestServer(bundle.model_tag, tables=bundle.tables, port=port) as server:
         online = run_capture(_cfg(bundle, server.url, tmp_path / "spool", frames=5))
-    assert online.epoch == offline.epoch + 1
+    assert online.epoch > offline.epoch
     assert online.acked == 17 and online.spool_depth == 0
     epochs = sorted({e for (_, e, _) in server.frames})
     assert epochs == [offline.epoch, online.epoch] and len(server.frames) == 17

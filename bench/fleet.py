@@ -454,7 +454,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Bundle: model {results.get('model_id')} ({results.get('bundle')}). Measured {results.get('date')}. "
              f"Network accounting: {results.get('network', {}).get('how')}"
              + (f" ({results['network'].get('reason')})" if results.get("network", {}).get("reason") else "") + ".",
-             "", f"Command: `{results.get('command')}`", ""]
+             "", "Commands (each section is kept from the last command that measured it):", "",
+             *[f"- {name}: `{cmd}`" for name, cmd in (results.get("commands") or {}).items()], ""]
     lines += ["## Targets", "", markdown_table(
         [{**t, "met": {True: "yes", False: "**no**", None: "not measured"}[t["met"]]} for t in targets(results)],
         [("target", "target"), ("measured", "measured"), ("met", "met")])]
@@ -639,8 +640,11 @@ def run_benchmark(cfg: RunConfig | None, *, bundle_path: Path | None = None, out
         log(f"previous {out / 'fleet.json'} was measured with model {results.get('model_id')}: starting afresh")
         results = {}
     info = machine_info()
-    results.update({"date": utc_now(), "pool_size": pool_size, "machine": info, "machine_short": machine_line(info), "command": command,
+    results.update({"date": utc_now(), "pool_size": pool_size, "machine": info, "machine_short": machine_line(info),
                     "bundle": str(bundle.path), "model_id": bundle.model_id})
+    ran = [name for name, on in (("run", cfg is not None), ("runtime_process", runtime_rss), ("curve", curve),
+                                 ("capacity", capacity)) if on]
+    results.setdefault("commands", {}).update({name: command for name in ran})
     log(f"rendering {pool_size} 640x480 virtual camera frames")
     pool = FramePool(pool_size, data=data)
     network = Network(use_netns)

@@ -369,6 +369,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Protocol: each codec/quality encodes and decodes every train and test image; the CNN is trained on the "
         "decoded train images and tested on the decoded test images (accuracy measured, not assumed). `raw` is the "
         f"same CNN on uncompressed pixels ({RAW_BYTES} bytes) at the same epochs.\n",
+        "Encoders: JPEG via Pillow (optimised Huffman tables), WebP via Pillow (method 6), PNG via Pillow "
+        "(optimize), AVIF via OpenCV's libavif (both Pillow and OpenCV here support AVIF; OpenCV is ~10x faster "
+        "at 28x28). Images are 28x28 8-bit grayscale.\n",
         "bytes/image (file) = mean size of the complete file the codec writes, over the test images, headers "
         "included. bytes/image (header-stripped) = coded data only (JPEG entropy-coded scan without quantisation/"
         "Huffman tables, WebP VP8 chunk, PNG IDAT, AVIF mdat): an optimistic estimate that no stock decoder can "

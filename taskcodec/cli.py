@@ -26,6 +26,7 @@ def version() -> None:
 
 _PARTS = (
     "training.cli",
+    "training.frozen_cli",
     "export.cli",
     "calibration.cli",
     "server.cli",

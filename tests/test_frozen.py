@@ -1,0 +1,159 @@
+"""The frozen-backbone generic compressor: real ImageNet weights, a real photo, a short real training run on real
+cached features, and the exported bundle round trip (ONNX symbols == torch symbols; compress/decompress)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.backbones import (BACKBONES, IMAGENET_CAT_CLASSES, BackboneError, BackboneSpec, MobileNetV2,
+                                frozen_encoder, get_spec, load_backbone, load_state_dict, register_backbone)
+from training.transfer_datasets import DATASETS, DatasetError, load_dataset, render
+
+SIZE = 96  # small input keeps the tests fast; the architecture is size-agnostic
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return frozen_encoder("mobilenet_v2")
+
+
+def test_imagenet_weights_load_with_every_key_matching():
+    path = get_spec("mobilenet_v2").default_weights()
+    state = load_state_dict(path)
+    model = MobileNetV2()
+    assert set(state) == set(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert state[k].shape == v.shape, k
+    assert model.load_state_dict(state, strict=True).missing_keys == []
+    frozen = load_backbone("mobilenet_v2", path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert torch.equal(frozen.classifier[1].weight, state["classifier.1.weight"])
+
+
+def test_bad_weights_are_refused_clearly(tmp_path):
+    with pytest.raises(BackboneError, match="not found"):
+        load_backbone("mobilenet_v2", tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneError, match="not a loadable"):
+        load_backbone("mobilenet_v2", junk)
+    partial = tmp_path / "partial.pth"
+    state = load_state_dict(get_spec("mobilenet_v2").default_weights())
+    state.pop("classifier.1.bias")
+    torch.save(state, partial)
+    with pytest.raises(BackboneError, match="strict"):
+        load_backbone("mobilenet_v2", partial)
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        load_backbone("resnet-9000")
+
+
+def test_a_user_can_register_another_backbone(tmp_path):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def embed(self, x):
+            return self.conv(x).mean(dim=(2, 3))
+
+    torch.save(Tiny().state_dict(), tmp_path / "tiny.pth")
+    register_backbone(BackboneSpec("tiny-test", Tiny, 8, lambda: tmp_path / "tiny.pth"))
+    try:
+        emb = frozen_encoder("tiny-test")(torch.zeros(2, 32, 32, 3, dtype=torch.uint8))
+        assert emb.shape == (2, 8)
+    finally:
+        BACKBONES.pop("tiny-test")
+
+
+def test_real_cat_photo_is_a_cat(encoder):
+    import cv2
+    from skimage.data import chelsea
+
+    frame = cv2.resize(chelsea(), (224, 224), interpolation=cv2.INTER_AREA)
+    with torch.inference_mode():
+        logits = encoder.backbone.classifier(encoder(torch.from_numpy(frame[None])))
+    assert int(logits.argmax()) in IMAGENET_CAT_CLASSES
+
+
+def test_transfer_datasets_registry_and_rendering():
+    assert {"fashion_mnist_train", "fashion_mnist", "mnist", "lfw"} <= set(DATASETS)
+    lfw = load_dataset("lfw")
+    assert lfw.images.shape == (200, 25, 25) and lfw.images.dtype == np.uint8
+    assert np.bincount(lfw.labels).tolist() == [100, 100]
+    mnist = load_dataset("mnist")
+    assert len(mnist) == 5000 and sorted(set(mnist.labels.tolist())) == list(range(10))
+    frames = render(lfw.images[:3], 64)
+    assert frames.shape == (3, 64, 64, 3) and (frames[..., 0] == frames[..., 2]).all()
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load_dataset("imagenet-22k")
+
+
+@pytest.fixture(scope="module")
+def trained(encoder):
+    """A short real training run on real (cached in memory) backbone features of Fashion-MNIST train images."""
+    from training.frozen import FrozenConfig, embed_frames, train_compressor
+
+    images = load_dataset("fashion_mnist_train").images[:96]
+    emb = embed_frames(encoder, render(images, SIZE), batch=48)
+    config = FrozenConfig(size=SIZE, beta=0.05, steps=150, batch=48)
+    model, info = train_compressor(emb, config, progress=False)
+    return model, config, info, emb
+
+
+def test_short_training_run_lowers_the_rate(trained):
+    model, config, info, emb = trained
+    hist = info["history"]
+    assert hist[-1]["bits"] < hist[0]["bits"]
+    assert all(np.isfinite([h["bits"], h["mse"]]).all() for h in hist)
+    tables = model.bottleneck.tables()
+    assert tables.dim == 1280
+    symbols = model.symbols(emb)
+    assert symbols.dtype == np.int32 and symbols.shape == (96, 1280)
+
+
+def test_bundle_round_trip(trained, encoder, tmp_path):
+    """ONNX symbols == torch symbols on real frames; each image's symbols survive compress/decompress."""
+    import onnxruntime as ort
+
+    from taskcodec.bundle import load_bundle, write_bundle
+    from taskcodec.coding import RangeCoder, StreamError, compress, decompress
+    from training.frozen import SymbolEncoder, classifier_onnx, export_symbol_encoder, probe_pipeline, save_run
+
+    model, config, info, emb = trained
+    run = save_run(model, config, tmp_path / "run", info)
+    sym_enc = SymbolEncoder(encoder, model).eval()
+    export_symbol_encoder(sym_enc, SIZE, tmp_path / "enc.onnx")
+    labels = load_dataset("fashion_mnist_train").labels[:96]
+    probe = probe_pipeline().fit(model.symbols(emb).astype(np.float32), labels)
+    classifier_onnx(tmp_path / "cls.onnx", probe, model.latent_dim)
+    bundle = write_bundle(tmp_path / "bundle", files={"encoder": tmp_path / "enc.onnx", "tables": run / "tables.npz",
+                                                      "classifier": tmp_path / "cls.onnx"},
+                          manifest={"name": "frozen-test", "latent_dim": 1280, "classes": list(range(10)),
+                                    "input": {"height": SIZE, "width": SIZE, "channels": 3, "color_order": "rgb"}})
+    bundle = load_bundle(bundle.path)
+    frames = render(load_dataset("fashion_mnist").images[:8], SIZE)
+    sess = ort.InferenceSession(str(bundle.encoder_path()), providers=["CPUExecutionProvider"])
+    onnx_symbols = sess.run(None, {sess.get_inputs()[0].name: frames})[0]
+    with torch.inference_mode():
+        torch_symbols = sym_enc(torch.from_numpy(frames)).numpy()
+    assert onnx_symbols.dtype == np.int32
+    np.testing.assert_array_equal(onnx_symbols, torch_symbols)
+    coder = RangeCoder(bundle.tables)
+    for s in onnx_symbols:
+        data = compress(s, coder, bundle.model_tag)
+        np.testing.assert_array_equal(decompress(data, coder, bundle.model_tag), s)
+    with pytest.raises(StreamError):
+        decompress(data, coder, b"\x00" * 8)  # another model's tag
+    cls = ort.InferenceSession(str(bundle.file("classifier")), providers=["CPUExecutionProvider"])
+    logits = cls.run(None, {"symbols": onnx_symbols})[0]
+    np.testing.assert_allclose(logits, probe.decision_function(onnx_symbols.astype(np.float32)), rtol=1e-3, atol=1e-3)

@@ -1,0 +1,413 @@
+"""The generic compressor on a frozen pretrained backbone (Dubois et al. 2021, section 5.3, "generic compressor").
+
+The backbone stays frozen, so its embeddings are computed once per (dataset, input size, codec) and cached under
+``runs/frozen_cache``; training then only touches the small head: a learned affine transform (per dimension by
+default, as in the paper, or a full linear map), the factorized entropy bottleneck, and a linear decoder whose only
+job is the distortion — predict the (standardised) embedding back from the rounded latents. Rate and distortion are
+traded with ``beta``; nothing task-specific is used, which is what lets the latents transfer zero-shot.
+
+On the camera the encoder is backbone + affine + ``Round`` (:class:`SymbolEncoder`), exported to ONNX as one graph
+that takes uint8 NHWC RGB frames and returns int32 symbols.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.backbones import FrozenEncoder, frozen_encoder, get_spec
+from training.entropy_bottleneck import EntropyBottleneck
+from training.transfer_datasets import TransferSet, load_dataset, render
+
+CACHE_DIR = Path("runs/frozen_cache")
+ImageCodec = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # native images -> (decoded images, bytes each)
+
+
+# -- features -----------------------------------------------------------------------------------------------------
+def weights_key(backbone: str, weights: str | Path | None) -> str:
+    """Short content hash of the weights, so a cache never mixes two different checkpoints."""
+    path = Path(weights) if weights is not None else get_spec(backbone).default_weights()
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+@torch.inference_mode()
+def embed_frames(encoder: FrozenEncoder, frames: np.ndarray, batch: int = 64, desc: str = "embed") -> np.ndarray:
+    """uint8 RGB frames [N, S, S, 3] -> float32 embeddings [N, D], batched, with a progress bar."""
+    from tqdm import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(frames), batch), desc=desc, unit="batch", leave=False):
+        out.append(encoder(torch.from_numpy(np.ascontiguousarray(frames[i: i + batch]))).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+class FeatureStore:
+    """Embeddings of registered datasets at one input size, optionally after an image codec, cached on disk."""
+
+    def __init__(self, size: int, backbone: str = "mobilenet_v2", weights: str | Path | None = None,
+                 cache_dir: Path = CACHE_DIR):
+        self.size, self.backbone, self.weights = int(size), backbone, weights
+        self.dir = Path(cache_dir) / f"{backbone}-{weights_key(backbone, weights)}-{self.size}"
+        self._encoder: FrozenEncoder | None = None
+        self._datasets: dict[str, TransferSet] = {}
+
+    @property
+    def encoder(self) -> FrozenEncoder:
+        if self._encoder is None:
+            self._encoder = frozen_encoder(self.backbone, self.weights)
+        return self._encoder
+
+    def dataset(self, name: str) -> TransferSet:
+        if name not in self._datasets:
+            self._datasets[name] = load_dataset(name)
+        return self._datasets[name]
+
+    def get(self, name: str, codec: ImageCodec | None = None, codec_key: str = "raw") -> dict[str, np.ndarray]:
+        """{"emb": [N, D] float32, "labels": [N], "bytes": [N] (codec bytes per image; 0 for raw)}."""
+        path = self.dir / f"{name}--{codec_key}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        data = self.dataset(name)
+        images, nbytes = (data.images, np.zeros(len(data), np.int64)) if codec is None else codec(data.images)
+        emb = embed_frames(self.encoder, render(images, self.size), desc=f"{name} {codec_key} @{self.size}")
+        result = {"emb": emb, "labels": data.labels, "bytes": np.asarray(nbytes, np.int64)}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **result)
+        tmp.replace(path)
+        return result
+
+
+# -- the compressor head ------------------------------------------------------------------------------------------
+@dataclass
+class FrozenConfig:
+    backbone: str = "mobilenet_v2"
+    size: int = 160
+    transform: str = "diag"   # "diag": learned per-dimension affine (the paper); "linear": full linear map
+    latent_dim: int = 0       # 0: same as the embedding (diag needs that)
+    beta: float = 0.01        # weight of the rate (bits per image) against the distortion (MSE per dimension)
+    steps: int = 4000
+    batch: int = 256
+    lr: float = 3e-3
+    seed: int = 0
+    train_set: str = "fashion_mnist_train"
+
+
+class FrozenCompressor(nn.Module):
+    """Embedding -> affine -> entropy bottleneck -> linear decoder (the distortion's prediction of the embedding)."""
+
+    def __init__(self, embed_dim: int, transform: str = "diag", latent_dim: int = 0):
+        super().__init__()
+        if transform not in ("diag", "linear"):
+            raise ValueError(f"transform must be 'diag' or 'linear', got {transform!r}")
+        latent_dim = latent_dim or embed_dim
+        if transform == "diag" and latent_dim != embed_dim:
+            raise ValueError("a per-dimension affine keeps the embedding size; use --transform linear to change it")
+        self.transform, self.embed_dim, self.latent_dim = transform, embed_dim, latent_dim
+        # Standardisation of the embedding (fixed from the training features) so beta means the same for any backbone.
+        self.register_buffer("mu", torch.zeros(embed_dim))
+        self.register_buffer("sigma", torch.ones(embed_dim))
+        if transform == "diag":
+            self.log_scale = nn.Parameter(torch.zeros(embed_dim))  # log-space: scales can shrink to ~0 quickly
+            self.shift = nn.Parameter(torch.zeros(embed_dim))
+        else:
+            self.linear = nn.Linear(embed_dim, latent_dim)
+        self.bottleneck = EntropyBottleneck(latent_dim)
+        self.decoder = nn.Linear(latent_dim, embed_dim)
+
+    def set_stats(self, emb: np.ndarray) -> None:
+        self.mu.copy_(torch.from_numpy(emb.mean(0)))
+        self.sigma.copy_(torch.from_numpy(emb.std(0) + 1e-3))
+        if self.transform == "linear":  # start from a scaled PCA so early training is not spent finding the basis
+            z = (emb - emb.mean(0)) / (emb.std(0) + 1e-3)
+            _, s, vt = np.linalg.svd(z[:4096], full_matrices=False)
+            k = self.latent_dim
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.from_numpy(vt[:k] / (s[:k, None] / np.sqrt(len(z[:4096])))))
+                self.linear.bias.zero_()
+
+    def analysis(self, emb: torch.Tensor) -> torch.Tensor:
+        z = (emb - self.mu) / self.sigma
+        return z * self.log_scale.exp() + self.shift if self.transform == "diag" else self.linear(z)
+
+    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (y_hat, bits per sample, distortion per sample: MSE of the standardised embedding)."""
+        y_hat, bits = self.bottleneck(self.analysis(emb))
+        z = (emb - self.mu) / self.sigma
+        return y_hat, bits, ((self.decoder(y_hat) - z) ** 2).mean(dim=1)
+
+    @torch.no_grad()
+    def symbols(self, emb: np.ndarray) -> np.ndarray:
+        return torch.round(self.analysis(torch.from_numpy(emb))).to(torch.int32).numpy()
+
+
+def train_compressor(emb: np.ndarray, config: FrozenConfig, progress: bool = True
+                     ) -> tuple[FrozenCompressor, dict]:
+    """Train the head on cached embeddings [N, D]; returns the model (eval mode) and a short history."""
+    from tqdm import tqdm
+
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    model = FrozenCompressor(emb.shape[1], config.transform, config.latent_dim)
+    model.set_stats(emb)
+    x = torch.from_numpy(emb)
+    main = [p for n, p in model.named_parameters() if n != "bottleneck.quantiles"]
+    opt = torch.optim.Adam(main, lr=config.lr)
+    aux_opt = torch.optim.Adam([model.bottleneck.quantiles], lr=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=0.05)
+    history = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(config.steps), desc=f"train beta={config.beta:g}", disable=not progress, leave=False)
+    model.train()
+    for step in bar:
+        idx = torch.randint(0, len(x), (config.batch,), generator=gen)
+        _, bits, dist = model(x[idx])
+        loss = dist.mean() + config.beta * bits.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        aux_opt.zero_grad()
+        model.bottleneck.aux_loss().backward()
+        aux_opt.step()
+        if step % 200 == 0 or step == config.steps - 1:
+            history.append({"step": step, "bits": float(bits.mean().detach()), "mse": float(dist.mean().detach())})
+            bar.set_postfix(bits=f"{history[-1]['bits']:.1f}", mse=f"{history[-1]['mse']:.3f}")
+    model.bottleneck.fit_quantiles(steps=500)
+    model.eval()
+    return model, {"history": history, "train_seconds": time.perf_counter() - t0}
+
+
+def save_run(model: FrozenCompressor, config: FrozenConfig, out: Path, extra: dict | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "compressor.pt")
+    model.bottleneck.tables().save(out / "tables.npz")
+    (out / "config.json").write_text(json.dumps({"config": asdict(config), **(extra or {})}, indent=2) + "\n")
+    return out
+
+
+def load_run(run: Path) -> tuple[FrozenCompressor, FrozenConfig, dict]:
+    run = Path(run)
+    if not (run / "config.json").is_file() or not (run / "compressor.pt").is_file():
+        raise FileNotFoundError(f"{run} is not a frozen-compressor run (config.json and compressor.pt expected); "
+                                "make one with `taskcodec frozen train`")
+    info = json.loads((run / "config.json").read_text())
+    config = FrozenConfig(**info["config"])
+    state = torch.load(run / "compressor.pt", map_location="cpu", weights_only=True)
+    model = FrozenCompressor(state["mu"].shape[0], config.transform, config.latent_dim)
+    model.load_state_dict(state)
+    return model.eval(), config, info
+
+
+# -- camera-side encoder ------------------------------------------------------------------------------------------
+class SymbolEncoder(nn.Module):
+    """uint8 NHWC RGB frames -> int32 symbols: frozen backbone + the head's affine + Round. This is what ships."""
+
+    def __init__(self, encoder: FrozenEncoder, compressor: FrozenCompressor):
+        super().__init__()
+        self.encoder, self.compressor = encoder, compressor
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return torch.round(self.compressor.analysis(self.encoder(frames))).to(torch.int32)
+
+
+# -- probe ---------------------------------------------------------------------------------------------------------
+def probe_pipeline():
+    """The fixed probe of every comparison: standardise, then multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=200, tol=1e-3))
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Stratified k-fold accuracy of the probe (every image is scored once, by a probe that never saw it)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from threadpoolctl import threadpool_limits
+
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with threadpool_limits(1), warnings.catch_warnings():  # 1 BLAS thread: oversubscribing 2 shared cores is slower
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pred = cross_val_predict(probe_pipeline(), features.astype(np.float32), labels, cv=cv)
+    return float((pred == labels).mean())
+
+
+# -- export --------------------------------------------------------------------------------------------------------
+def classifier_onnx(path: Path, probe, latent_dim: int) -> Path:
+    """The fitted probe (scaler + logistic regression) as ONNX: int32 symbols [N, D] -> logits [N, K]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    scaler, lr = probe[0], probe[-1]
+    w = (lr.coef_ / scaler.scale_[None, :]).T.astype(np.float32)  # fold the standardisation into the weights
+    b = (lr.intercept_ - lr.coef_ @ (scaler.mean_ / scaler.scale_)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["symbols"], ["s"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["s", "w"], ["sw"]),
+         helper.make_node("Add", ["sw", "b"], ["logits"])],
+        "frozen_probe",
+        [helper.make_tensor_value_info("symbols", TensorProto.INT32, ["N", latent_dim])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", w.shape[1]])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def export_symbol_encoder(encoder: SymbolEncoder, size: int, path: Path) -> Path:
+    from export.onnx_export import export_onnx
+
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    return export_onnx(encoder.eval(), example, Path(path), "frames", "symbols")
+
+
+def export_bundle(run: Path, out: Path, weights: str | Path | None = None, progress: Callable[[str], None] = print
+                  ) -> "Bundle":  # noqa: F821
+    """Run folder -> bundle: fp32 encoder ONNX (uint8 NHWC RGB -> int32 symbols), the run's tables, and a
+    Fashion-MNIST probe on the symbols as the server-side classifier; checks ONNX symbols == torch symbols."""
+    import tempfile
+
+    from calibration.calibrate import run as ort_run, session
+    from taskcodec.bundle import write_bundle
+
+    model, config, info = load_run(run)
+    encoder = SymbolEncoder(frozen_encoder(config.backbone, weights), model).eval()
+    store = FeatureStore(config.size, config.backbone, weights)
+    train = store.get(config.train_set)
+    probe = probe_pipeline().fit(model.symbols(train["emb"]).astype(np.float32), train["labels"])
+    classes = list(store.dataset(config.train_set).classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        progress("exporting the encoder to ONNX")
+        export_symbol_encoder(encoder, config.size, tmp / "encoder.onnx")
+        classifier_onnx(tmp / "classifier.onnx", probe, model.latent_dim)
+        frames = render(store.dataset("fashion_mnist").images[:64], config.size)
+        onnx_symbols = ort_run(session(tmp / "encoder.onnx"), frames, batch=32)
+        with torch.inference_mode():
+            torch_symbols = encoder(torch.from_numpy(frames)).numpy()
+        agreement = float((onnx_symbols == torch_symbols).mean())
+        progress(f"ONNX vs torch symbol agreement on 64 real frames: {agreement:.6f}")
+        bundle = write_bundle(
+            out,
+            files={"encoder": tmp / "encoder.onnx", "tables": Path(run) / "tables.npz",
+                   "classifier": tmp / "classifier.onnx"},
+            manifest={
+                "name": f"frozen-{config.backbone}-{config.size}-beta{config.beta:g}",
+                "input": {"height": config.size, "width": config.size, "channels": 3, "color_order": "rgb",
+                          "layout": "NHWC", "dtype": "uint8"},
+                "latent_dim": model.latent_dim,
+                "classes": classes,
+                "invariances": [],
+                "entropy_tables": {"layout": "lower/length/pmf float32, escape at index length"},
+                "backbone": {"name": config.backbone, "weights_sha256_10": weights_key(config.backbone, weights),
+                             "frozen": True},
+                "frozen_compressor": {"config": asdict(config), "onnx_torch_symbol_agreement": agreement},
+            },
+        )
+    return bundle
+
+
+# -- int8 ----------------------------------------------------------------------------------------------------------
+def tail_nodes(model_path: Path, last_convs: int = 0) -> list[str]:
+    """Names of the nodes after the last Conv (pooling, affine, Round), plus the last ``last_convs`` Conv nodes:
+    the part of the graph that is kept in fp32 so the rounding sees fp32 inputs."""
+    import onnx
+
+    nodes = onnx.load(str(model_path)).graph.node
+    conv_idx = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    start = conv_idx[-last_convs] if last_convs else conv_idx[-1] + 1
+    return [n.name for n in nodes[start:] if n.name]
+
+
+def quantize_encoder(fp32: Path, out: Path, calib_frames: np.ndarray, method: str = "percentile",
+                     activations: str = "u8", reduce_range: bool = False, keep_fp32_convs: int = 1,
+                     fmt: str = "qdq") -> Path:
+    """Static int8 with ONNX Runtime: per-channel weights, calibration on real frames, the tail kept in fp32."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from calibration.calibrate import FrameReader, session
+    from calibration.schemes import Scheme
+
+    kwargs = Scheme(method, activations, reduce_range).quantize_kwargs()
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        name = session(pre).get_inputs()[0].name
+        quantize_static(str(pre), str(out), FrameReader(name, calib_frames),
+                        quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+                        op_types_to_quantize=["Conv", "Add", "MatMul", "Gemm"],
+                        nodes_to_exclude=tail_nodes(pre, keep_fp32_convs), **kwargs)
+    return out
+
+
+def int8_report(bundle, calib: int = 256, method: str = "percentile", keep_fp32_convs: int = 1,
+                reduce_range: bool = False, n_eval: int = 1000, write: bool = True,
+                progress: Callable[[str], None] = print) -> dict:
+    """Quantize the bundle's encoder on real Fashion-MNIST *train* frames, then compare with fp32 on test frames:
+    symbol agreement, coded bits, the bundle classifier's accuracy, latency (ORT, 1 thread) at batch 1 and 32.
+    The int8 encoder is added to the bundle when accuracy stays within 1 point."""
+    import tempfile
+
+    from calibration.calibrate import latency_ms, run as ort_run, session
+    from taskcodec.bundle import add_file
+    from taskcodec.coding import RangeCoder, compress
+    from training.transfer_datasets import load_fashion_mnist_test, load_fashion_mnist_train
+
+    size = bundle.input.height
+    calib_frames = render(load_fashion_mnist_train().images[:calib], size)
+    test = load_fashion_mnist_test()
+    frames, labels = render(test.images[:n_eval], size), test.labels[:n_eval]
+    with tempfile.TemporaryDirectory() as tmp:
+        int8_path = Path(tmp) / "encoder_int8.onnx"
+        progress(f"calibrating int8 ({method}, {calib} frames, last {keep_fp32_convs} conv(s) + tail in fp32)")
+        quantize_encoder(bundle.encoder_path(), int8_path, calib_frames, method=method,
+                         reduce_range=reduce_range, keep_fp32_convs=keep_fp32_convs)
+        fp32, int8 = session(bundle.encoder_path()), session(int8_path)
+        classifier = session(bundle.file("classifier"))
+        result: dict = {"scheme": {"method": method, "keep_fp32_convs": keep_fp32_convs, "reduce_range": reduce_range,
+                                   "format": "QDQ", "per_channel": True, "calibration_frames": calib,
+                                   "calibration_set": "fashion_mnist_train"},
+                        "eval": f"{n_eval} Fashion-MNIST test frames @ {size}px"}
+        coder = RangeCoder(bundle.tables)
+        for name, sess in (("fp32", fp32), ("int8", int8)):
+            symbols = ort_run(sess, frames, batch=32)
+            pred = ort_run(classifier, symbols).argmax(1)
+            result[name] = {
+                "accuracy": float((pred == labels).mean()),
+                "bytes_per_image": float(np.mean([len(compress(s, coder, bundle.model_tag)) for s in symbols])),
+                "latency_b1_ms": latency_ms(sess, frames, 1),
+                "latency_b32_ms": latency_ms(sess, frames, 32, repeats=5),
+            }
+            result[name + "_symbols"] = symbols
+            progress(f"{name}: {result[name]}")
+        s32, s8 = result.pop("fp32_symbols"), result.pop("int8_symbols")
+        result["symbol_agreement"] = float((s32 == s8).mean())
+        result["symbols_within_1"] = float((np.abs(s32 - s8) <= 1).mean())
+        result["accuracy_drop_points"] = 100 * (result["fp32"]["accuracy"] - result["int8"]["accuracy"])
+        result["latency_ratio_b1"] = result["int8"]["latency_b1_ms"] / result["fp32"]["latency_b1_ms"]
+        result["latency_ratio_b32"] = result["int8"]["latency_b32_ms"] / result["fp32"]["latency_b32_ms"]
+        result["passed"] = bool(result["accuracy_drop_points"] <= 1.0)
+        if write and result["passed"]:
+            add_file(bundle, "encoder_int8", int8_path, "encoder_int8.onnx",
+                     int8={k: v for k, v in result.items() if k not in ("fp32", "int8")})
+    return result

@@ -90,8 +90,12 @@ def test_short_streams_stay_within_32_bits_of_the_estimate():
     coder = RangeCoder(tables)
     p = tables.pmf[:, :7].astype(np.float64)
     p /= p.sum(axis=1, keepdims=True)
+    excess = []
     for _ in range(1000):
         symbols = np.array([rng.choice(7, p=p[d]) - 3 for d in range(64)], np.int32)
         data = compress(symbols, coder)
         assert np.array_equal(decompress(data, coder), symbols)
-        assert 8 * (len(data) - 2) <= tables.estimated_bits(symbols[None])[0] * 1.02 + 32
+        estimate = tables.estimated_bits(symbols[None])[0]
+        assert 8 * (len(data) - 2) <= estimate * 1.02 + 32
+        excess.append(8 * (len(data) - 2) - estimate)
+    assert np.mean(excess) < 8  # byte-level termination: about a byte above the ideal length, not a 32-bit word

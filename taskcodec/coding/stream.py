@@ -1,8 +1,10 @@
 """The per-image stream: ``check (2 bytes) || range-coded bytes``.
 
-The range coder emits 32-bit words; its final word usually carries bytes the decoder does not need. ``compress``
-drops trailing bytes for as long as the stream, zero-padded back to whole words, still decodes to the same symbols
-(verified by decoding, so it is exact), which keeps the coded size within 32 bits of the ideal code length.
+The range coder emits 32-bit words, written big-endian so that the stream ends with the least significant bytes of
+its final code point. Those bytes are mostly not needed: ``compress`` drops trailing bytes (rounding the kept prefix
+up by one unit where the truncated point would fall below the final interval) for as long as the stream, zero-padded
+back to whole words, still decodes to the same symbols — verified by decoding, so it is exact. This puts the coded
+payload within a few bits of the ideal code length instead of rounding it up to whole 32-bit words.
 
 The 16-bit check is a CRC over the model tag, the payload length and the payload, so bytes from another model, a
 truncated or extended packet, or flipped bits are refused with :class:`StreamError` instead of decoding to garbage.
@@ -39,14 +41,27 @@ def compress(symbols: np.ndarray, tables: EntropyTables | RangeCoder, model_tag:
     """One image's symbols [D] -> bytes. Pass a RangeCoder to reuse its prepared tables on a hot path."""
     coder = _coder(tables)
     symbols = np.asarray(symbols).reshape(-1)
-    payload = coder.encode(symbols).astype("<u4").tobytes()
-    while payload and _decodes_to(coder, payload[:-1], symbols):
-        payload = payload[:-1]
+    payload = coder.encode(symbols).astype(">u4").tobytes()
+    while payload:
+        shorter = payload[:-1]
+        rounded_up = _increment(shorter)
+        if _decodes_to(coder, shorter, symbols):
+            payload = shorter
+        elif rounded_up is not None and _decodes_to(coder, rounded_up, symbols):
+            payload = rounded_up
+        else:
+            break
     return _check(model_tag, payload) + payload
 
 
+def _increment(prefix: bytes) -> bytes | None:
+    """The big-endian number ``prefix`` plus one (same length), or None if it would overflow or is empty."""
+    value = int.from_bytes(prefix, "big") + 1 if prefix else None
+    return value.to_bytes(len(prefix), "big") if value is not None and value < 1 << (8 * len(prefix)) else None
+
+
 def _words(payload: bytes) -> np.ndarray:
-    return np.frombuffer(payload + bytes(-len(payload) % 4), dtype="<u4")
+    return np.frombuffer(payload + bytes(-len(payload) % 4), dtype=">u4")
 
 
 def _decodes_to(coder: RangeCoder, payload: bytes, symbols: np.ndarray) -> bool:

@@ -79,7 +79,7 @@ def _manifest(config: dict[str, Any], info: dict[str, Any], name: str) -> dict[s
         "entropy_tables": {"file": "tables.npz", "dtype": "float32",
                            "layout": "per dimension: lower, length; pmf[d, i] = P(lower+i), pmf[d, length] = escape"},
         "stream": {"check": "crc16-ccitt over model tag, payload length and payload, 2 bytes",
-                   "coder": "constriction queue RangeEncoder, 32-bit words, little-endian"},
+                   "coder": "constriction queue RangeEncoder, 32-bit words big-endian, trailing bytes dropped (zero-padded on decode)"},
         "invariances": {"name": config.get("augmentations"), "description": get_augmentation(config["augmentations"]).description},
         "objective": config.get("objective"),
         "beta": config.get("beta"),

@@ -1,8 +1,8 @@
 """Evaluate a run folder on the full test set with the *real* coder: every test image is range-coded with the frozen
 tables, decoded back and checked, so the reported rate is bytes on the wire, not an estimate.
 
-The stream is ``2 check bytes || 32-bit words``; the check is counted separately from the payload, and the payload
-must stay within ``estimate * 1.02 + 32`` bits (the range coder's word granularity) for every image.
+The stream is ``2 check bytes || byte-terminated range-coder payload``; the check is counted separately from the
+payload, and the payload must stay within ``estimate * 1.02 + 32`` bits for every image.
 """
 
 from __future__ import annotations

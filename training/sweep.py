@@ -40,7 +40,7 @@ def collect(runs: list[str | Path], out: str | Path) -> dict:
     out = Path(out)
     result = {"measured_at": utc_now(), "machine": machine_info(), "rows": rows}
     write_json(out / "sweep.json", result)
-    md = ("# Rate-accuracy sweep\n\nCoded bits are real range-coded stream sizes (16-bit check + 32-bit words) on the "
+    md = ("# Rate-accuracy sweep\n\nCoded bits are real range-coded stream sizes (16-bit check + byte-terminated range-coder payload) on the "
           "test set; accuracy is a probe trained on the integer symbols.\n\n"
           + markdown_table(rows, COLUMNS, {"coded_bits_mean": ".1f", "estimated_bits_model": ".1f",
                                            "accuracy_linear": ".4f", "accuracy_mlp": ".4f", "train_time_s": ".0f"})

@@ -48,7 +48,7 @@ def encode_symbols(compressor: Compressor, images: np.ndarray, batch_size: int =
 
 
 def coded_bits(symbols: np.ndarray, tables: EntropyTables) -> np.ndarray:
-    """Actual stream size in bits (2-byte check + 32-bit words) of each row of symbols."""
+    """Actual stream size in bits (2-byte check + byte-terminated range-coder payload) of each row of symbols."""
     coder = RangeCoder(tables)
     return np.array([8 * len(compress(s, coder)) for s in symbols], dtype=np.int64)
 

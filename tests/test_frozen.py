@@ -105,7 +105,7 @@ def trained(encoder):
 
     images = load_dataset("fashion_mnist_train").images[:96]
     emb = embed_frames(encoder, render(images, SIZE), batch=48)
-    config = FrozenConfig(size=SIZE, beta=0.05, steps=150, batch=48)
+    config = FrozenConfig(size=SIZE, transform="diag", latent_dim=0, beta=0.05, steps=150, batch=48)
     model, info = train_compressor(emb, config, progress=False)
     return model, config, info, emb
 
@@ -119,6 +119,14 @@ def test_short_training_run_lowers_the_rate(trained):
     assert tables.dim == 1280
     symbols = model.symbols(emb)
     assert symbols.dtype == np.int32 and symbols.shape == (96, 1280)
+
+
+def test_linear_head_trains_on_few_samples(trained):
+    from training.frozen import FrozenConfig, train_compressor
+
+    emb = trained[3][:64]
+    model, info = train_compressor(emb, FrozenConfig(size=SIZE, latent_dim=128, steps=30, batch=32), progress=False)
+    assert model.symbols(emb).shape == (64, 128) and model.bottleneck.tables().dim == 128
 
 
 def test_bundle_round_trip(trained, encoder, tmp_path):
@@ -157,3 +165,24 @@ def test_bundle_round_trip(trained, encoder, tmp_path):
     cls = ort.InferenceSession(str(bundle.file("classifier")), providers=["CPUExecutionProvider"])
     logits = cls.run(None, {"symbols": onnx_symbols})[0]
     np.testing.assert_allclose(logits, probe.decision_function(onnx_symbols.astype(np.float32)), rtol=1e-3, atol=1e-3)
+
+
+def test_cli_classify_and_clear_errors(tmp_path):
+    import cv2
+    from skimage.data import chelsea
+    from typer.testing import CliRunner
+
+    from taskcodec.cli import app
+
+    photo = tmp_path / "chelsea.png"
+    cv2.imwrite(str(photo), cv2.cvtColor(chelsea(), cv2.COLOR_RGB2BGR))
+    runner = CliRunner()
+    result = runner.invoke(app, ["frozen", "classify", str(photo), "--top", "1"])
+    assert result.exit_code == 0, result.output
+    assert int(result.output.split()[2]) in IMAGENET_CAT_CLASSES
+    result = runner.invoke(app, ["frozen", "classify", str(tmp_path / "missing.png")])
+    assert result.exit_code == 2 and "cannot read an image" in result.output
+    result = runner.invoke(app, ["frozen", "classify", str(photo), "--weights", str(tmp_path / "nope.pth")])
+    assert result.exit_code == 2 and "weights file not found" in result.output
+    result = runner.invoke(app, ["frozen", "export", str(tmp_path / "no-run"), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "not a frozen-compressor run" in result.output

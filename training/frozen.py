@@ -92,10 +92,10 @@ class FeatureStore:
 class FrozenConfig:
     backbone: str = "mobilenet_v2"
     size: int = 160
-    transform: str = "diag"   # "diag": learned per-dimension affine (the paper); "linear": full linear map
-    latent_dim: int = 0       # 0: same as the embedding (diag needs that)
-    beta: float = 0.01        # weight of the rate (bits per image) against the distortion (MSE per dimension)
-    steps: int = 4000
+    transform: str = "linear"  # "linear": PCA-initialised linear map; "diag": per-dimension affine (the paper's)
+    latent_dim: int = 256     # 0: same as the embedding (diag needs that)
+    beta: float = 1e-4        # weight of the rate (bits per image) against the distortion (MSE per dimension)
+    steps: int = 1500
     batch: int = 256
     lr: float = 3e-3
     seed: int = 0
@@ -130,9 +130,9 @@ class FrozenCompressor(nn.Module):
         if self.transform == "linear":  # start from a scaled PCA so early training is not spent finding the basis
             z = (emb - emb.mean(0)) / (emb.std(0) + 1e-3)
             _, s, vt = np.linalg.svd(z[:4096], full_matrices=False)
-            k = self.latent_dim
+            k = min(self.latent_dim, len(s))  # fewer samples than latents: the other rows keep their random init
             with torch.no_grad():
-                self.linear.weight.copy_(torch.from_numpy(vt[:k] / (s[:k, None] / np.sqrt(len(z[:4096])))))
+                self.linear.weight[:k].copy_(torch.from_numpy(vt[:k] / (s[:k, None] / np.sqrt(len(z[:4096])))))
                 self.linear.bias.zero_()
 
     def analysis(self, emb: torch.Tensor) -> torch.Tensor:
@@ -325,20 +325,24 @@ def export_bundle(run: Path, out: Path, weights: str | Path | None = None, progr
 
 
 # -- int8 ----------------------------------------------------------------------------------------------------------
-def tail_nodes(model_path: Path, last_convs: int = 0) -> list[str]:
-    """Names of the nodes after the last Conv (pooling, affine, Round), plus the last ``last_convs`` Conv nodes:
-    the part of the graph that is kept in fp32 so the rounding sees fp32 inputs."""
+def tail_nodes(model_path: Path, last_convs: int = 0, depthwise: bool = False) -> list[str]:
+    """Names of the nodes after the last Conv (pooling, affine, Round), plus the last ``last_convs`` Conv nodes
+    (and every depthwise Conv with ``depthwise``): the part of the graph kept in fp32."""
     import onnx
 
     nodes = onnx.load(str(model_path)).graph.node
     conv_idx = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
     start = conv_idx[-last_convs] if last_convs else conv_idx[-1] + 1
-    return [n.name for n in nodes[start:] if n.name]
+    names = [n.name for n in nodes[start:] if n.name]
+    if depthwise:
+        names += [n.name for n in nodes[:start] if n.op_type == "Conv" and
+                  any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    return names
 
 
 def quantize_encoder(fp32: Path, out: Path, calib_frames: np.ndarray, method: str = "percentile",
                      activations: str = "u8", reduce_range: bool = False, keep_fp32_convs: int = 1,
-                     fmt: str = "qdq") -> Path:
+                     fmt: str = "qdq", fp32_depthwise: bool = False) -> Path:
     """Static int8 with ONNX Runtime: per-channel weights, calibration on real frames, the tail kept in fp32."""
     import tempfile
 
@@ -356,12 +360,13 @@ def quantize_encoder(fp32: Path, out: Path, calib_frames: np.ndarray, method: st
         quantize_static(str(pre), str(out), FrameReader(name, calib_frames),
                         quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
                         op_types_to_quantize=["Conv", "Add", "MatMul", "Gemm"],
-                        nodes_to_exclude=tail_nodes(pre, keep_fp32_convs), **kwargs)
+                        nodes_to_exclude=tail_nodes(pre, keep_fp32_convs, fp32_depthwise), **kwargs)
     return out
 
 
 def int8_report(bundle, calib: int = 256, method: str = "percentile", keep_fp32_convs: int = 1,
-                reduce_range: bool = False, n_eval: int = 1000, write: bool = True,
+                reduce_range: bool = False, fmt: str = "qdq", fp32_depthwise: bool = False,
+                n_eval: int = 1000, write: bool = True,
                 progress: Callable[[str], None] = print) -> dict:
     """Quantize the bundle's encoder on real Fashion-MNIST *train* frames, then compare with fp32 on test frames:
     symbol agreement, coded bits, the bundle classifier's accuracy, latency (ORT, 1 thread) at batch 1 and 32.
@@ -380,12 +385,12 @@ def int8_report(bundle, calib: int = 256, method: str = "percentile", keep_fp32_
     with tempfile.TemporaryDirectory() as tmp:
         int8_path = Path(tmp) / "encoder_int8.onnx"
         progress(f"calibrating int8 ({method}, {calib} frames, last {keep_fp32_convs} conv(s) + tail in fp32)")
-        quantize_encoder(bundle.encoder_path(), int8_path, calib_frames, method=method,
-                         reduce_range=reduce_range, keep_fp32_convs=keep_fp32_convs)
+        quantize_encoder(bundle.encoder_path(), int8_path, calib_frames, method=method, reduce_range=reduce_range,
+                         keep_fp32_convs=keep_fp32_convs, fmt=fmt, fp32_depthwise=fp32_depthwise)
         fp32, int8 = session(bundle.encoder_path()), session(int8_path)
         classifier = session(bundle.file("classifier"))
         result: dict = {"scheme": {"method": method, "keep_fp32_convs": keep_fp32_convs, "reduce_range": reduce_range,
-                                   "format": "QDQ", "per_channel": True, "calibration_frames": calib,
+                                   "format": fmt, "fp32_depthwise": fp32_depthwise, "per_channel": True, "calibration_frames": calib,
                                    "calibration_set": "fashion_mnist_train"},
                         "eval": f"{n_eval} Fashion-MNIST test frames @ {size}px"}
         coder = RangeCoder(bundle.tables)

@@ -78,9 +78,10 @@ def features(datasets: List[str] = typer.Option(["fashion_mnist_train", "fashion
 @frozen_app.command()
 def train(beta: List[float] = typer.Option([0.01], "--beta", help="rate weight(s); one run per value"),
           size: int = typer.Option(160, help="square RGB input size"),
-          steps: int = typer.Option(4000, help="optimizer steps on cached features"),
-          transform: str = typer.Option("diag", help="diag (per-dimension affine, the paper) or linear"),
-          latent_dim: int = typer.Option(0, help="latent size for --transform linear (0: embedding size)"),
+          steps: int = typer.Option(1500, help="optimizer steps on cached features"),
+          transform: str = typer.Option("linear", help="linear (PCA-initialised map; measured better here) or diag "
+                                                       "(per-dimension affine, the paper's recipe)"),
+          latent_dim: int = typer.Option(256, help="latent size for --transform linear (diag: always the embedding's)"),
           train_set: str = typer.Option("fashion_mnist_train", help="registered dataset to train on"),
           out: Path = typer.Option(Path("runs/frozen"), help="parent folder of the run folders"),
           backbone: str = BACKBONE, weights: Optional[Path] = WEIGHTS) -> None:
@@ -96,11 +97,13 @@ def train(beta: List[float] = typer.Option([0.01], "--beta", help="rate weight(s
         emb = FeatureStore(size, backbone, weights).get(train_set)["emb"]
     except _errors() as exc:
         _fail(exc)
+    if transform == "diag":
+        latent_dim = 0
     for b in beta:
         config = FrozenConfig(backbone=backbone, size=size, transform=transform, latent_dim=latent_dim, beta=b,
                               steps=steps, train_set=train_set)
         model, info = train_compressor(emb, config)
-        run = save_run(model, config, out / f"{backbone}-{size}-{transform}-beta{b:g}", info)
+        run = save_run(model, config, out / f"{backbone}-{size}-{transform}{latent_dim or ''}-beta{b:g}", info)
         last = info["history"][-1]
         typer.echo(f"{run}: {last['bits']:.1f} bits (noisy), mse {last['mse']:.3f}, "
                    f"{info['train_seconds']:.0f} s")
@@ -114,6 +117,8 @@ def export(run: Path = typer.Argument(..., help="run folder from `taskcodec froz
            method: str = typer.Option("percentile", help="calibration: minmax, entropy or percentile"),
            keep_fp32_convs: int = typer.Option(1, help="last Conv layers kept in fp32 (the tail always is)"),
            reduce_range: bool = typer.Option(False, help="7-bit weights (for CPUs without VNNI)"),
+           fmt: str = typer.Option("qdq", "--format", help="qdq or qoperator"),
+           fp32_depthwise: bool = typer.Option(False, help="keep depthwise convolutions in fp32"),
            report: Path = typer.Option(Path("bench/results/transfer_int8.json"), help="int8 report (JSON)"),
            weights: Optional[Path] = WEIGHTS) -> None:
     """Export the whole camera encoder (backbone + affine + Round; uint8 NHWC RGB in, int32 symbols out) as a
@@ -124,12 +129,15 @@ def export(run: Path = typer.Argument(..., help="run folder from `taskcodec froz
     from training.frozen import export_bundle, int8_report
 
     torch.set_num_threads(1)
+    if fmt not in ("qdq", "qoperator") or method not in ("minmax", "entropy", "percentile"):
+        _fail(ValueError(f"--format must be qdq or qoperator and --method minmax, entropy or percentile"))
     try:
         bundle = export_bundle(run, out, weights, progress=typer.echo)
         typer.echo(f"bundle {bundle.path} model_id={bundle.model_id}")
         if int8:
             result = int8_report(bundle, calib, method=method, keep_fp32_convs=keep_fp32_convs,
-                                 reduce_range=reduce_range, progress=typer.echo)
+                                 reduce_range=reduce_range, fmt=fmt, fp32_depthwise=fp32_depthwise,
+                                 progress=typer.echo)
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(json.dumps(result, indent=2) + "\n")
             typer.echo(json.dumps(result, indent=2))
@@ -143,6 +151,7 @@ def bench(runs: List[Path] = typer.Argument(..., help="run folders (one rate poi
           eval_sets: List[str] = typer.Option(["fashion_mnist", "mnist", "lfw"], "--eval", help="datasets"),
           sizes: List[int] = typer.Option([160, 224], "--size-study", help="sizes for the accuracy/latency study"),
           out: Path = typer.Option(Path("bench/results"), help="folder for transfer.{json,md,png}"),
+          note: List[str] = typer.Option([], "--note", help="a remark to print under the tables"),
           backbone: str = BACKBONE, weights: Optional[Path] = WEIGHTS) -> None:
     """Zero-shot transfer: rate and probe accuracy on unseen datasets vs JPEG and WebP at equal accuracy."""
     import sys
@@ -153,10 +162,11 @@ def bench(runs: List[Path] = typer.Argument(..., help="run folders (one rate poi
         report = run_transfer(runs, eval_sets, size, backbone, weights, sizes=tuple(sizes), progress=typer.echo)
     except _errors() as exc:
         _fail(exc)
+    report["notes"] = list(note)
     int8 = Path(out) / "transfer_int8.json"
     if int8.is_file():
         report["int8"] = json.loads(int8.read_text())
-    write_outputs(report, out, command="taskcodec frozen bench " + " ".join(sys.argv[3:]))
+    write_outputs(report, out, command="taskcodec frozen bench " + " ".join(a for a in sys.argv[3:] if a not in note))
     typer.echo(f"wrote {out}/transfer.json, transfer.md, transfer.png")
 
 

@@ -66,6 +66,9 @@ class UplinkConfig:
     backoff_max: float = 15.0
     open_timeout: float = 10.0
     ack_timeout: float = 60.0    # no ack for this long with batches outstanding -> reconnect and resend
+    # Keepalive pings cost ~4 packets each on a link that otherwise carries a few bytes per frame; acks already prove
+    # liveness while frames flow, so ping rarely (often enough for NAT tables, which keep idle TCP for minutes).
+    ping_interval: float = 60.0
 
     def __post_init__(self) -> None:
         self.url = stream_url(self.server)
@@ -238,7 +241,8 @@ class Uplink:
 
         cfg = self.config
         async with connect(cfg.url, open_timeout=cfg.open_timeout, compression=None, max_size=1 << 20,
-                           proxy=None, ping_interval=20, ping_timeout=40, close_timeout=5) as ws:
+                           proxy=None, ping_interval=cfg.ping_interval, ping_timeout=cfg.ping_interval,
+                           close_timeout=5) as ws:
             hello = wire.Hello(self.model_tag, cfg.camera_id, cfg.token)
             await ws.send(hello.encode())
             reply = wire.decode(await asyncio.wait_for(ws.recv(), cfg.open_timeout))

@@ -77,6 +77,10 @@ def serve(
     log_level: str = typer.Option("warning", "--log-level"),
     ws: str = typer.Option("auto", "--ws",
                            help="uvicorn WebSocket implementation: auto, websockets, websockets-sansio, wsproto"),
+    ws_ping_interval: float = typer.Option(
+        120.0, "--ws-ping-interval", min=0.0,
+        help="Seconds between server keepalive pings (0: none). Cameras ping every 60 s and acks prove liveness while "
+             "frames flow, so the server pings rarely: each ping costs ~4 packets on a link of a few bytes per frame"),
 ) -> None:
     """Run the ingest server (WebSocket /v1/stream, POST /v1/ingest, queries, /healthz, /metrics)."""
     import uvicorn
@@ -106,7 +110,9 @@ def serve(
     extra = {"loop": "uvloop"} if _has("uvloop") else {}
     if _has("httptools"):
         extra["http"] = "httptools"
-    common = dict(log_level=log_level, access_log=False, ws_max_size=64 << 20, ws=ws, **extra)
+    ping = ws_ping_interval or None
+    common = dict(log_level=log_level, access_log=False, ws_max_size=64 << 20, ws=ws, ws_ping_interval=ping,
+                  ws_ping_timeout=ping, **extra)
     if workers == 1:
         server = uvicorn.Server(uvicorn.Config(app, **common))
         if port_file:

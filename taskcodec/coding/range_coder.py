@@ -33,23 +33,41 @@ class RangeCoder:
         # constriction wants float64 rows; the float32 shipped tables are widened exactly.
         self._probabilities = tables.pmf.astype(np.float64)
 
-    def encode(self, symbols: np.ndarray) -> np.ndarray:
+    def prepare(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """What gets coded: table indices [D] (escape where outside the support) and the escaped values' halves."""
         symbols = np.asarray(symbols).reshape(-1)
         if symbols.shape[0] != self.tables.dim:
             raise ValueError(f"expected {self.tables.dim} symbols, got {symbols.shape[0]}")
         if symbols.dtype.kind not in "iu":
             raise TypeError(f"symbols must be integers, got {symbols.dtype}")
         idx, escaped = self.tables.indices(symbols)
+        if not escaped.any():
+            return idx, None
         esc = symbols[escaped].astype(np.int64)
         if ((esc < -(2**31)) | (esc >= 2**31)).any():
             raise ValueError("escaped symbols must fit in int32")
+        z = _zigzag(esc)
+        return idx, np.stack([z >> 16, z & 0xFFFF], axis=1).reshape(-1).astype(np.int32)
+
+    def encode_prepared(self, idx: np.ndarray, halves: np.ndarray | None) -> np.ndarray:
         encoder = constriction.stream.queue.RangeEncoder()
         encoder.encode(idx, _CATEGORICAL, self._probabilities)
-        if escaped.any():
-            z = _zigzag(symbols[escaped])
-            halves = np.stack([z >> 16, z & 0xFFFF], axis=1).reshape(-1).astype(np.int32)
+        if halves is not None:
             encoder.encode(halves, _HALF_WORD)
         return encoder.get_compressed()
+
+    def encode(self, symbols: np.ndarray) -> np.ndarray:
+        return self.encode_prepared(*self.prepare(symbols))
+
+    def matches(self, words: np.ndarray, idx: np.ndarray, halves: np.ndarray | None) -> bool:
+        """Whether ``words`` decode to exactly these prepared indices and escapes (the encoder's cheap self-check)."""
+        try:
+            decoder = constriction.stream.queue.RangeDecoder(words)
+            if decoder.decode(_CATEGORICAL, self._probabilities).tobytes() != idx.tobytes():
+                return False
+            return halves is None or decoder.decode(_HALF_WORD, len(halves)).tobytes() == halves.tobytes()
+        except Exception:  # constriction signals undecodable data with several exception types
+            return False
 
     def decode(self, words: np.ndarray) -> np.ndarray:
         decoder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))

@@ -40,14 +40,15 @@ def _coder(tables: EntropyTables | RangeCoder) -> RangeCoder:
 def compress(symbols: np.ndarray, tables: EntropyTables | RangeCoder, model_tag: bytes = b"") -> bytes:
     """One image's symbols [D] -> bytes. Pass a RangeCoder to reuse its prepared tables on a hot path."""
     coder = _coder(tables)
-    symbols = np.asarray(symbols).reshape(-1)
-    payload = coder.encode(symbols).astype(">u4").tobytes()
+    idx, halves = coder.prepare(symbols)
+    idx = idx.astype(np.int32)
+    payload = coder.encode_prepared(idx, halves).astype(">u4").tobytes()
     while payload:
         shorter = payload[:-1]
         rounded_up = _increment(shorter)
-        if _decodes_to(coder, shorter, symbols):
+        if coder.matches(_words(shorter), idx, halves):
             payload = shorter
-        elif rounded_up is not None and _decodes_to(coder, rounded_up, symbols):
+        elif rounded_up is not None and coder.matches(_words(rounded_up), idx, halves):
             payload = rounded_up
         else:
             break
@@ -61,14 +62,8 @@ def _increment(prefix: bytes) -> bytes | None:
 
 
 def _words(payload: bytes) -> np.ndarray:
-    return np.frombuffer(payload + bytes(-len(payload) % 4), dtype=">u4")
+    return np.frombuffer(payload + bytes(-len(payload) % 4), dtype=">u4").astype(np.uint32)
 
-
-def _decodes_to(coder: RangeCoder, payload: bytes, symbols: np.ndarray) -> bool:
-    try:
-        return bool(np.array_equal(coder.decode(_words(payload)), symbols))
-    except Exception:  # constriction signals undecodable data with several exception types
-        return False
 
 
 def decompress(data: bytes, tables: EntropyTables | RangeCoder, model_tag: bytes = b"") -> np.ndarray:

@@ -32,6 +32,13 @@ class RangeCoder:
         self.tables = tables
         # constriction wants float64 rows; the float32 shipped tables are widened exactly.
         self._probabilities = tables.pmf.astype(np.float64)
+        with np.errstate(divide="ignore"):
+            self._neglog2 = -np.log2(self._probabilities / self._probabilities.sum(axis=1, keepdims=True))
+        self._rows = np.arange(tables.dim)
+
+    def ideal_bits(self, idx: np.ndarray, halves: np.ndarray | None) -> float:
+        """Ideal code length of prepared indices (escaped values cost their raw 32 bits)."""
+        return float(self._neglog2[self._rows, idx].sum()) + (16.0 * len(halves) if halves is not None else 0.0)
 
     def prepare(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """What gets coded: table indices [D] (escape where outside the support) and the escaped values' halves."""

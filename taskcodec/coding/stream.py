@@ -22,6 +22,9 @@ from taskcodec.coding.range_coder import RangeCoder
 from taskcodec.coding.tables import EntropyTables
 
 CHECK_BYTES = 2
+# Stop trimming once the payload is within this many bits of the ideal code length: a further byte is then almost
+# never removable, and skipping the (failing) verification decodes saves ~20 % of the coding time for ~0.06 bits.
+TRIM_SLACK_BITS = 4.0
 
 
 class StreamError(ValueError):
@@ -43,7 +46,8 @@ def compress(symbols: np.ndarray, tables: EntropyTables | RangeCoder, model_tag:
     idx, halves = coder.prepare(symbols)
     idx = idx.astype(np.int32)
     payload = coder.encode_prepared(idx, halves).astype(">u4").tobytes()
-    while payload:
+    ideal = coder.ideal_bits(idx, halves)
+    while payload and 8 * len(payload) > ideal + TRIM_SLACK_BITS:
         shorter = payload[:-1]
         rounded_up = _increment(shorter)
         if coder.matches(_words(shorter), idx, halves):

@@ -114,20 +114,30 @@ async def _refuse(ws: WebSocket, error: wire.Error) -> None:
     await ws.close(_CLOSE.get(error.code, 1008), reason=_header_safe(error.reason)[:120])
 
 
-async def _serve_stream(ws: WebSocket, service: IngestService) -> None:
+async def _expect(ws: WebSocket, service: IngestService, kind: type, timeout: float | None = None):
+    """The next message if it is a binary ``kind``; otherwise refuse the connection with a reason and return None."""
+    name = kind.__name__.upper()
     try:
-        data = await _receive_bytes(ws, HELLO_TIMEOUT_S)
+        data = await _receive_bytes(ws, timeout)
     except asyncio.TimeoutError:
-        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"no HELLO within {HELLO_TIMEOUT_S:.0f} s"))
-        return
+        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"no {name} within {timeout:.0f} s"))
+        return None
     service.metrics.bytes_received.inc(len(data or b""))
     try:
-        hello = wire.decode(data) if data is not None else None
+        message = wire.decode(data) if data is not None else None
     except wire.WireError as exc:
-        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"malformed HELLO: {exc}"))
-        return
-    if not isinstance(hello, wire.Hello):
-        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, "the first message must be a binary HELLO"))
+        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"malformed {name}: {exc}"))
+        return None
+    if not isinstance(message, kind):
+        what = type(message).__name__.upper() if message is not None else "a text message"
+        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"expected a binary {name}, got {what}"))
+        return None
+    return message
+
+
+async def _serve_stream(ws: WebSocket, service: IngestService) -> None:
+    hello = await _expect(ws, service, wire.Hello, HELLO_TIMEOUT_S)
+    if hello is None:
         return
     error = service.check_hello(hello)
     if error is not None:
@@ -135,16 +145,8 @@ async def _serve_stream(ws: WebSocket, service: IngestService) -> None:
         return
     await ws.send_bytes(wire.Welcome().encode())
     while True:
-        data = await _receive_bytes(ws)
-        service.metrics.bytes_received.inc(len(data or b""))
-        try:
-            batch = wire.decode(data) if data is not None else None
-        except wire.WireError as exc:
-            await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"malformed message: {exc}"))
-            return
-        if not isinstance(batch, wire.Batch):
-            what = type(batch).__name__.upper() if batch is not None else "a text message"
-            await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"expected a binary BATCH, got {what}"))
+        batch = await _expect(ws, service, wire.Batch)
+        if batch is None:
             return
         replies = await service.submit(hello.camera_id, batch)
         for reply in replies:

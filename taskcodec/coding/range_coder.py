@@ -56,12 +56,28 @@ class RangeCoder:
         z = _zigzag(esc)
         return idx, np.stack([z >> 16, z & 0xFFFF], axis=1).reshape(-1).astype(np.int32)
 
-    def encode_prepared(self, idx: np.ndarray, halves: np.ndarray | None) -> np.ndarray:
+    def _encoder(self, idx: np.ndarray, halves: np.ndarray | None):
         encoder = constriction.stream.queue.RangeEncoder()
         encoder.encode(idx, _CATEGORICAL, self._probabilities)
         if halves is not None:
             encoder.encode(halves, _HALF_WORD)
-        return encoder.get_compressed()
+        return encoder
+
+    def encode_prepared(self, idx: np.ndarray, halves: np.ndarray | None) -> np.ndarray:
+        return self._encoder(idx, halves).get_compressed()
+
+    def encode_interval(self, idx: np.ndarray, halves: np.ndarray | None) -> tuple[int, int, int, np.ndarray]:
+        """The coder's final interval as integers over the whole stream: ``(low, high, total_bits, sealed_words)``.
+
+        Any point in ``[low, high)`` (``total_bits`` wide: the emitted words plus the 64-bit state) decodes to these
+        symbols; ``sealed_words`` is constriction's own (word-granular) termination of the same stream.
+        """
+        encoder = self._encoder(idx, halves)
+        emitted, (lower, width) = encoder.pos()
+        sealed = encoder.get_compressed()
+        head = int.from_bytes(sealed[:emitted].astype(">u4").tobytes(), "big") if emitted else 0
+        low = (head << 64) + lower
+        return low, low + width, 32 * emitted + 64, sealed
 
     def encode(self, symbols: np.ndarray) -> np.ndarray:
         return self.encode_prepared(*self.prepare(symbols))

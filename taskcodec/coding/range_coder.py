@@ -32,13 +32,6 @@ class RangeCoder:
         self.tables = tables
         # constriction wants float64 rows; the float32 shipped tables are widened exactly.
         self._probabilities = tables.pmf.astype(np.float64)
-        with np.errstate(divide="ignore"):
-            self._neglog2 = -np.log2(self._probabilities / self._probabilities.sum(axis=1, keepdims=True))
-        self._rows = np.arange(tables.dim)
-
-    def ideal_bits(self, idx: np.ndarray, halves: np.ndarray | None) -> float:
-        """Ideal code length of prepared indices (escaped values cost their raw 32 bits)."""
-        return float(self._neglog2[self._rows, idx].sum()) + (16.0 * len(halves) if halves is not None else 0.0)
 
     def prepare(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """What gets coded: table indices [D] (escape where outside the support) and the escaped values' halves."""
@@ -81,16 +74,6 @@ class RangeCoder:
 
     def encode(self, symbols: np.ndarray) -> np.ndarray:
         return self.encode_prepared(*self.prepare(symbols))
-
-    def matches(self, words: np.ndarray, idx: np.ndarray, halves: np.ndarray | None) -> bool:
-        """Whether ``words`` decode to exactly these prepared indices and escapes (the encoder's cheap self-check)."""
-        try:
-            decoder = constriction.stream.queue.RangeDecoder(words)
-            if decoder.decode(_CATEGORICAL, self._probabilities).tobytes() != idx.tobytes():
-                return False
-            return halves is None or decoder.decode(_HALF_WORD, len(halves)).tobytes() == halves.tobytes()
-        except Exception:  # constriction signals undecodable data with several exception types
-            return False
 
     def decode(self, words: np.ndarray) -> np.ndarray:
         decoder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))

@@ -9,18 +9,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 from bench.netns import Counters, NetNamespace, try_namespace
+from server.testing import ServerError, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class ServiceError(RuntimeError):
-    """A server subprocess did not start or died."""
+ServiceError = ServerError  # a benchmark server subprocess did not start or died
 
 
 class Network:
@@ -88,17 +87,16 @@ class Service:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServiceError(f"{self.name} exited with code {self.proc.returncode}:\n{self.log()}")
-            if self.port is None and self.port_file.is_file() and self.port_file.read_text().strip():
-                self.port = int(self.port_file.read_text())
-            if self.port is not None and (self.ready is None or self.ready(self)):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise ServiceError(f"{self.name} did not come up within {self.startup_timeout:.0f} s:\n{self.log()}")
+        try:
+            wait_for_port(self.proc, self.port_file, self._answers_on, self.startup_timeout, self.name, self.log)
+        except ServerError:
+            self.stop()
+            raise
+        return self
+
+    def _answers_on(self, port: int) -> bool:
+        self.port = port
+        return self.ready is None or self.ready(self)
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the server process (``ip netns exec`` execs it, so the pid is the server)."""

@@ -17,12 +17,30 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from server.client import HttpIngestClient, StreamClient, read_replies  # noqa: F401  (re-exported for callers)
 
 
 class ServerError(RuntimeError):
     """The server subprocess did not start or died."""
+
+
+def wait_for_port(proc: subprocess.Popen, port_file: Path, ready: Callable[[int], bool], timeout: float, name: str,
+                  log: Callable[[], str]) -> int:
+    """Poll a starting server subprocess until it has written its bound port to ``port_file`` and ``ready(port)``
+    holds. Raises ServerError if it exits first or ``timeout`` passes; stopping it then is the caller's choice."""
+    deadline = time.monotonic() + timeout
+    port = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"{name} exited with code {proc.returncode}:\n{log()}")
+        if port is None and port_file.is_file() and port_file.read_text().strip():
+            port = int(port_file.read_text())
+        if port is not None and ready(port):
+            return port
+        time.sleep(0.05)
+    raise ServerError(f"{name} did not come up within {timeout:.0f} s:\n{log()}")
 
 
 class ServerProcess:
@@ -55,17 +73,17 @@ class ServerProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      cwd=Path(__file__).resolve().parent.parent)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"server exited with code {self.proc.returncode}:\n{self.log()}")
-            if self.port is None and port_file.is_file():
-                self.port = int(port_file.read_text())
-            if self.port is not None and self._healthy():
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise ServerError(f"server did not answer /healthz within {self.startup_timeout:.0f} s:\n{self.log()}")
+        try:
+            wait_for_port(self.proc, port_file, self._answers_on, self.startup_timeout, "server (port file, /healthz)",
+                          self.log)
+        except ServerError:
+            self.kill()
+            raise
+        return self
+
+    def _answers_on(self, port: int) -> bool:
+        self.port = port
+        return self._healthy()
 
     def _healthy(self) -> bool:
         try:

@@ -126,7 +126,8 @@ def export(run: Path = typer.Argument(..., help="run folder from `taskcodec froz
     import torch
 
     from taskcodec.bundle import BundleError
-    from training.frozen import export_bundle, int8_report
+    from training.frozen import export_bundle
+    from training.frozen_int8 import int8_report
 
     torch.set_num_threads(1)
     if fmt not in ("qdq", "qoperator") or method not in ("minmax", "entropy", "percentile"):

@@ -109,16 +109,40 @@ def train(beta: List[float] = typer.Option([0.01], "--beta", help="rate weight(s
                    f"{info['train_seconds']:.0f} s")
 
 
+# int8 options shared by `export` and `int8`; defaults = training.frozen_int8.DEFAULT_SCHEME (the measured best)
+CALIB = typer.Option(512, help="real calibration frames (Fashion-MNIST train, never the eval set)")
+METHOD = typer.Option("minmax", help="activation calibration: minmax, entropy or percentile")
+PERCENTILE = typer.Option(99.999, help="percentile for --method percentile")
+FP32_FIRST = typer.Option(True, "--fp32-first-conv/--int8-first-conv",
+                          help="keep the first conv (after the input normalisation) in fp32")
+KEEP_FP32 = typer.Option(0, help="last Conv layers kept in fp32 (the pooling/affine/Round tail always is)")
+FP32_DW = typer.Option(False, help="exclude depthwise convs from quantization (ORT >= 1.21 still runs them int8 "
+                                     "when their neighbours are quantized)")
+QUANT_CLIP = typer.Option(True, "--quantize-clip/--fp32-clip", help="quantize ReLU6 so ORT folds it into the conv")
+QUANT_ADD = typer.Option(True, "--quantize-add/--fp32-add", help="residual Adds as QLinearAdd")
+FMT = typer.Option("qdq", "--format", help="qdq or qoperator")
+ACTS = typer.Option("u8", "--activations", help="u8 (asymmetric) or s8 (symmetric) activations")
+REDUCE = typer.Option(False, help="7-bit weights (for CPUs without VNNI)")
+EVAL = typer.Option(2000, "--eval-frames", help="Fashion-MNIST test frames for accuracy and agreement")
+
+
+def _scheme(calib, method, percentile, fp32_first_conv, keep_fp32_convs, fp32_depthwise, quantize_clip,
+            quantize_add, fmt, activations, reduce_range):
+    from training.frozen_int8 import Int8Scheme
+
+    return Int8Scheme(method=method, percentile=percentile, calib=calib, fp32_first_conv=fp32_first_conv,
+                      fp32_last_convs=keep_fp32_convs, fp32_depthwise=fp32_depthwise, quantize_clip=quantize_clip,
+                      quantize_add=quantize_add, fmt=fmt, activations=activations, reduce_range=reduce_range)
+
+
 @frozen_app.command()
 def export(run: Path = typer.Argument(..., help="run folder from `taskcodec frozen train`"),
            out: Path = typer.Option(..., "--out", help="bundle folder to write"),
            int8: bool = typer.Option(True, help="also calibrate an int8 encoder and add it if it passes"),
-           calib: int = typer.Option(256, help="real calibration frames (Fashion-MNIST train, never the eval set)"),
-           method: str = typer.Option("percentile", help="calibration: minmax, entropy or percentile"),
-           keep_fp32_convs: int = typer.Option(1, help="last Conv layers kept in fp32 (the tail always is)"),
-           reduce_range: bool = typer.Option(False, help="7-bit weights (for CPUs without VNNI)"),
-           fmt: str = typer.Option("qdq", "--format", help="qdq or qoperator"),
-           fp32_depthwise: bool = typer.Option(False, help="keep depthwise convolutions in fp32"),
+           calib: int = CALIB, method: str = METHOD, percentile: float = PERCENTILE,
+           fp32_first_conv: bool = FP32_FIRST, keep_fp32_convs: int = KEEP_FP32, fp32_depthwise: bool = FP32_DW,
+           quantize_clip: bool = QUANT_CLIP, quantize_add: bool = QUANT_ADD, fmt: str = FMT,
+           activations: str = ACTS, reduce_range: bool = REDUCE, eval_frames: int = EVAL,
            report: Path = typer.Option(Path("bench/results/transfer_int8.json"), help="int8 report (JSON)"),
            weights: Optional[Path] = WEIGHTS) -> None:
     """Export the whole camera encoder (backbone + affine + Round; uint8 NHWC RGB in, int32 symbols out) as a
@@ -130,20 +154,48 @@ def export(run: Path = typer.Argument(..., help="run folder from `taskcodec froz
     from training.frozen_int8 import int8_report
 
     torch.set_num_threads(1)
-    if fmt not in ("qdq", "qoperator") or method not in ("minmax", "entropy", "percentile"):
-        _fail(ValueError(f"--format must be qdq or qoperator and --method minmax, entropy or percentile"))
     try:
+        scheme = _scheme(calib, method, percentile, fp32_first_conv, keep_fp32_convs, fp32_depthwise,
+                         quantize_clip, quantize_add, fmt, activations, reduce_range)
         bundle = export_bundle(run, out, weights, progress=typer.echo)
         typer.echo(f"bundle {bundle.path} model_id={bundle.model_id}")
         if int8:
-            result = int8_report(bundle, calib, method=method, keep_fp32_convs=keep_fp32_convs,
-                                 reduce_range=reduce_range, fmt=fmt, fp32_depthwise=fp32_depthwise,
-                                 progress=typer.echo)
+            result = int8_report(bundle, scheme, n_eval=eval_frames, progress=typer.echo)
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(json.dumps(result, indent=2) + "\n")
             typer.echo(json.dumps(result, indent=2))
     except (*_errors(), BundleError) as exc:
         _fail(exc)
+
+
+@frozen_app.command(name="int8")
+def int8_cmd(bundle_dir: Path = typer.Argument(..., help="bundle folder from `taskcodec frozen export`"),
+             calib: int = CALIB, method: str = METHOD, percentile: float = PERCENTILE,
+             fp32_first_conv: bool = FP32_FIRST, keep_fp32_convs: int = KEEP_FP32, fp32_depthwise: bool = FP32_DW,
+             quantize_clip: bool = QUANT_CLIP, quantize_add: bool = QUANT_ADD, fmt: str = FMT,
+             activations: str = ACTS, reduce_range: bool = REDUCE, eval_frames: int = EVAL,
+             write: bool = typer.Option(False, help="add the int8 encoder to the bundle when accuracy passes"),
+             log: Optional[Path] = typer.Option(None, help="append this scheme's result to a JSON list (a sweep log)"),
+             note: str = typer.Option("", help="a label stored with the result in --log")) -> None:
+    """Try one int8 scheme on an existing bundle: accuracy, symbol agreement, bytes, latency vs fp32 (1 thread)."""
+    import torch
+
+    from taskcodec.bundle import BundleError, load_bundle
+    from training.frozen_int8 import int8_report
+
+    torch.set_num_threads(1)
+    try:
+        scheme = _scheme(calib, method, percentile, fp32_first_conv, keep_fp32_convs, fp32_depthwise,
+                         quantize_clip, quantize_add, fmt, activations, reduce_range)
+        result = int8_report(load_bundle(bundle_dir), scheme, n_eval=eval_frames, write=write, progress=typer.echo)
+    except (*_errors(), BundleError) as exc:
+        _fail(exc)
+    if log is not None:
+        entries = json.loads(log.read_text()) if log.is_file() else []
+        entries.append({"note": note, **result})
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(json.dumps(entries, indent=2) + "\n")
+        typer.echo(f"appended to {log} ({len(entries)} entries)")
 
 
 @frozen_app.command()

@@ -1,0 +1,100 @@
+"""int8 encoder of the frozen-backbone bundle: the default scheme quantizes every conv but the first into fused
+QLinearConv (no int8 -> fp32 -> int8 round trips in the graph ORT runs), keeps symbols close to fp32 on real frames,
+and the report adds it to the bundle. Small input and few frames keep it fast; no latency assertions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.transfer_datasets import load_dataset, render
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A real bundle: ImageNet MobileNetV2 + an (untrained, PCA-initialised) 32-latent head + a probe classifier."""
+    from taskcodec.bundle import write_bundle
+    from training.backbones import frozen_encoder
+    from training.frozen import FrozenCompressor, SymbolEncoder, classifier_onnx, embed_frames, probe_pipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tmp = tmp_path_factory.mktemp("int8")
+        encoder = frozen_encoder("mobilenet_v2")
+        train = load_dataset("fashion_mnist_train")
+        emb = embed_frames(encoder, render(train.images[:64], SIZE), batch=64)
+        model = FrozenCompressor(emb.shape[1], "linear", 32)
+        model.set_stats(emb)
+        model.linear.weight.data *= 8  # a finer symbol grid than a trained head: a stricter agreement check
+        model.eval()
+        model.bottleneck.fit_quantiles(steps=10)
+        # the legacy exporter (1 s instead of 20 s; same ops) keeps this test fast; test_frozen covers the real one
+        torch.onnx.export(SymbolEncoder(encoder, model).eval(), (torch.zeros(2, SIZE, SIZE, 3, dtype=torch.uint8),),
+                          str(tmp / "enc.onnx"), dynamo=False, opset_version=17, input_names=["frames"],
+                          output_names=["symbols"], dynamic_axes={"frames": {0: "N"}, "symbols": {0: "N"}})
+        symbols = model.symbols(emb)
+        classifier_onnx(tmp / "cls.onnx", probe_pipeline().fit(symbols.astype(np.float32), train.labels[:64]), 32)
+        model.bottleneck.tables().save(tmp / "tables.npz")
+        return write_bundle(tmp / "bundle", files={"encoder": tmp / "enc.onnx", "tables": tmp / "tables.npz",
+                                                   "classifier": tmp / "cls.onnx"},
+                            manifest={"name": "frozen-int8-test", "latent_dim": 32, "classes": list(range(10)),
+                                      "input": {"height": SIZE, "width": SIZE, "channels": 3, "color_order": "rgb"}})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_scheme_validation():
+    from training.frozen_int8 import DEFAULT_SCHEME, Int8Scheme
+
+    assert DEFAULT_SCHEME.fp32_first_conv and not DEFAULT_SCHEME.fp32_depthwise and DEFAULT_SCHEME.quantize_clip
+    with pytest.raises(ValueError, match="calibration method"):
+        Int8Scheme(method="kl")
+    with pytest.raises(ValueError, match="format"):
+        Int8Scheme(fmt="qlinear")
+
+
+def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tmp_path):
+    from calibration.calibrate import run, session
+    from training.frozen_int8 import DEFAULT_SCHEME, Int8Scheme, fp32_nodes, graph_check, quantize_encoder
+
+    import onnx
+
+    nodes = onnx.load(str(bundle.encoder_path())).graph.node
+    n_conv = sum(n.op_type == "Conv" for n in nodes)
+    kept = fp32_nodes(bundle.encoder_path())
+    assert "ReduceMean" in {n.op_type for n in nodes if n.name in kept}
+    assert sum(n.op_type == "Conv" for n in nodes if n.name in kept) == 1  # the first
+    calib = render(load_dataset("fashion_mnist_train").images[64:128], SIZE)
+    path = quantize_encoder(bundle.encoder_path(), tmp_path / "int8.onnx", calib)
+    check = graph_check(path)
+    assert check["ops"]["com.microsoft:QLinearConv"] == n_conv - 1
+    assert check["ops"].get("com.microsoft:QLinearAdd", 0) == 10
+    assert check["dq_to_q_round_trips"] == 0
+    assert "Clip" not in check["ops"] or check["ops"]["Clip"] <= 1
+    frames = render(load_dataset("fashion_mnist").images[:32], SIZE)
+    s32, s8 = run(session(bundle.encoder_path()), frames), run(session(path), frames)
+    assert s8.dtype == np.int32 and s8.shape == s32.shape == (32, 32)
+    assert np.corrcoef(s8.ravel(), s32.ravel())[0, 1] > 0.9
+    np.testing.assert_array_equal(run(session(path), frames), s8)  # deterministic
+    # a ReLU6 left in fp32 costs a DQ -> Clip -> Q round trip between two int8 convs (33 of the 35): graph_check sees it
+    clip = quantize_encoder(bundle.encoder_path(), tmp_path / "clip.onnx", calib, Int8Scheme(quantize_clip=False))
+    assert graph_check(clip)["dq_to_q_round_trips"] == 33
+    assert DEFAULT_SCHEME.to_dict()["calibration_set"] == "fashion_mnist_train"
+
+
+def test_report_adds_the_int8_encoder_to_the_bundle(bundle):
+    from taskcodec.bundle import load_bundle
+    from training.frozen_int8 import Int8Scheme, int8_report
+
+    result = int8_report(bundle, Int8Scheme(calib=32), n_eval=64, latency_rounds=0, budget_points=100.0,
+                         progress=lambda _: None)
+    assert 0 <= result["symbol_agreement"] <= result["symbols_within_1"] <= 1
+    assert result["accuracy_passed"] and not result["passed"]  # no latency measured: the target is not claimed
+    assert result["int8"]["bytes_per_image"] > 0 and result["graph"]["dq_to_q_round_trips"] == 0
+    reloaded = load_bundle(bundle.path)
+    assert reloaded.manifest["files"]["encoder_int8"] == "encoder_int8.onnx"
+    assert reloaded.manifest["int8"]["scheme"]["method"] == "minmax"

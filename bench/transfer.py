@@ -23,6 +23,7 @@ import numpy as np
 
 RESULTS = Path("bench/results")
 JPEG_QUALITIES = (10, 50, 75, 90)
+CEILING_DIMS = (16, 32, 64, 128, 256)
 WEBP_QUALITIES = (5, 25, 50, 75)
 
 
@@ -85,6 +86,16 @@ def size_study(eval_sets: list[str], sizes: tuple[int, ...], backbone: str, weig
     return out
 
 
+def pca_ceiling(emb: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = CEILING_DIMS) -> list[dict]:
+    """Probe accuracy on the top-k principal components of the dataset's *own* embedding: a hindsight subspace no
+    zero-shot compressor can beat at k dimensions, so it bounds how few latents the probe can live with."""
+    from training.frozen import probe_accuracy
+
+    z = (emb - emb.mean(0)) / (emb.std(0) + 1e-3)
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    return [{"k": k, "accuracy": probe_accuracy(z @ vt[:k].T, labels)} for k in ks if k <= len(vt)]
+
+
 def run_transfer(runs: list[Path], eval_sets: list[str], size: int, backbone: str = "mobilenet_v2",
                  weights=None, tolerance: float = 0.01, sizes: tuple[int, ...] = (160, 224),
                  jpeg: tuple[int, ...] = JPEG_QUALITIES, webp: tuple[int, ...] = WEBP_QUALITIES,
@@ -120,7 +131,8 @@ def run_transfer(runs: list[Path], eval_sets: list[str], size: int, backbone: st
             with torch.no_grad():  # the server-side decode: the head's linear decoder back to embedding space
                 decoded = model.decoder(torch.from_numpy(symbols).float()).numpy()
             rows["ours"].append({"run": run, "beta": config.beta, "transform": config.transform,
-                                 "latent_dim": model.latent_dim, "bytes": float(nbytes.mean()),
+                                 "latent_dim": model.latent_dim, "views": config.views,
+                                 "augmentation": config.augmentation, "bytes": float(nbytes.mean()),
                                  "bits_estimate": float(tables.estimated_bits(symbols).mean()),
                                  "accuracy": probe_accuracy(decoded, labels),
                                  "accuracy_on_symbols": probe_accuracy(symbols.astype(np.float32), labels)})
@@ -140,7 +152,10 @@ def run_transfer(runs: list[Path], eval_sets: list[str], size: int, backbone: st
         if summary["ours"]:
             for key in ("jpeg", "webp"):
                 ratios[f"{key}_over_ours"] = summary[key]["bytes"] / summary["ours"]["bytes"] if summary[key] else None
-        report["datasets"][name] = {"n": int(len(labels)), "rows": rows, "equal_accuracy": summary, "ratios": ratios}
+        ceiling = pca_ceiling(raw["emb"], labels)
+        progress(f"  PCA ceiling: {ceiling}")
+        report["datasets"][name] = {"n": int(len(labels)), "rows": rows, "equal_accuracy": summary, "ratios": ratios,
+                                    "pca_ceiling": ceiling}
     return report
 
 
@@ -177,9 +192,23 @@ def write_outputs(report: dict, out_dir: Path = RESULTS, stem: str = "transfer",
     for name, d in report["datasets"].items():
         for key in ("ours", "jpeg", "webp"):
             for r in d["rows"][key]:
-                setting = (f"beta {r['beta']:g} ({r['transform']} {r['latent_dim']}; on symbols "
+                views = f", {r['augmentation']} x{r['views']} views" if r.get("views") else ""
+                setting = (f"beta {r['beta']:g} ({r['transform']} {r['latent_dim']}{views}; on symbols "
                            f"{100 * r['accuracy_on_symbols']:.1f})" if key == "ours" else f"q{r['quality']}")
                 lines.append(f"| {name} | {key} | {setting} | {r['bytes']:.1f} | {100 * r['accuracy']:.1f} |")
+    ceilings = {n: d["pca_ceiling"] for n, d in report["datasets"].items() if d.get("pca_ceiling")}
+    if ceilings:
+        ks = sorted({c["k"] for cs in ceilings.values() for c in cs})
+        lines += ["", "## How many dimensions the probe needs", "",
+                  "Probe accuracy on the top-k principal components of each dataset's own uncompressed embedding "
+                  "(a subspace chosen with hindsight, so no zero-shot compressor keeping k numbers does better):", "",
+                  "| dataset | uncompressed | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|---" * (len(ks) + 2) + "|"]
+        for name, cs in ceilings.items():
+            acc = {c["k"]: c["accuracy"] for c in cs}
+            base = report["datasets"][name]["rows"]["uncompressed"][0]["accuracy"]
+            lines.append(f"| {name} | {100 * base:.1f} | " +
+                         " | ".join(f"{100 * acc[k]:.1f}" if k in acc else "-" for k in ks) + " |")
     if "int8" in report:
         r = report["int8"]
         lines += ["", "## int8 encoder (ONNX Runtime static quantization, 1 thread)", "",

@@ -129,6 +129,36 @@ def test_linear_head_trains_on_few_samples(trained):
     assert model.symbols(emb).shape == (64, 128) and model.bottleneck.tables().dim == 128
 
 
+def test_views_training_reconstructs_the_plain_embedding(tmp_path, monkeypatch):
+    """Augmented views are real renderings (cached, reproducible), and the head trained on them is scored against
+    the plain embedding: a model trained on views must beat an untrained one at predicting it from a view."""
+    from training.augmentations import augment_images, get_augmentation
+    from training.frozen import FeatureStore, FrozenCompressor, FrozenConfig, train_compressor
+    from training.transfer_datasets import DATASETS, TransferSet
+
+    full = load_dataset("fashion_mnist_train")
+    monkeypatch.setitem(DATASETS, "fmnist_tiny", lambda: TransferSet("fmnist_tiny", full.images[:64],
+                                                                     full.labels[:64], full.classes))
+    store = FeatureStore(SIZE, cache_dir=tmp_path)
+    views = store.views("fmnist_tiny", 2)
+    assert views.shape == (64, 3, 1280)
+    np.testing.assert_array_equal(views[:, 0], store.get("fmnist_tiny")["emb"])
+    assert np.abs(views[:, 1] - views[:, 0]).mean() > 1e-3 and np.abs(views[:, 2] - views[:, 1]).mean() > 1e-3
+    np.testing.assert_array_equal(store.views("fmnist_tiny", 2), views)  # cached and reproducible
+    aug = get_augmentation("generic")
+    np.testing.assert_array_equal(augment_images(full.images[:4], aug, 7), augment_images(full.images[:4], aug, 7))
+
+    config = FrozenConfig(size=SIZE, latent_dim=64, beta=1e-4, steps=120, batch=32, views=2)
+    model, info = train_compressor(views, config, progress=False)
+    untrained = FrozenCompressor(1280, "linear", 64)
+    untrained.set_stats(views[:, 0])
+    x, target = torch.from_numpy(views[:, 1]), torch.from_numpy(views[:, 0])
+    with torch.no_grad():
+        assert model(x, target=target)[2].mean() < untrained.eval()(x, target=target)[2].mean()
+    with pytest.raises(ValueError, match="unknown augmentations"):
+        store.views("fmnist_tiny", 1, "no-such-set")
+
+
 def test_bundle_round_trip(trained, encoder, tmp_path):
     """ONNX symbols == torch symbols on real frames; each image's symbols survive compress/decompress."""
     import onnxruntime as ort

@@ -95,6 +95,10 @@ REGISTRY: dict[str, Augmentation] = {
         Augmentation("photometric", "Brightness (+-0.1), contrast (+-20 %) and random erasing (p=0.25).",
                      brightness=0.1, contrast=0.2, erase_prob=0.25),
         Augmentation("fashion", "Label-preserving for Fashion-MNIST: geometric + photometric together.", **_FASHION),
+        Augmentation("generic", "Nuisances most image tasks ignore, for the generic (zero-shot) compressor: rotations "
+                     "(+-15 deg), shifts (+-3 px), zoom (+-15 %), brightness (+-0.15), contrast (+-40 %); no flips, "
+                     "which change digits and text.",
+                     rotate_deg=15.0, shift_px=3.0, scale=0.15, brightness=0.15, contrast=0.4),
         Augmentation("fashion+label", "The fashion views, and the positive view is another training image of the "
                      "same class half the time (invariance to all label-preserving changes; same-class batch items "
                      "also count as positives).", label_positive_prob=0.5, **_FASHION),
@@ -107,3 +111,14 @@ def get_augmentation(name: str) -> Augmentation:
         return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown augmentations {name!r}; choose one of {', '.join(REGISTRY)}") from None
+
+
+def augment_images(images, augmentation: Augmentation, seed: int):
+    """uint8 images at native size, gray [N, H, W] or RGB [N, H, W, 3] -> one augmented view of each, same shape."""
+    import numpy as np
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(255.0)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    y = augmentation(x, torch.Generator().manual_seed(seed))
+    y = y.squeeze(1) if images.ndim == 3 else y.permute(0, 2, 3, 1)
+    return y.mul(255.0).round().clamp(0, 255).to(torch.uint8).numpy()

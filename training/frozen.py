@@ -6,6 +6,12 @@ default, as in the paper, or a full linear map), the factorized entropy bottlene
 job is the distortion — predict the (standardised) embedding back from the rounded latents. Rate and distortion are
 traded with ``beta``; nothing task-specific is used, which is what lets the latents transfer zero-shot.
 
+With ``views`` > 0 the head is trained the paper's invariant way (its CLIP recipe: reconstruct the embedding of the
+image from a randomly augmented rendering of it, VIC on the embedding): each training image is also embedded under
+``views`` random augmentations (``training.augmentations``, "generic" by default), the head encodes a random one of
+them and its decoder must predict the *unaugmented* embedding, so the rate spent on what the augmentations change is
+wasted and the bottleneck learns to drop it.
+
 On the camera the encoder is backbone + affine + ``Round`` (:class:`SymbolEncoder`), exported to ONNX as one graph
 that takes uint8 NHWC RGB frames and returns int32 symbols.
 """
@@ -86,6 +92,19 @@ class FeatureStore:
         tmp.replace(path)
         return result
 
+    def views(self, name: str, count: int, augmentation: str = "generic", seed: int = 0) -> np.ndarray:
+        """[N, 1 + count, D]: the plain embedding of each image, then ``count`` embeddings of augmented renderings
+        (view i uses seed ``seed + i``; each view is cached like any other feature set)."""
+        from training.augmentations import augment_images, get_augmentation
+
+        aug = get_augmentation(augmentation)
+        embs = [self.get(name)["emb"]]
+        for i in range(count):
+            def codec(images: np.ndarray, _seed: int = seed + i) -> tuple[np.ndarray, np.ndarray]:
+                return augment_images(images, aug, _seed), np.zeros(len(images), np.int64)
+            embs.append(self.get(name, codec, f"{augmentation}{seed + i}")["emb"])
+        return np.stack(embs, axis=1)
+
 
 # -- the compressor head ------------------------------------------------------------------------------------------
 @dataclass
@@ -100,6 +119,8 @@ class FrozenConfig:
     lr: float = 3e-3
     seed: int = 0
     train_set: str = "fashion_mnist_train"
+    views: int = 0                 # augmented renderings per training image (0: plain embedding distortion)
+    augmentation: str = "generic"  # training.augmentations set the views are drawn from
 
 
 class FrozenCompressor(nn.Module):
@@ -139,10 +160,12 @@ class FrozenCompressor(nn.Module):
         z = (emb - self.mu) / self.sigma
         return z * self.log_scale.exp() + self.shift if self.transform == "diag" else self.linear(z)
 
-    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (y_hat, bits per sample, distortion per sample: MSE of the standardised embedding)."""
+    def forward(self, emb: torch.Tensor, target: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (y_hat, bits per sample, distortion per sample: MSE of the standardised ``target`` embedding, which
+        is ``emb`` itself unless ``emb`` is an augmented view of it)."""
         y_hat, bits = self.bottleneck(self.analysis(emb))
-        z = (emb - self.mu) / self.sigma
+        z = ((emb if target is None else target) - self.mu) / self.sigma
         return y_hat, bits, ((self.decoder(y_hat) - z) ** 2).mean(dim=1)
 
     @torch.no_grad()
@@ -152,14 +175,17 @@ class FrozenCompressor(nn.Module):
 
 def train_compressor(emb: np.ndarray, config: FrozenConfig, progress: bool = True
                      ) -> tuple[FrozenCompressor, dict]:
-    """Train the head on cached embeddings [N, D]; returns the model (eval mode) and a short history."""
+    """Train the head on cached embeddings: [N, D], or [N, 1 + V, D] with augmented views after the plain one
+    (:meth:`FeatureStore.views`), where the head encodes a random view and reconstructs the plain embedding.
+    Returns the model (eval mode) and a short history."""
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    model = FrozenCompressor(emb.shape[1], config.transform, config.latent_dim)
-    model.set_stats(emb)
-    x = torch.from_numpy(emb)
+    views = emb if emb.ndim == 3 else emb[:, None]
+    model = FrozenCompressor(views.shape[2], config.transform, config.latent_dim)
+    model.set_stats(views.transpose(1, 0, 2).reshape(-1, views.shape[2]))  # view-major: the PCA sees plain ones
+    x = torch.from_numpy(views)
     main = [p for n, p in model.named_parameters() if n != "bottleneck.quantiles"]
     opt = torch.optim.Adam(main, lr=config.lr)
     aux_opt = torch.optim.Adam([model.bottleneck.quantiles], lr=1e-2)
@@ -170,7 +196,8 @@ def train_compressor(emb: np.ndarray, config: FrozenConfig, progress: bool = Tru
     model.train()
     for step in bar:
         idx = torch.randint(0, len(x), (config.batch,), generator=gen)
-        _, bits, dist = model(x[idx])
+        view = torch.randint(0, x.shape[1], (config.batch,), generator=gen)
+        _, bits, dist = model(x[idx, view], target=x[idx, 0])
         loss = dist.mean() + config.beta * bits.mean()
         opt.zero_grad()
         loss.backward()

@@ -180,7 +180,9 @@ def write_outputs(report: dict, out_dir: Path = RESULTS, stem: str = "transfer",
     def cell(r, q=True):
         if r is None:
             return "not reached"
-        return f"{r['bytes']:.1f} ({100 * r['accuracy']:.1f}" + (f", q{r['quality']})" if q else f", beta {r['beta']:g})")
+        views = f", {r['views']} views" if r.get("views") else ", no views"
+        return f"{r['bytes']:.1f} ({100 * r['accuracy']:.1f}" + (f", q{r['quality']})" if q else
+                                                                f", beta {r['beta']:g}{views})")
 
     for name, d in report["datasets"].items():
         s, rt = d["equal_accuracy"], d["ratios"]

@@ -1,6 +1,6 @@
-"""int8 encoder of the frozen-backbone bundle: the default scheme quantizes every conv but the first into fused
-QLinearConv (no int8 -> fp32 -> int8 round trips in the graph ORT runs), keeps symbols close to fp32 on real frames,
-and the report adds it to the bundle. Small input and few frames keep it fast; no latency assertions."""
+"""int8 encoder of the frozen-backbone bundle: the default scheme quantizes every conv after a short fp32 prefix into
+fused QLinearConv (no int8 -> fp32 -> int8 round trips in the graph ORT runs), keeps symbols close to fp32 on real
+frames, and the report adds it to the bundle. Small input and few frames keep it fast; no latency assertions."""
 
 from __future__ import annotations
 
@@ -50,11 +50,28 @@ def bundle(tmp_path_factory):
 def test_scheme_validation():
     from training.frozen_int8 import DEFAULT_SCHEME, Int8Scheme
 
-    assert DEFAULT_SCHEME.fp32_first_conv and not DEFAULT_SCHEME.fp32_depthwise and DEFAULT_SCHEME.quantize_clip
+    assert DEFAULT_SCHEME.fp32_first_convs >= 1 and not DEFAULT_SCHEME.fp32_depthwise and DEFAULT_SCHEME.quantize_clip
     with pytest.raises(ValueError, match="calibration method"):
         Int8Scheme(method="kl")
     with pytest.raises(ValueError, match="format"):
         Int8Scheme(fmt="qlinear")
+
+
+def test_histogram_range_rules():
+    from training.frozen_int8 import _mse_range, _percentile_range
+
+    x = np.concatenate([np.linspace(-1, 1, 9998), [-50.0, 50.0]])  # two outliers in 10000 values
+    t = np.abs(x).max()
+    hist, edges = np.histogram(x, 2048, range=(-t, t))
+    lo, hi = _percentile_range(hist.astype(float), edges, x.min(), x.max(), 99.9)
+    assert -1.1 < lo < -0.9 and 0.9 < hi < 1.1
+    assert _percentile_range(hist.astype(float), edges, x.min(), x.max(), 100.0) == (-50.0, 50.0)
+    lo, hi = _mse_range(hist.astype(float), edges, x.min(), x.max())
+    assert lo <= -1 and hi >= 1 and hi - lo < 100  # the outliers are clipped, the bulk is kept
+    relu6 = np.clip(np.random.default_rng(0).normal(0.5, 1, 20000), 0, 6)
+    hist, edges = np.histogram(relu6, 2048, range=(-6, 6))
+    lo, hi = _percentile_range(hist.astype(float), edges, relu6.min(), relu6.max(), 99.99)
+    assert lo == 0.0 and 3 < hi <= 6
 
 
 def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tmp_path):
@@ -67,11 +84,12 @@ def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tm
     n_conv = sum(n.op_type == "Conv" for n in nodes)
     kept = fp32_nodes(bundle.encoder_path())
     assert "ReduceMean" in {n.op_type for n in nodes if n.name in kept}
-    assert sum(n.op_type == "Conv" for n in nodes if n.name in kept) == 1  # the first
+    first = DEFAULT_SCHEME.fp32_first_convs
+    assert sum(n.op_type == "Conv" for n in nodes if n.name in kept) == first  # one fp32 prefix
     calib = render(load_dataset("fashion_mnist_train").images[64:128], SIZE)
     path = quantize_encoder(bundle.encoder_path(), tmp_path / "int8.onnx", calib)
     check = graph_check(path)
-    assert check["ops"]["com.microsoft:QLinearConv"] == n_conv - 1
+    assert check["ops"]["com.microsoft:QLinearConv"] == n_conv - first
     assert check["ops"].get("com.microsoft:QLinearAdd", 0) == 10
     assert check["dq_to_q_round_trips"] == 0
     assert "Clip" not in check["ops"] or check["ops"]["Clip"] <= 1
@@ -80,9 +98,10 @@ def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tm
     assert s8.dtype == np.int32 and s8.shape == s32.shape == (32, 32)
     assert np.corrcoef(s8.ravel(), s32.ravel())[0, 1] > 0.9
     np.testing.assert_array_equal(run(session(path), frames), s8)  # deterministic
-    # a ReLU6 left in fp32 costs a DQ -> Clip -> Q round trip between two int8 convs (33 of the 35): graph_check sees it
-    clip = quantize_encoder(bundle.encoder_path(), tmp_path / "clip.onnx", calib, Int8Scheme(quantize_clip=False))
-    assert graph_check(clip)["dq_to_q_round_trips"] == 33
+    # a ReLU6 left in fp32 costs a DQ -> Clip -> Q round trip between two int8 convs: graph_check sees each one
+    clip = quantize_encoder(bundle.encoder_path(), tmp_path / "clip.onnx", calib,
+                            Int8Scheme(quantize_clip=False, fp32_first_convs=1))
+    assert graph_check(clip)["dq_to_q_round_trips"] == 33  # 35 ReLU6: the first conv's is fp32, the last ends it
     assert DEFAULT_SCHEME.to_dict()["calibration_set"] == "fashion_mnist_train"
 
 
@@ -97,4 +116,8 @@ def test_report_adds_the_int8_encoder_to_the_bundle(bundle):
     assert result["int8"]["bytes_per_image"] > 0 and result["graph"]["dq_to_q_round_trips"] == 0
     reloaded = load_bundle(bundle.path)
     assert reloaded.manifest["files"]["encoder_int8"] == "encoder_int8.onnx"
-    assert reloaded.manifest["int8"]["scheme"]["method"] == "minmax"
+    assert reloaded.manifest["int8"]["scheme"]["method"] == "percentile"
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(reloaded.file("encoder_int8"))).graph.node]
+    assert ops[-4:] == ["Mul", "Add", "Round", "Cast"]  # the per-latent correction, in fp32 before Round

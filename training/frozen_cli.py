@@ -83,6 +83,9 @@ def train(beta: List[float] = typer.Option([0.01], "--beta", help="rate weight(s
                                                        "(per-dimension affine, the paper's recipe)"),
           latent_dim: int = typer.Option(256, help="latent size for --transform linear (diag: always the embedding's)"),
           train_set: str = typer.Option("fashion_mnist_train", help="registered dataset to train on"),
+          views: int = typer.Option(4, help="augmented renderings per training image; the head reconstructs the "
+                                            "plain embedding from a random one (the paper's invariance; 0: off)"),
+          augmentation: str = typer.Option("generic", help="augmentation set of the views (training.augmentations)"),
           out: Path = typer.Option(Path("runs/frozen"), help="parent folder of the run folders"),
           backbone: str = BACKBONE, weights: Optional[Path] = WEIGHTS) -> None:
     """Train the bottleneck head on cached frozen features (computing them first if needed)."""
@@ -94,16 +97,18 @@ def train(beta: List[float] = typer.Option([0.01], "--beta", help="rate weight(s
     if transform not in ("diag", "linear"):
         _fail(ValueError(f"--transform must be diag or linear, got {transform!r}"))
     try:
-        emb = FeatureStore(size, backbone, weights).get(train_set)["emb"]
+        store = FeatureStore(size, backbone, weights)
+        emb = store.views(train_set, views, augmentation) if views else store.get(train_set)["emb"]
     except _errors() as exc:
         _fail(exc)
     if transform == "diag":
         latent_dim = 0
     for b in beta:
         config = FrozenConfig(backbone=backbone, size=size, transform=transform, latent_dim=latent_dim, beta=b,
-                              steps=steps, train_set=train_set)
+                              steps=steps, train_set=train_set, views=views, augmentation=augmentation)
         model, info = train_compressor(emb, config)
-        run = save_run(model, config, out / f"{backbone}-{size}-{transform}{latent_dim or ''}-beta{b:g}", info)
+        name = f"{backbone}-{size}-{transform}{latent_dim or ''}-{f'{augmentation}{views}-' if views else ''}beta{b:g}"
+        run = save_run(model, config, out / name, info)
         last = info["history"][-1]
         typer.echo(f"{run}: {last['bits']:.1f} bits (noisy), mse {last['mse']:.3f}, "
                    f"{info['train_seconds']:.0f} s")
@@ -111,10 +116,10 @@ def train(beta: List[float] = typer.Option([0.01], "--beta", help="rate weight(s
 
 # int8 options shared by `export` and `int8`; defaults = training.frozen_int8.DEFAULT_SCHEME (the measured best)
 CALIB = typer.Option(512, help="real calibration frames (Fashion-MNIST train, never the eval set)")
-METHOD = typer.Option("minmax", help="activation calibration: minmax, entropy or percentile")
-PERCENTILE = typer.Option(99.999, help="percentile for --method percentile")
-FP32_FIRST = typer.Option(True, "--fp32-first-conv/--int8-first-conv",
-                          help="keep the first conv (after the input normalisation) in fp32")
+METHOD = typer.Option("percentile", help="activation calibration: minmax, entropy, percentile or mse")
+PERCENTILE = typer.Option(99.99, help="--method percentile: percentile of |x| for ReLU6 outputs")
+PCT_LINEAR = typer.Option(99.9, help="--method percentile: for the other activations (linear convs, residual sums)")
+FP32_FIRST = typer.Option(3, help="the first N convs (after the input normalisation) stay fp32; 0: all int8")
 KEEP_FP32 = typer.Option(0, help="last Conv layers kept in fp32 (the pooling/affine/Round tail always is)")
 FP32_DW = typer.Option(False, help="exclude depthwise convs from quantization (ORT >= 1.21 still runs them int8 "
                                      "when their neighbours are quantized)")
@@ -123,16 +128,19 @@ QUANT_ADD = typer.Option(True, "--quantize-add/--fp32-add", help="residual Adds 
 FMT = typer.Option("qdq", "--format", help="qdq or qoperator")
 ACTS = typer.Option("u8", "--activations", help="u8 (asymmetric) or s8 (symmetric) activations")
 REDUCE = typer.Option(False, help="7-bit weights (for CPUs without VNNI)")
-EVAL = typer.Option(2000, "--eval-frames", help="Fashion-MNIST test frames for accuracy and agreement")
+LATCORR = typer.Option(True, "--latent-correction/--no-latent-correction",
+                       help="per-latent gain/offset onto the fp32 latents, fitted on the calibration frames")
+EVAL = typer.Option(2000, "--eval-frames", help="Fashion-MNIST test frames for accuracy and agreement (10000: all)")
 
 
-def _scheme(calib, method, percentile, fp32_first_conv, keep_fp32_convs, fp32_depthwise, quantize_clip,
-            quantize_add, fmt, activations, reduce_range):
+def _scheme(calib, method, percentile, percentile_linear, fp32_first_convs, keep_fp32_convs, fp32_depthwise,
+            quantize_clip, quantize_add, fmt, activations, reduce_range, latent_correction):
     from training.frozen_int8 import Int8Scheme
 
-    return Int8Scheme(method=method, percentile=percentile, calib=calib, fp32_first_conv=fp32_first_conv,
-                      fp32_last_convs=keep_fp32_convs, fp32_depthwise=fp32_depthwise, quantize_clip=quantize_clip,
-                      quantize_add=quantize_add, fmt=fmt, activations=activations, reduce_range=reduce_range)
+    return Int8Scheme(method=method, percentile=percentile, percentile_linear=percentile_linear, calib=calib,
+                      fp32_first_convs=fp32_first_convs, fp32_last_convs=keep_fp32_convs, fp32_depthwise=fp32_depthwise,
+                      quantize_clip=quantize_clip, quantize_add=quantize_add, fmt=fmt, activations=activations,
+                      reduce_range=reduce_range, latent_correction=latent_correction)
 
 
 @frozen_app.command()
@@ -140,9 +148,11 @@ def export(run: Path = typer.Argument(..., help="run folder from `taskcodec froz
            out: Path = typer.Option(..., "--out", help="bundle folder to write"),
            int8: bool = typer.Option(True, help="also calibrate an int8 encoder and add it if it passes"),
            calib: int = CALIB, method: str = METHOD, percentile: float = PERCENTILE,
-           fp32_first_conv: bool = FP32_FIRST, keep_fp32_convs: int = KEEP_FP32, fp32_depthwise: bool = FP32_DW,
+           percentile_linear: float = PCT_LINEAR,
+           fp32_first_convs: int = FP32_FIRST, keep_fp32_convs: int = KEEP_FP32, fp32_depthwise: bool = FP32_DW,
            quantize_clip: bool = QUANT_CLIP, quantize_add: bool = QUANT_ADD, fmt: str = FMT,
-           activations: str = ACTS, reduce_range: bool = REDUCE, eval_frames: int = EVAL,
+           activations: str = ACTS, reduce_range: bool = REDUCE, latent_correction: bool = LATCORR,
+           eval_frames: int = EVAL,
            report: Path = typer.Option(Path("bench/results/transfer_int8.json"), help="int8 report (JSON)"),
            weights: Optional[Path] = WEIGHTS) -> None:
     """Export the whole camera encoder (backbone + affine + Round; uint8 NHWC RGB in, int32 symbols out) as a
@@ -155,8 +165,9 @@ def export(run: Path = typer.Argument(..., help="run folder from `taskcodec froz
 
     torch.set_num_threads(1)
     try:
-        scheme = _scheme(calib, method, percentile, fp32_first_conv, keep_fp32_convs, fp32_depthwise,
-                         quantize_clip, quantize_add, fmt, activations, reduce_range)
+        scheme = _scheme(calib, method, percentile, percentile_linear, fp32_first_convs, keep_fp32_convs,
+                         fp32_depthwise,
+                         quantize_clip, quantize_add, fmt, activations, reduce_range, latent_correction)
         bundle = export_bundle(run, out, weights, progress=typer.echo)
         typer.echo(f"bundle {bundle.path} model_id={bundle.model_id}")
         if int8:
@@ -171,9 +182,11 @@ def export(run: Path = typer.Argument(..., help="run folder from `taskcodec froz
 @frozen_app.command(name="int8")
 def int8_cmd(bundle_dir: Path = typer.Argument(..., help="bundle folder from `taskcodec frozen export`"),
              calib: int = CALIB, method: str = METHOD, percentile: float = PERCENTILE,
-             fp32_first_conv: bool = FP32_FIRST, keep_fp32_convs: int = KEEP_FP32, fp32_depthwise: bool = FP32_DW,
+             percentile_linear: float = PCT_LINEAR,
+             fp32_first_convs: int = FP32_FIRST, keep_fp32_convs: int = KEEP_FP32, fp32_depthwise: bool = FP32_DW,
              quantize_clip: bool = QUANT_CLIP, quantize_add: bool = QUANT_ADD, fmt: str = FMT,
-             activations: str = ACTS, reduce_range: bool = REDUCE, eval_frames: int = EVAL,
+             activations: str = ACTS, reduce_range: bool = REDUCE, latent_correction: bool = LATCORR,
+             eval_frames: int = EVAL,
              write: bool = typer.Option(False, help="add the int8 encoder to the bundle when accuracy passes"),
              log: Optional[Path] = typer.Option(None, help="append this scheme's result to a JSON list (a sweep log)"),
              note: str = typer.Option("", help="a label stored with the result in --log")) -> None:
@@ -185,8 +198,9 @@ def int8_cmd(bundle_dir: Path = typer.Argument(..., help="bundle folder from `ta
 
     torch.set_num_threads(1)
     try:
-        scheme = _scheme(calib, method, percentile, fp32_first_conv, keep_fp32_convs, fp32_depthwise,
-                         quantize_clip, quantize_add, fmt, activations, reduce_range)
+        scheme = _scheme(calib, method, percentile, percentile_linear, fp32_first_convs, keep_fp32_convs,
+                         fp32_depthwise,
+                         quantize_clip, quantize_add, fmt, activations, reduce_range, latent_correction)
         result = int8_report(load_bundle(bundle_dir), scheme, n_eval=eval_frames, write=write, progress=typer.echo)
     except (*_errors(), BundleError) as exc:
         _fail(exc)

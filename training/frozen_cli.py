@@ -130,7 +130,7 @@ ACTS = typer.Option("u8", "--activations", help="u8 (asymmetric) or s8 (symmetri
 REDUCE = typer.Option(False, help="7-bit weights (for CPUs without VNNI)")
 LATCORR = typer.Option(True, "--latent-correction/--no-latent-correction",
                        help="per-latent gain/offset onto the fp32 latents, fitted on the calibration frames")
-EVAL = typer.Option(2000, "--eval-frames", help="Fashion-MNIST test frames for accuracy and agreement (10000: all)")
+EVAL = typer.Option(10000, "--eval-frames", help="Fashion-MNIST test frames for accuracy and agreement (10000: all)")
 
 
 def _scheme(calib, method, percentile, percentile_linear, fp32_first_convs, keep_fp32_convs, fp32_depthwise,

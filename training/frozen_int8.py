@@ -358,7 +358,7 @@ def interleaved_latency(sessions: dict, frames: np.ndarray, batch: int, rounds: 
     return {k: float(np.median(v)) for k, v in per.items()}
 
 
-def int8_report(bundle, scheme: Int8Scheme = DEFAULT_SCHEME, n_eval: int = 2000, write: bool = True,
+def int8_report(bundle, scheme: Int8Scheme = DEFAULT_SCHEME, n_eval: int = 10000, write: bool = True,
                 latency_rounds: int = 10, budget_points: float = 1.0, max_latency_ratio: float = 0.7,
                 progress: Callable[[str], None] = print) -> dict:
     """Quantize the bundle's encoder on real Fashion-MNIST *train* frames, then compare with fp32 on test frames:

@@ -25,3 +25,6 @@ try "CHOSEN (the default): block 1 (first 3 convs) fp32 as one prefix + per-late
     --fp32-first-convs 3 --latent-correction
 try "block 1 (first 3 convs) fp32 as one prefix" "${PCT[@]}" --fp32-first-convs 3 --no-latent-correction
 try "blocks 1-2 (first 6 convs) fp32 + per-latent correction" "${PCT[@]}" --fp32-first-convs 6 --latent-correction
+try "chosen scheme in QOperator format" "${PCT[@]}" --fp32-first-convs 3 --latent-correction --format qoperator
+try "chosen scheme with s8 symmetric activations (S8S8)" "${PCT[@]}" --fp32-first-convs 3 --latent-correction \
+    --activations s8

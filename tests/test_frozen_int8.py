@@ -121,3 +121,31 @@ def test_report_adds_the_int8_encoder_to_the_bundle(bundle):
 
     ops = [n.op_type for n in onnx.load(str(reloaded.file("encoder_int8"))).graph.node]
     assert ops[-4:] == ["Mul", "Add", "Round", "Cast"]  # the per-latent correction, in fp32 before Round
+
+
+def test_bundle_transfer_runs_both_encoders_on_unseen_data(bundle, tmp_path, monkeypatch):
+    """`taskcodec frozen bench-bundle`: the deployed encoders on an unseen dataset, with real bytes and the probe."""
+    import json
+
+    from bench.transfer import bundle_transfer, write_bundle_outputs
+    from taskcodec.bundle import load_bundle
+    from training.frozen_int8 import Int8Scheme, int8_report
+    from training.transfer_datasets import DATASETS, TransferSet
+
+    if not load_bundle(bundle.path).has("encoder_int8"):
+        int8_report(bundle, Int8Scheme(calib=32), n_eval=64, latency_rounds=0, budget_points=100.0,
+                    progress=lambda _: None)
+    mnist = load_dataset("mnist")
+    idx = np.random.default_rng(0).permutation(len(mnist))[:100]
+    monkeypatch.setitem(DATASETS, "mnist_100", lambda: TransferSet("mnist_100", mnist.images[idx], mnist.labels[idx],
+                                                                     mnist.classes))
+    report = bundle_transfer(bundle.path, ["mnist_100"], progress=lambda _: None)
+    d = report["datasets"]["mnist_100"]
+    assert d["n"] == 100 and set(d) >= {"fp32", "int8", "symbol_agreement"}
+    for precision in ("fp32", "int8"):
+        assert d[precision]["bytes"] >= 2  # at least the stream's check
+        assert d[precision]["accuracy_on_symbols"] > 0.2  # 10 classes (chance 0.1), untrained 32-latent head at 64 px
+    assert 0 < d["symbol_agreement"] <= 1
+    write_bundle_outputs(report, tmp_path, command="test")
+    assert json.loads((tmp_path / "transfer_bundle.json").read_text())["model_id"] == bundle.model_id
+    assert "| mnist_100 | 100 |" in (tmp_path / "transfer_bundle.md").read_text()

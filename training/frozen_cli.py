@@ -237,5 +237,23 @@ def bench(runs: List[Path] = typer.Argument(..., help="run folders (one rate poi
     typer.echo(f"wrote {out}/transfer.json, transfer.md, transfer.png")
 
 
+@frozen_app.command(name="bench-bundle")
+def bench_bundle(bundle_dir: Path = typer.Argument(..., help="bundle folder from `taskcodec frozen export`"),
+                 eval_sets: List[str] = typer.Option(["fashion_mnist", "mnist", "lfw"], "--eval", help="datasets"),
+                 out: Path = typer.Option(Path("bench/results"), help="folder for transfer_bundle.{json,md}")) -> None:
+    """A deployed bundle on unseen datasets: fp32 and int8 encoders (ONNX Runtime), real bytes, probe accuracy."""
+    import sys
+
+    from bench.transfer import bundle_transfer, write_bundle_outputs
+    from taskcodec.bundle import BundleError
+
+    try:
+        report = bundle_transfer(bundle_dir, eval_sets, progress=typer.echo)
+    except (*_errors(), BundleError) as exc:
+        _fail(exc)
+    write_bundle_outputs(report, out, command="taskcodec frozen bench-bundle " + " ".join(sys.argv[3:]))
+    typer.echo(f"wrote {out}/transfer_bundle.json, transfer_bundle.md")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(frozen_app, name="frozen")

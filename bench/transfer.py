@@ -287,9 +287,13 @@ def plot(report: dict, path: Path) -> None:
     for ax, name in zip(axes[0], names):
         d = report["datasets"][name]
         base = d["rows"]["uncompressed"][0]["accuracy"]
-        for key, style in (("ours", "o-"), ("jpeg", "s-"), ("webp", "^-")):
-            rows = sorted(d["rows"][key], key=lambda r: r["bytes"])
-            ax.plot([r["bytes"] for r in rows], [100 * r["accuracy"] for r in rows], style, label=key)
+        series = {"ours, augmented views": [r for r in d["rows"]["ours"] if r.get("views")],
+                  "ours, plain": [r for r in d["rows"]["ours"] if not r.get("views")],
+                  "jpeg": d["rows"]["jpeg"], "webp": d["rows"]["webp"]}
+        for (label, rows), style in zip(series.items(), ("o-", "o--", "s-", "^-")):
+            if rows:
+                rows = sorted(rows, key=lambda r: r["bytes"])
+                ax.plot([r["bytes"] for r in rows], [100 * r["accuracy"] for r in rows], style, label=label)
         ax.axhline(100 * base, color="gray", ls="--", label="uncompressed")
         ax.axhline(100 * (base - report["tolerance_points"] / 100), color="gray", ls=":", label="-1 point")
         ax.set_xscale("log")

@@ -12,7 +12,7 @@ Add a dataset in two steps — one function that returns a TransferSet, one regi
 
     DATASETS["my_set"] = load_my_set
 
-then ``taskcodec bench transfer --eval my_set``.
+then ``taskcodec frozen bench RUN... --eval my_set`` (and ``taskcodec frozen bench-bundle BUNDLE --eval my_set``).
 """
 
 from __future__ import annotations

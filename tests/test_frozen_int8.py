@@ -149,3 +149,22 @@ def test_bundle_transfer_runs_both_encoders_on_unseen_data(bundle, tmp_path, mon
     write_bundle_outputs(report, tmp_path, command="test")
     assert json.loads((tmp_path / "transfer_bundle.json").read_text())["model_id"] == bundle.model_id
     assert "| mnist_100 | 100 |" in (tmp_path / "transfer_bundle.md").read_text()
+
+
+def test_frozen_bundle_runs_through_the_product_path(bundle, tmp_path):
+    """The generic compressor is a bundle like any other: virtual camera -> runtime (RGB input spec) -> real server,
+    which decodes the streams with the bundle's tables and classifies them with its classifier."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from taskcodec.cli import app
+
+    out = tmp_path / "demo.json"
+    result = CliRunner().invoke(app, ["demo", "--bundle", str(bundle.path), "--frames", "30", "--quiet",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["model_id"] == bundle.model_id
+    assert report["frames"] == report["stored"] == report["acked"] == 30
+    assert report["payload_bits_per_frame"] >= 16  # at least the stream's check

@@ -305,14 +305,16 @@ def export_symbol_encoder(encoder: SymbolEncoder, size: int, path: Path) -> Path
     return export_onnx(encoder.eval(), example, Path(path), "frames", "symbols")
 
 
-def export_bundle(run: Path, out: Path, weights: str | Path | None = None, progress: Callable[[str], None] = print
-                  ) -> "Bundle":  # noqa: F821
-    """Run folder -> bundle: fp32 encoder ONNX (uint8 NHWC RGB -> int32 symbols), the run's tables, and a
-    Fashion-MNIST probe on the symbols as the server-side classifier; checks ONNX symbols == torch symbols."""
+def export_bundle(run: Path, out: Path, weights: str | Path | None = None, progress: Callable[[str], None] = print,
+                  golden_frames: int = 16) -> "Bundle":  # noqa: F821
+    """Run folder -> bundle: fp32 encoder ONNX (uint8 NHWC RGB -> int32 symbols), the run's tables, a
+    Fashion-MNIST probe on the symbols as the server-side classifier, and golden vectors (frames -> symbols ->
+    bytes, checked by `taskcodec verify-bundle`); checks ONNX symbols == torch symbols."""
     import tempfile
 
     from calibration.calibrate import run as ort_run, session
-    from taskcodec.bundle import write_bundle
+    from export.golden import GOLDEN_FILE, make_golden
+    from taskcodec.bundle import add_file, write_bundle
 
     model, config, info = load_run(run)
     encoder = SymbolEncoder(frozen_encoder(config.backbone, weights), model).eval()
@@ -341,11 +343,14 @@ def export_bundle(run: Path, out: Path, weights: str | Path | None = None, progr
                           "layout": "NHWC", "dtype": "uint8"},
                 "latent_dim": model.latent_dim,
                 "classes": classes,
-                "invariances": [],
+                "invariances": [config.augmentation] if config.views else [],
                 "entropy_tables": {"layout": "lower/length/pmf float32, escape at index length"},
                 "backbone": {"name": config.backbone, "weights_sha256_10": weights_key(config.backbone, weights),
                              "frozen": True},
                 "frozen_compressor": {"config": asdict(config), "onnx_torch_symbol_agreement": agreement},
             },
         )
+        # golden vectors: any machine can prove it encodes and decodes these frames to the same bytes
+        bundle = add_file(bundle, "golden", make_golden(bundle, frames[:golden_frames], tmp / GOLDEN_FILE))
+    progress(f"golden vectors: {golden_frames} frames ({GOLDEN_FILE})")
     return bundle

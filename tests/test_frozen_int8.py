@@ -168,3 +168,32 @@ def test_frozen_bundle_runs_through_the_product_path(bundle, tmp_path):
     assert report["model_id"] == bundle.model_id
     assert report["frames"] == report["stored"] == report["acked"] == 30
     assert report["payload_bits_per_frame"] >= 16  # at least the stream's check
+
+
+def test_golden_vectors_of_an_rgb_frozen_bundle_verify_and_catch_a_changed_table(bundle, tmp_path):
+    """What `frozen export` adds: golden frames -> symbols -> bytes that verify on this machine, and fail loudly when
+    the shipped tables no longer match the committed bytes."""
+    import shutil
+
+    from export.golden import GOLDEN_FILE, make_golden, verify_golden
+    from taskcodec.bundle import BundleError, add_file, load_bundle
+    from taskcodec.coding import EntropyTables
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle.path, copy)
+    frames = render(load_dataset("fashion_mnist").images[:6], SIZE)
+    b = load_bundle(copy)
+    b = add_file(b, "golden", make_golden(b, frames, tmp_path / GOLDEN_FILE))
+    assert verify_golden(load_bundle(copy)).ok
+    tables = EntropyTables.load(copy / "tables.npz")
+    pmf = tables.pmf.copy()
+    for d, n in enumerate(tables.length):  # same support and escape, flat probabilities: the bytes change
+        pmf[d, :n] = 1.0 / n
+    EntropyTables(tables.lower, tables.length, pmf).save(tmp_path / "flat.npz")
+    shutil.copyfile(tmp_path / "flat.npz", copy / "tables.npz")
+    with pytest.raises(BundleError, match="sha256"):  # an edited file is refused on load
+        load_bundle(copy)
+    shutil.copyfile(bundle.path / "tables.npz", copy / "tables.npz")
+    add_file(load_bundle(copy), "tables", tmp_path / "flat.npz", "tables.npz")  # a re-signed but wrong table
+    report = verify_golden(load_bundle(copy))
+    assert not report.ok and report.bytes_equal < report.frames

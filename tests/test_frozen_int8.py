@@ -144,7 +144,7 @@ def test_bundle_transfer_runs_both_encoders_on_unseen_data(bundle, tmp_path, mon
     assert d["n"] == 100 and set(d) >= {"fp32", "int8", "symbol_agreement"}
     for precision in ("fp32", "int8"):
         assert d[precision]["bytes"] >= 2  # at least the stream's check
-        assert d[precision]["accuracy_on_symbols"] > 0.2  # 10 classes (chance 0.1), untrained 32-latent head at 64 px
+        assert d[precision]["accuracy_on_symbols"] > 0.15  # chance 0.1 (10 classes); ~0.3 here with an untrained head
     assert 0 < d["symbol_agreement"] <= 1
     write_bundle_outputs(report, tmp_path, command="test")
     assert json.loads((tmp_path / "transfer_bundle.json").read_text())["model_id"] == bundle.model_id

@@ -55,6 +55,12 @@ def test_scheme_validation():
         Int8Scheme(method="kl")
     with pytest.raises(ValueError, match="format"):
         Int8Scheme(fmt="qlinear")
+    # `frozen export` uses DEFAULT_SCHEME; `frozen int8` with no flags must try the very same scheme
+    from training import frozen_cli as c
+
+    defaults = [o.default for o in (c.CALIB, c.METHOD, c.PERCENTILE, c.PCT_LINEAR, c.FP32_FIRST, c.KEEP_FP32, c.FP32_DW,
+                                    c.QUANT_CLIP, c.QUANT_ADD, c.FMT, c.ACTS, c.REDUCE, c.LATCORR)]
+    assert c._scheme(*defaults) == DEFAULT_SCHEME
 
 
 def test_histogram_range_rules():

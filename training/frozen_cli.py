@@ -114,7 +114,7 @@ def train(beta: List[float] = typer.Option([0.01], "--beta", help="rate weight(s
                    f"{info['train_seconds']:.0f} s")
 
 
-# int8 options shared by `export` and `int8`; defaults = training.frozen_int8.DEFAULT_SCHEME (the measured best)
+# int8 scheme options of `frozen int8`; defaults = training.frozen_int8.DEFAULT_SCHEME (the measured best)
 CALIB = typer.Option(512, help="real calibration frames (Fashion-MNIST train, never the eval set)")
 METHOD = typer.Option("percentile", help="activation calibration: minmax, entropy, percentile or mse")
 PERCENTILE = typer.Option(99.99, help="--method percentile: percentile of |x| for ReLU6 outputs")
@@ -146,32 +146,27 @@ def _scheme(calib, method, percentile, percentile_linear, fp32_first_convs, keep
 @frozen_app.command()
 def export(run: Path = typer.Argument(..., help="run folder from `taskcodec frozen train`"),
            out: Path = typer.Option(..., "--out", help="bundle folder to write"),
-           int8: bool = typer.Option(True, help="also calibrate an int8 encoder and add it if it passes"),
-           calib: int = CALIB, method: str = METHOD, percentile: float = PERCENTILE,
-           percentile_linear: float = PCT_LINEAR,
-           fp32_first_convs: int = FP32_FIRST, keep_fp32_convs: int = KEEP_FP32, fp32_depthwise: bool = FP32_DW,
-           quantize_clip: bool = QUANT_CLIP, quantize_add: bool = QUANT_ADD, fmt: str = FMT,
-           activations: str = ACTS, reduce_range: bool = REDUCE, latent_correction: bool = LATCORR,
+           int8: bool = typer.Option(True, help="also calibrate an int8 encoder with the measured default scheme "
+                                                "(training.frozen_int8.DEFAULT_SCHEME) and add it if it passes; "
+                                                "`taskcodec frozen int8 BUNDLE --write` tries other schemes"),
            eval_frames: int = EVAL,
            report: Path = typer.Option(Path("bench/results/transfer_int8.json"), help="int8 report (JSON)"),
            weights: Optional[Path] = WEIGHTS) -> None:
     """Export the whole camera encoder (backbone + affine + Round; uint8 NHWC RGB in, int32 symbols out) as a
-    bundle; optionally add a calibrated int8 encoder with a symbol-agreement / accuracy / latency report."""
+    bundle with golden vectors; optionally add a calibrated int8 encoder with a symbol-agreement / accuracy /
+    latency report."""
     import torch
 
     from taskcodec.bundle import BundleError
     from training.frozen import export_bundle
-    from training.frozen_int8 import int8_report
+    from training.frozen_int8 import DEFAULT_SCHEME, int8_report
 
     torch.set_num_threads(1)
     try:
-        scheme = _scheme(calib, method, percentile, percentile_linear, fp32_first_convs, keep_fp32_convs,
-                         fp32_depthwise,
-                         quantize_clip, quantize_add, fmt, activations, reduce_range, latent_correction)
         bundle = export_bundle(run, out, weights, progress=typer.echo)
         typer.echo(f"bundle {bundle.path} model_id={bundle.model_id}")
         if int8:
-            result = int8_report(bundle, scheme, n_eval=eval_frames, progress=typer.echo)
+            result = int8_report(bundle, DEFAULT_SCHEME, n_eval=eval_frames, progress=typer.echo)
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(json.dumps(result, indent=2) + "\n")
             typer.echo(json.dumps(result, indent=2))

@@ -5,7 +5,6 @@ receiver, each started under the namespace's ``ip netns exec`` so all their traf
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -13,9 +12,8 @@ import urllib.request
 from pathlib import Path
 
 from bench.netns import Counters, NetNamespace, try_namespace
-from server.testing import ServerError, wait_for_port
+from server.testing import ServerError, spawn, terminate, wait_for_port
 
-REPO = Path(__file__).resolve().parent.parent
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -84,9 +82,7 @@ class Service:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> "Service":
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.proc, self._log = spawn(self.cmd, self.log_path)
         try:
             wait_for_port(self.proc, self.port_file, self._answers_on, self.startup_timeout, self.name, self.log)
         except ServerError:
@@ -123,13 +119,7 @@ class Service:
             return ""
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        terminate(self.proc, timeout)
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None

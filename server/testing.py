@@ -26,6 +26,28 @@ class ServerError(RuntimeError):
     """The server subprocess did not start or died."""
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def spawn(cmd: list[str], log_path: Path) -> tuple[subprocess.Popen, object]:
+    """Start a server-like subprocess from the repository root with stdout+stderr appended to ``log_path`` and one
+    BLAS/OpenMP thread; returns (process, open log file) — the caller closes the file when it is done."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    log = open(log_path, "ab")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO), log
+
+
+def terminate(proc: subprocess.Popen | None, timeout: float = 30.0) -> None:
+    """SIGTERM and wait for a graceful exit; SIGKILL after ``timeout``."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def wait_for_port(proc: subprocess.Popen, port_file: Path, ready: Callable[[int], bool], timeout: float, name: str,
                   log: Callable[[], str]) -> int:
     """Poll a starting server subprocess until it has written its bound port to ``port_file`` and ``ready(port)``
@@ -69,10 +91,7 @@ class ServerProcess:
                "--port", "0", "--port-file", str(port_file), *self.extra_args]
         if self.bundle_path is not None:
             cmd += ["--bundle", str(self.bundle_path)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=Path(__file__).resolve().parent.parent)
+        self.proc, self._log = spawn(cmd, self.log_path)
         try:
             wait_for_port(self.proc, port_file, self._answers_on, self.startup_timeout, "server (port file, /healthz)",
                           self.log)
@@ -135,12 +154,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM and wait for a graceful exit (SIGKILL after ``timeout``)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.proc, timeout)
         self.port = None
 
     def __enter__(self) -> "ServerProcess":

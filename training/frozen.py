@@ -196,8 +196,11 @@ def train_compressor(emb: np.ndarray, config: FrozenConfig, progress: bool = Tru
     model.train()
     for step in bar:
         idx = torch.randint(0, len(x), (config.batch,), generator=gen)
-        view = torch.randint(0, x.shape[1], (config.batch,), generator=gen)
-        _, bits, dist = model(x[idx, view], target=x[idx, 0])
+        if x.shape[1] > 1:  # a random view of each image; without views the draw is skipped, so plain runs
+            view = torch.randint(0, x.shape[1], (config.batch,), generator=gen)  # replay the same batches as before
+            _, bits, dist = model(x[idx, view], target=x[idx, 0])
+        else:
+            _, bits, dist = model(x[idx, 0])
         loss = dist.mean() + config.beta * bits.mean()
         opt.zero_grad()
         loss.backward()

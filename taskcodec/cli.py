@@ -4,8 +4,6 @@ install still works for the commands it has."""
 
 from __future__ import annotations
 
-import importlib
-
 import typer
 
 app = typer.Typer(
@@ -24,31 +22,23 @@ def version() -> None:
     typer.echo(__version__)
 
 
-_PARTS = (
-    "training.cli",
-    "training.frozen_cli",
-    "export.cli",
-    "calibration.cli",
-    "server.cli",
-    "runtime.cli",
-    "bench.cli",
-    "firmware_bridge.cli",
-    "taskcodec.demo_cli",
-)
+ENTRY_POINT_GROUP = "taskcodec.commands"
 
 
 def _register_parts() -> None:
-    for name in _PARTS:
+    """Each part declares ``register(app)`` under the ``taskcodec.commands`` entry point group (pyproject.toml), so
+    this core module names no application above it."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
-            module = importlib.import_module(name)
+            register = ep.load()
         except ModuleNotFoundError as exc:
-            # A part that is not there yet, or whose optional dependencies are not installed, adds no commands.
-            if exc.name and (exc.name == name or name.startswith(exc.name + ".") or exc.name not in name):
+            # A part whose optional dependencies are not installed (torch on an edge install) adds no commands.
+            if exc.name and not exc.name.startswith("taskcodec"):
                 continue
             raise
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(app)
+        register(app)
 
 
 _register_parts()

@@ -21,7 +21,7 @@ import pytest
 from taskcodec.bundle import load_bundle
 from taskcodec.data import load_fashion_mnist
 
-testing = pytest.importorskip("server.testing")
+from taskcodec import testing
 N_FRAMES = 1000
 
 
@@ -51,7 +51,7 @@ def offline_predictions(bundle, video_path):
 
 
 def runtime_cmd(video_path, srv, token, spool, *extra):
-    return [sys.executable, "-m", "runtime.cli", "capture", "--device", str(video_path), "--server", srv.url,
+    return [sys.executable, "-m", "taskcodec.runtime.cli", "capture", "--device", str(video_path), "--server", srv.url,
             "--camera-id", "cam-acc", "--token", token, "--spool", str(spool), "--quiet", "--threads", "1", *extra]
 
 
@@ -101,7 +101,7 @@ def test_runtime_sigkill_and_restart_loses_and_duplicates_nothing(video, tmp_pat
         assert first.returncode == -signal.SIGKILL  # killed mid-stream, not finished
         first_epoch = stored_rows(srv.db_path)[0][0]
         # What the killed runtime had spooled but not yet seen acknowledged (read from its real SQLite file).
-        from runtime.spool import DB_NAME
+        from taskcodec.runtime.spool import DB_NAME
 
         with sqlite3.connect(spool / DB_NAME, timeout=30) as con:
             pending = set(con.execute("SELECT epoch, seq FROM frames").fetchall())

@@ -18,14 +18,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool():
-    from bench.fleet_client import FramePool
+    from taskcodec.bench.fleet_client import FramePool
 
     return FramePool(12)
 
 
 def test_fleet_run_stores_and_accounts_every_frame(tiny, pool):
-    from bench.fleet import RunConfig, run_taskcodec
-    from bench.fleet_servers import Network
+    from taskcodec.bench.fleet import RunConfig, run_taskcodec
+    from taskcodec.bench.fleet_servers import Network
 
     network = Network()
     try:
@@ -77,7 +77,7 @@ def test_cli_writes_report_with_baselines(tiny, tmp_path):
 
 
 def test_jpeg_quality_comes_from_classical_results(tmp_path):
-    from bench.fleet_baselines import jpeg_quality
+    from taskcodec.bench.fleet_baselines import jpeg_quality
 
     assert jpeg_quality(tmp_path / "missing.json", 0.9)[0] == 90
     path = tmp_path / "classical.json"

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.classical import (CodecError, available, bytes_at_accuracy, decode, encode, parse_qualities, payload_size,
+from taskcodec.bench.classical import (CodecError, available, bytes_at_accuracy, decode, encode, parse_qualities, payload_size,
                              round_trip)
 from taskcodec.data import load_fashion_mnist
 

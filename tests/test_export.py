@@ -8,15 +8,15 @@ import sys
 import numpy as np
 import pytest
 
-from export.build import REPORT_FILE, export_run
-from export.golden import verify_golden
+from taskcodec.export.build import REPORT_FILE, export_run
+from taskcodec.export.golden import verify_golden
 from taskcodec.bundle import load_bundle
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    from training.models import CompressorConfig
-    from training.trainer import train
+    from taskcodec.training.models import CompressorConfig
+    from taskcodec.training.trainer import train
 
     out = tmp_path_factory.mktemp("run")
     cfg = CompressorConfig(epochs=1, train_subset=2048, test_subset=1000, batch_size=128, probe_epochs=3,

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from firmware_bridge import build
+from taskcodec.firmware_bridge import build
 from taskcodec import wire
 from taskcodec.coding.stream import _check
 

@@ -10,9 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from firmware_bridge import build
-from firmware_bridge.frame_socket import FrameSocketSource, SourceError, send_frames
-from firmware_bridge.frames import GRAY8, HEADER_BYTES, FrameHeader, FrameProtocolError, parse_header, synthetic_pattern
+from taskcodec.firmware_bridge import build
+from taskcodec.runtime.fw_source import FrameSocketSource, SourceError, send_frames
+from taskcodec.frame_socket import GRAY8, HEADER_BYTES, FrameHeader, FrameProtocolError, parse_header, synthetic_pattern
 from taskcodec.data import load_fashion_mnist
 
 IDLE = 60.0  # generous: a loaded CI machine must never make these tests flaky; max_frames ends them early
@@ -157,7 +157,7 @@ def test_cli_build_and_listen(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from firmware_bridge.cli import register
+    from taskcodec.firmware_bridge.cli import register
 
     app = typer.Typer()  # only this part's commands: the test does not depend on other parts importing cleanly
     register(app)
@@ -170,12 +170,14 @@ def test_cli_build_and_listen(tmp_path):
     assert result.exit_code == 0, result.output
     assert any(p.name.startswith("libtaskcodec_fw-") for p in (tmp_path / "bin").iterdir())
     assert any(p.name.startswith("fw_camera_example-") for p in (tmp_path / "bin").iterdir())
-    result = CliRunner().invoke(app, ["firmware", "listen", str(tmp_path / "nofolder" / "s.sock")])
+    from taskcodec.runtime.cli import app as runtime_app
+
+    result = CliRunner().invoke(runtime_app, ["fw-listen", str(tmp_path / "nofolder" / "s.sock")])
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
 def test_wire_format_document_examples_are_the_reference_bytes():
-    from firmware_bridge.doc_examples import DOC, EXAMPLES, parse_doc
+    from taskcodec.firmware_bridge.doc_examples import DOC, EXAMPLES, parse_doc
 
     from taskcodec import wire
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.backbones import (BACKBONES, IMAGENET_CAT_CLASSES, BackboneError, BackboneSpec, MobileNetV2,
+from taskcodec.training.backbones import (BACKBONES, IMAGENET_CAT_CLASSES, BackboneError, BackboneSpec, MobileNetV2,
                                 frozen_encoder, get_spec, load_backbone, load_state_dict, register_backbone)
-from training.transfer_datasets import DATASETS, DatasetError, load_dataset, render
+from taskcodec.training.transfer_datasets import DATASETS, DatasetError, load_dataset, render
 
 SIZE = 96  # small input keeps the tests fast; the architecture is size-agnostic
 
@@ -101,7 +101,7 @@ def test_transfer_datasets_registry_and_rendering():
 @pytest.fixture(scope="module")
 def trained(encoder):
     """A short real training run on real (cached in memory) backbone features of Fashion-MNIST train images."""
-    from training.frozen import FrozenConfig, embed_frames, train_compressor
+    from taskcodec.training.frozen import FrozenConfig, embed_frames, train_compressor
 
     images = load_dataset("fashion_mnist_train").images[:96]
     emb = embed_frames(encoder, render(images, SIZE), batch=48)
@@ -122,7 +122,7 @@ def test_short_training_run_lowers_the_rate(trained):
 
 
 def test_linear_head_trains_on_few_samples(trained):
-    from training.frozen import FrozenConfig, train_compressor
+    from taskcodec.training.frozen import FrozenConfig, train_compressor
 
     emb = trained[3][:64]
     model, info = train_compressor(emb, FrozenConfig(size=SIZE, latent_dim=128, steps=30, batch=32), progress=False)
@@ -132,9 +132,9 @@ def test_linear_head_trains_on_few_samples(trained):
 def test_views_training_reconstructs_the_plain_embedding(tmp_path, monkeypatch):
     """Augmented views are real renderings (cached, reproducible), and the head trained on them is scored against
     the plain embedding: a model trained on views must beat an untrained one at predicting it from a view."""
-    from training.augmentations import augment_images, get_augmentation
-    from training.frozen import FeatureStore, FrozenCompressor, FrozenConfig, train_compressor
-    from training.transfer_datasets import DATASETS, TransferSet
+    from taskcodec.training.augmentations import augment_images, get_augmentation
+    from taskcodec.training.frozen import FeatureStore, FrozenCompressor, FrozenConfig, train_compressor
+    from taskcodec.training.transfer_datasets import DATASETS, TransferSet
 
     full = load_dataset("fashion_mnist_train")
     monkeypatch.setitem(DATASETS, "fmnist_tiny", lambda: TransferSet("fmnist_tiny", full.images[:64],
@@ -165,7 +165,8 @@ def test_bundle_round_trip(trained, encoder, tmp_path):
 
     from taskcodec.bundle import load_bundle, write_bundle
     from taskcodec.coding import RangeCoder, StreamError, compress, decompress
-    from training.frozen import SymbolEncoder, classifier_onnx, export_symbol_encoder, probe_pipeline, save_run
+    from taskcodec.export.frozen import classifier_onnx, export_symbol_encoder
+    from taskcodec.training.frozen import SymbolEncoder, probe_pipeline, save_run
 
     model, config, info, emb = trained
     run = save_run(model, config, tmp_path / "run", info)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.transfer_datasets import load_dataset, render
+from taskcodec.training.transfer_datasets import load_dataset, render
 
 SIZE = 64
 
@@ -17,8 +17,9 @@ SIZE = 64
 def bundle(tmp_path_factory):
     """A real bundle: ImageNet MobileNetV2 + an (untrained, PCA-initialised) 32-latent head + a probe classifier."""
     from taskcodec.bundle import write_bundle
-    from training.backbones import frozen_encoder
-    from training.frozen import FrozenCompressor, SymbolEncoder, classifier_onnx, embed_frames, probe_pipeline
+    from taskcodec.training.backbones import frozen_encoder
+    from taskcodec.export.frozen import classifier_onnx
+    from taskcodec.training.frozen import FrozenCompressor, SymbolEncoder, embed_frames, probe_pipeline
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -48,7 +49,7 @@ def bundle(tmp_path_factory):
 
 
 def test_scheme_validation():
-    from training.frozen_int8 import DEFAULT_SCHEME, Int8Scheme
+    from taskcodec.calibration.frozen_int8 import DEFAULT_SCHEME, Int8Scheme
 
     assert DEFAULT_SCHEME.fp32_first_convs >= 1 and not DEFAULT_SCHEME.fp32_depthwise and DEFAULT_SCHEME.quantize_clip
     with pytest.raises(ValueError, match="calibration method"):
@@ -56,7 +57,7 @@ def test_scheme_validation():
     with pytest.raises(ValueError, match="format"):
         Int8Scheme(fmt="qlinear")
     # `frozen export` uses DEFAULT_SCHEME; `frozen int8` with no flags must try the very same scheme
-    from training import frozen_cli as c
+    from taskcodec.calibration import frozen_cli as c
 
     defaults = [o.default for o in (c.CALIB, c.METHOD, c.PERCENTILE, c.PCT_LINEAR, c.FP32_FIRST, c.KEEP_FP32, c.FP32_DW,
                                     c.QUANT_CLIP, c.QUANT_ADD, c.FMT, c.ACTS, c.REDUCE, c.LATCORR)]
@@ -64,7 +65,7 @@ def test_scheme_validation():
 
 
 def test_histogram_range_rules():
-    from training.frozen_int8 import _mse_range, _percentile_range
+    from taskcodec.calibration.frozen_int8 import _mse_range, _percentile_range
 
     x = np.concatenate([np.linspace(-1, 1, 9998), [-50.0, 50.0]])  # two outliers in 10000 values
     t = np.abs(x).max()
@@ -81,8 +82,8 @@ def test_histogram_range_rules():
 
 
 def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tmp_path):
-    from calibration.calibrate import run, session
-    from training.frozen_int8 import DEFAULT_SCHEME, Int8Scheme, fp32_nodes, graph_check, quantize_encoder
+    from taskcodec.calibration.calibrate import run, session
+    from taskcodec.calibration.frozen_int8 import DEFAULT_SCHEME, Int8Scheme, fp32_nodes, graph_check, quantize_encoder
 
     import onnx
 
@@ -113,7 +114,7 @@ def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tm
 
 def test_report_adds_the_int8_encoder_to_the_bundle(bundle):
     from taskcodec.bundle import load_bundle
-    from training.frozen_int8 import Int8Scheme, int8_report
+    from taskcodec.calibration.frozen_int8 import Int8Scheme, int8_report
 
     result = int8_report(bundle, Int8Scheme(calib=32), n_eval=64, latency_rounds=0, budget_points=100.0,
                          progress=lambda _: None)
@@ -133,10 +134,10 @@ def test_bundle_transfer_runs_both_encoders_on_unseen_data(bundle, tmp_path, mon
     """`taskcodec frozen bench-bundle`: the deployed encoders on an unseen dataset, with real bytes and the probe."""
     import json
 
-    from bench.transfer import bundle_transfer, write_bundle_outputs
+    from taskcodec.bench.transfer import bundle_transfer, write_bundle_outputs
     from taskcodec.bundle import load_bundle
-    from training.frozen_int8 import Int8Scheme, int8_report
-    from training.transfer_datasets import DATASETS, TransferSet
+    from taskcodec.calibration.frozen_int8 import Int8Scheme, int8_report
+    from taskcodec.training.transfer_datasets import DATASETS, TransferSet
 
     if not load_bundle(bundle.path).has("encoder_int8"):
         int8_report(bundle, Int8Scheme(calib=32), n_eval=64, latency_rounds=0, budget_points=100.0,
@@ -181,7 +182,7 @@ def test_golden_vectors_of_an_rgb_frozen_bundle_verify_and_catch_a_changed_table
     the shipped tables no longer match the committed bytes."""
     import shutil
 
-    from export.golden import GOLDEN_FILE, make_golden, verify_golden
+    from taskcodec.export.golden import GOLDEN_FILE, make_golden, verify_golden
     from taskcodec.bundle import BundleError, add_file, load_bundle
     from taskcodec.coding import EntropyTables
 

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from runtime.capture import CaptureConfig, CaptureRuntime, run_capture
-from runtime.cli import app
-from runtime.fakeserver import FakeIngestServer
-from runtime.preprocess import Preprocessor
-from runtime.sources import open_source
+from taskcodec.runtime.capture import CaptureConfig, CaptureRuntime, run_capture
+from taskcodec.runtime.cli import app
+from taskcodec.testing.fake_ingest import FakeIngestServer
+from taskcodec.runtime.preprocess import Preprocessor
+from taskcodec.runtime.sources import open_source
 from taskcodec.coding import decompress
 from tiny_bundle import make_tiny_bundle
 
@@ -127,21 +127,10 @@ def test_cli_errors_are_clear(bundle, tmp_path, args, message):
     assert message in " ".join(result.output.split()), result.output
 
 
-def test_profile_command_writes_json_and_markdown(bundle, tmp_path):
-    result = CliRunner().invoke(app, ["profile", "--bundle", str(bundle.path), "--frames", "20", "--out",
-                                      str(tmp_path / "prof")])
-    assert result.exit_code == 0, result.output
-    data = json.loads((tmp_path / "prof" / "runtime_profile.json").read_text())
-    run = data["runs"][0]
-    assert run["precision"] == "fp32" and run["frames"] == 20 and run["acked"] == 20 and run["peak_rss_mb"] > 0
-    assert 0 < run["coding_share"] < 1 and "CPU" in data["machine"]
-    assert "| fp32 | full | 20 |" in (tmp_path / "prof" / "runtime_profile.md").read_text()
-
-
 def test_status_line_renders_rates():
     import io
 
-    from runtime.status import RuntimeStats, StatusLine
+    from taskcodec.runtime.status import RuntimeStats, StatusLine
 
     stats = RuntimeStats(camera_id="cam-s")
     line = StatusLine(stats, stream=io.StringIO())

@@ -8,12 +8,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.capture import CaptureConfig, CaptureRuntime, run_capture
-from runtime.preprocess import Preprocessor
-from runtime.sources import open_source
+from taskcodec.runtime.capture import CaptureConfig, CaptureRuntime, run_capture
+from taskcodec.runtime.preprocess import Preprocessor
+from taskcodec.runtime.sources import open_source
 from tiny_bundle import make_tiny_bundle
 
-testing = pytest.importorskip("server.testing")
+from taskcodec import testing
 TIMEOUT = 60
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.encoder import EncoderError, FrameEncoder
+from taskcodec.runtime.encoder import EncoderError, FrameEncoder
 from taskcodec.bundle import BundleError, load_bundle
 from taskcodec.coding import decompress
 from taskcodec.providers import ProviderError, canonical, choose_providers

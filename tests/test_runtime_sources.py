@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.preprocess import PreprocessError, Preprocessor, parse_roi
-from runtime.sources import (CapturedFrame, SourceError, VirtualFashionMNIST, gstreamer_available, open_source,
+from taskcodec.runtime.preprocess import PreprocessError, Preprocessor, parse_roi
+from taskcodec.runtime.sources import (CapturedFrame, SourceError, VirtualFashionMNIST, gstreamer_available, open_source,
                              parse_size)
 from taskcodec.bundle import InputSpec
 from taskcodec.data import load_fashion_mnist
@@ -141,7 +141,7 @@ def test_preprocess_roi_colour_resize():
 
 
 def test_fw_scheme_opens_the_firmware_frame_socket(tmp_path):
-    frame_socket = pytest.importorskip("firmware_bridge.frame_socket")
+    frame_socket = pytest.importorskip("taskcodec.runtime.fw_source")
     src = open_source(f"fw://{tmp_path / 'cam.sock'}", size=(28, 28))
     try:
         assert isinstance(src, frame_socket.FrameSocketSource) and (tmp_path / "cam.sock").exists()

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from runtime.spool import Spool, SpoolError
+from taskcodec.runtime.spool import Spool, SpoolError
 
 WRITER = textwrap.dedent("""
     import sys
-    from runtime.spool import Spool
+    from taskcodec.runtime.spool import Spool
     spool = Spool(sys.argv[1], max_frames=10**6)
     print("epoch", spool.epoch, flush=True)
     while True:

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from runtime.fakeserver import FakeIngestServer
-from runtime.spool import Spool
-from runtime.uplink import Uplink, UplinkConfig, backoff_delay, stream_url
+from taskcodec.testing.fake_ingest import FakeIngestServer
+from taskcodec.runtime.spool import Spool
+from taskcodec.runtime.uplink import Uplink, UplinkConfig, backoff_delay, stream_url
 from taskcodec import wire
 from taskcodec.coding import EntropyTables, compress
 import numpy as np

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from server.testing import ServerProcess
+from taskcodec.testing import ServerProcess
 from taskcodec import wire
 from taskcodec.coding import RangeCoder, compress
 from tiny_bundle import make_tiny_bundle

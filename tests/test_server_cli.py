@@ -4,9 +4,9 @@ import sqlite3
 
 from typer.testing import CliRunner
 
-from server.__main__ import app
-from server.auth import authenticate, hash_token, verify_token
-from server.storage import SQLiteStorage
+from taskcodec.server.__main__ import app
+from taskcodec.server.auth import authenticate, hash_token, verify_token
+from taskcodec.server.storage import SQLiteStorage
 from tiny_bundle import make_tiny_bundle
 
 runner = CliRunner()
@@ -57,21 +57,3 @@ def test_serve_reports_bad_inputs_clearly(tmp_path):
     assert bad_flag.exit_code == 2
     no_db_dir = runner.invoke(app, ["cameras", "list", "--db", str(tmp_path / "no" / "x.db")])
     assert no_db_dir.exit_code == 2 and "does not exist" in no_db_dir.output
-
-
-def test_serve_bench_writes_json_markdown_and_png(tmp_path):
-    bundle = make_tiny_bundle(tmp_path / "b")
-    out = runner.invoke(app, ["serve-bench", "--bundle", str(bundle.path), "--out", str(tmp_path / "r"),
-                              "--frames", "40", "--seconds", "0.5", "--cameras", "4"])
-    assert out.exit_code == 0, out.output
-    import json
-
-    result = json.loads((tmp_path / "r" / "serve_bench_d8.json").read_text())
-    assert [s["messages_per_microbatch"] for s in result["stages"]] == [1, 10, 50, 250]
-    assert all(s["total_cpu_us"] > 0 for s in result["stages"])
-    assert {(p["cameras"], p["microbatch"]) for p in result["pipeline"]} == {(4, False), (4, True)}
-    assert all(p["frames"] > 0 for p in result["pipeline"])
-    assert (tmp_path / "r" / "serve_bench_d8.md").read_text().startswith("# Ingest server CPU per frame")
-    assert (tmp_path / "r" / "serve_bench_d8.png").stat().st_size > 1000
-    bad = runner.invoke(app, ["serve-bench", "--bundle", str(bundle.path), "--cameras", "a,b"])
-    assert bad.exit_code == 2 and "comma-separated" in bad.output

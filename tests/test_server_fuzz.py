@@ -9,10 +9,10 @@ import sqlite3
 
 import numpy as np
 
-from server.ingest import MAX_INT64, IngestService, split_ingest_body
-from server.auth import add_camera
-from server.storage import SQLiteStorage
-from server.testing import ServerProcess, read_replies
+from taskcodec.server.ingest import MAX_INT64, IngestService, split_ingest_body
+from taskcodec.server.auth import add_camera
+from taskcodec.server.storage import SQLiteStorage
+from taskcodec.testing import ServerProcess, read_replies
 from taskcodec import wire
 from taskcodec.coding import RangeCoder, StreamError, compress, decompress
 from tiny_bundle import make_tiny_bundle

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from taskcodec.data import load_fashion_mnist  # noqa: E402
-from training.supervised import accuracy, predict, train_cnn  # noqa: E402
+from taskcodec.training.supervised import accuracy, predict, train_cnn  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from export import tensorrt as trt_path
+from taskcodec.export import tensorrt as trt_path
 from tiny_bundle import make_tiny_bundle
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and shutil.which("nvidia-smi") is not None
@@ -103,7 +103,7 @@ def test_parse_failure_and_missing_int8_encoder_are_clear(tmp_path):
 
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (GPU hosts only: pip install tensorrt)")
 def test_real_engine_matches_onnx_runtime(tmp_path):
-    from export.golden import run_encoder
+    from taskcodec.export.golden import run_encoder
 
     bundle = make_tiny_bundle(tmp_path / "b")
     path = trt_path.build_engine(bundle, "fp32", tmp_path / "cache")

@@ -9,11 +9,11 @@ import torch
 
 from taskcodec.coding import compress, decompress
 from taskcodec.data import load_fashion_mnist
-from training.augmentations import REGISTRY, get_augmentation
-from training.entropy_bottleneck import EntropyBottleneck
-from training.models import CompressorConfig, SymbolEncoder
-from training.probes import accuracy, fit_probe
-from training.trainer import RunError, encode_symbols, load_run, train, train_model
+from taskcodec.training.augmentations import REGISTRY, get_augmentation
+from taskcodec.training.entropy_bottleneck import EntropyBottleneck
+from taskcodec.training.models import CompressorConfig, SymbolEncoder
+from taskcodec.training.probes import accuracy, fit_probe
+from taskcodec.training.trainer import RunError, encode_symbols, load_run, train, train_model
 
 torch.set_num_threads(1)
 QUICK = dict(train_subset=768, test_subset=500, batch_size=64, probe_epochs=8, quantile_steps=500, threads=1)

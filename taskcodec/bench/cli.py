@@ -1,0 +1,77 @@
+"""`taskcodec bench ...`: a thin dispatcher to the benchmark modules (each benchmark lives in its own module and
+writes JSON + markdown + PNG through taskcodec.report). Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+bench_app = typer.Typer(help="Benchmarks: classical codec baselines and more; results as JSON + markdown + PNG.",
+                        no_args_is_help=True)
+
+
+@bench_app.command("classical")
+def classical(
+    qualities: Optional[List[str]] = typer.Option(
+        None, "--qualities", "-q",
+        help="Codec and qualities, repeatable: jpeg=1,5,10  webp=0,1,5  png=lossless  avif=0,20. "
+             "Default: jpeg 1,5,10,20,50,90; webp 0,1,5,20,50,90; png lossless; avif 0,20,50."),
+    epochs: int = typer.Option(3, "--epochs", min=1, help="CNN epochs per codec/quality (and for the raw row)."),
+    baseline_epochs: int = typer.Option(8, "--baseline-epochs", min=0,
+                                        help="Also train the raw-pixel CNN this long (0: skip)."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for classical.{json,md,png}."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch threads (the CPU is shared: keep 1)."),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="Train the codec CNNs (and the raw row) on the first N train images only."),
+    test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="Use only the first N test images."),
+    baseline_train_limit: Optional[int] = typer.Option(None, "--baseline-train-limit", min=1,
+                                                       help="Train images for the baseline (default: all)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Fashion-MNIST folder (default: system dataset)."),
+    report_only: bool = typer.Option(False, "--report-only",
+                                     help="Only rewrite classical.md and classical.png from OUT/classical.json."),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="Reuse rows already in OUT/classical.json measured with the same settings."),
+) -> None:
+    """Bytes per image vs accuracy for JPEG/WebP/PNG/AVIF: a CNN retrained on each codec's decoded images."""
+    from taskcodec.bench.classical import CodecError, parse_qualities, run_benchmark
+    from taskcodec.data import DataError
+
+    if report_only:
+        from taskcodec.bench.classical import load_results, write_results
+
+        try:
+            paths = write_results(load_results(out), out)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            typer.echo(f"error: cannot rebuild the report from {out}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo("wrote " + ", ".join(map(str, paths)))
+        return
+    try:
+        parsed = parse_qualities(qualities) if qualities else None
+        results = run_benchmark(parsed, epochs=epochs, baseline_epochs=baseline_epochs, seed=seed, threads=threads,
+                                train_limit=train_limit, test_limit=test_limit,
+                                baseline_train_limit=baseline_train_limit, data=data, out=out, resume=resume,
+                                progress=True, log=typer.echo)
+    except (CodecError, DataError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {out / 'classical.json'}, {out / 'classical.md'}, {out / 'classical.png'} "
+               f"({len(results['rows'])} rows)")
+
+
+from taskcodec.bench.fleet_cli import fleet as _fleet  # noqa: E402  (light: typer only)
+
+bench_app.command("fleet")(_fleet)
+
+from taskcodec.bench.perf_cli import runtime as _runtime, server as _server  # noqa: E402  (light: typer only)
+
+bench_app.command("server")(_server)
+bench_app.command("runtime")(_runtime)
+
+
+def register(app: typer.Typer) -> None:
+    import taskcodec.bench.transfer_cli  # noqa: F401  (adds its commands to the `frozen` group)
+
+    app.add_typer(bench_app, name="bench")

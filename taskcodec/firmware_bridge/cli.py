@@ -1,0 +1,73 @@
+"""`taskcodec firmware ...`: build the C firmware library and tools, run the example camera, listen, fuzz."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    fw = typer.Typer(help="C code for camera firmware: wire-format library, frame socket, example camera.",
+                     no_args_is_help=True)
+    app.add_typer(fw, name="firmware")
+
+    @fw.command("build")
+    def build_cmd(
+        out: Optional[Path] = typer.Option(None, help="folder for the binaries (default: the build cache)"),
+        sanitize: bool = typer.Option(False, help="build with AddressSanitizer + UBSan"),
+        cc: Optional[str] = typer.Option(None, help="C compiler (default: $CC, cc, gcc, clang)"),
+    ) -> None:
+        """Compile the static library, the example camera, the C tests, the fuzz harness and the cross-check tool."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from taskcodec.firmware_bridge import build
+
+        console = Console()
+        table = Table("target", "path")
+        try:
+            with console.status("compiling ..."):
+                table.add_row("libtaskcodec_fw.a", str(build.build_library(cc=cc, out_dir=out)))
+                for target in build.TARGETS:
+                    table.add_row(target, str(build.build(target, sanitize=sanitize, cc=cc, out_dir=out)))
+        except build.BuildError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1)
+        table.add_row("headers", ", ".join(str(build.C_DIR / h) for h in build.HEADERS))
+        console.print(table)
+
+    @fw.command("example", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def example_cmd(
+        ctx: typer.Context,
+        socket: Path = typer.Argument(..., help="the runtime's frame socket (the PATH of its fw://PATH source)"),
+    ) -> None:
+        """Build and run fw_camera_example: send frames to SOCKET. Extra options go to the program:
+        --frames N --width W --height H --format gray8|bgr24|rgb24 --raw FILE --labels FILE --fps F --ts0 MS
+        --dt MS --wait SECONDS."""
+        from taskcodec.firmware_bridge import build
+
+        try:
+            exe = build.build("fw_camera_example")
+        except build.BuildError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1)
+        raise typer.Exit(subprocess.run([str(exe), str(socket), *ctx.args]).returncode)
+
+    @fw.command("fuzz")
+    def fuzz_cmd(
+        seconds: float = typer.Option(10.0, help="time budget"),
+        seed: int = typer.Option(1, help="mutation seed (a failure replays with the same seed)"),
+    ) -> None:
+        """Fuzz the C wire decoder and encoders under AddressSanitizer + UBSan."""
+        from taskcodec.firmware_bridge import build
+
+        try:
+            exe = build.build("fuzz_wire", sanitize=True)
+        except build.BuildError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1)
+        proc = subprocess.run([str(exe), str(10**12), str(seed), str(seconds)], env=build.sanitizer_env())
+        raise typer.Exit(proc.returncode)

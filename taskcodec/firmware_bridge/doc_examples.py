@@ -1,0 +1,63 @@
+"""The byte examples in docs/wire-format.md, produced by the reference encoders so the document cannot drift:
+``python -m firmware_bridge.doc_examples`` prints the hex dumps, and a test checks the document against them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from taskcodec.frame_socket import GRAY8, FrameHeader
+from taskcodec import wire
+from taskcodec.coding import EntropyTables
+from taskcodec.coding.stream import compress
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
+TAG = bytes.fromhex("0123456789abcdef")
+
+
+def _stream(symbols: list[int]) -> bytes:
+    """A real per-frame payload: 8 latent symbols range-coded with small Gaussian-shaped tables over -4..4."""
+    support = np.arange(-4, 5)
+    tables = EntropyTables.from_pmfs(np.full(8, -4, np.int32), [np.exp(-0.25 * support**2) for _ in range(8)])
+    return compress(np.array(symbols, np.int32), tables, TAG)
+
+
+def _batch() -> wire.Batch:
+    return wire.Batch(3, [wire.Frame(41, 1_700_000_000_000, _stream([0, 1, -1, 0, 2, 0, 0, -1])),
+                          wire.Frame(42, 1_700_000_000_200, _stream([1, 0, 0, -2, 0, 1, 0, 0]))])
+
+
+EXAMPLES: dict[str, Callable[[], bytes]] = {
+    "hello": lambda: wire.Hello(TAG, "cam-7", b"secret").encode(),
+    "welcome": lambda: wire.Welcome().encode(),
+    "stream": lambda: _stream([0, 1, -1, 0, 2, 0, 0, -1]),
+    "batch": lambda: _batch().encode(),
+    "ack": lambda: wire.Ack(3, 41, 2).encode(),
+    "reject": lambda: wire.Reject(3, 42, 1, wire.Code.BAD_PAYLOAD, "stream check failed").encode(),
+    "error": lambda: wire.Error(wire.Code.UNAUTHORIZED, "unknown camera or wrong token").encode(),
+    "frame_header": lambda: FrameHeader(28, 28, GRAY8, 1_700_000_000_000, 9).pack(),
+}
+
+
+def hexdump(data: bytes) -> str:
+    return "\n".join(f"{i:04x}: {data[i:i + 16].hex(' ')}" for i in range(0, len(data), 16))
+
+
+def parse_doc(text: str) -> dict[str, bytes]:
+    """``<!-- example: NAME -->`` followed by a fenced hex dump -> {NAME: bytes}."""
+    found = {}
+    for name, block in re.findall(r"<!-- example: (\w+) -->\s*```text\n(.*?)```", text, re.S):
+        found[name] = bytes.fromhex("".join(line.split(":", 1)[1] for line in block.strip().splitlines()))
+    return found
+
+
+def main() -> None:
+    for name, make in EXAMPLES.items():
+        print(f"<!-- example: {name} -->\n```text\n{hexdump(make())}\n```\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""`runtime capture` (also `taskcodec capture`): run a camera against an ingest server.
+
+Settings come from ``--config FILE.yaml`` (keys are the flag names, dashes or underscores) and are overridden by
+flags given on the command line. Exit codes: 0 done, 1 stopped by a fatal server refusal, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+FLAG_HELP = {
+    "device": "Source: /dev/videoN, v4l2:///dev/videoN, csi://N, rtsp://..., file://PATH or PATH (video or image "
+              "folder), virtual://fashion-mnist?size=640x480&seed=0, fw://SOCKET.",
+}
+
+
+def _load_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    import yaml
+
+    if not path.is_file():
+        raise typer.BadParameter(f"config file {path} not found", param_hint="--config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise typer.BadParameter(f"{path} is not valid YAML: {exc}", param_hint="--config") from None
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{path} must hold a mapping of flag names to values", param_hint="--config")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(flags: dict, config_file: Path | None):
+    """Merge config-file values and flags (flags win) into a CaptureConfig, validating every value."""
+    from taskcodec.runtime.capture import CaptureConfig
+    from taskcodec.runtime.preprocess import parse_roi
+    from taskcodec.runtime.sources import parse_size
+
+    known = {f.name for f in fields(CaptureConfig)}
+    merged = _load_config(config_file)
+    unknown = set(merged) - known
+    if unknown:
+        raise typer.BadParameter(f"unknown setting(s) {', '.join(sorted(unknown))} in {config_file}",
+                                 param_hint="--config")
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        if merged.get("size") is not None and not isinstance(merged["size"], tuple):
+            merged["size"] = parse_size(str(merged["size"]))
+        if merged.get("roi") is not None and not isinstance(merged["roi"], tuple):
+            roi = merged["roi"]
+            merged["roi"] = parse_roi(",".join(map(str, roi)) if isinstance(roi, list) else str(roi))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if merged.get("precision", "fp32") not in ("fp32", "int8"):
+        raise typer.BadParameter(f"precision must be fp32 or int8, got {merged['precision']!r}", param_hint="--precision")
+    for names, kind, low in ((("fps",), float, 1e-9), (("max_delay", "drain_timeout"), float, 0.0),
+                             (("threads", "frames", "spool_max_frames", "max_batch", "max_in_flight"), int, 1),
+                             (("metrics_port",), int, 0)):
+        for name in names:
+            if merged.get(name) is None:
+                continue
+            try:
+                merged[name] = kind(merged[name])
+            except (TypeError, ValueError):
+                raise typer.BadParameter(f"--{name.replace('_', '-')} must be a number, got {merged[name]!r}") from None
+            if merged[name] < low:
+                raise typer.BadParameter(f"--{name.replace('_', '-')} must be at least {low:g}, got {merged[name]}")
+    if merged.get("token") is not None:
+        merged["token"] = str(merged["token"])
+    return CaptureConfig(**merged)
+
+
+def capture(
+    device: Optional[str] = typer.Option(None, "--device", "-d", help=FLAG_HELP["device"]),
+    bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Model bundle folder (default: the embedded one)."),
+    server: Optional[str] = typer.Option(None, "--server", "-s", help="Ingest server, http://HOST:PORT or ws://HOST:PORT."),
+    camera_id: Optional[str] = typer.Option(None, "--camera-id", help="This camera's id (1..255 bytes)."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="TASKCODEC_TOKEN", help="Camera token (or $TASKCODEC_TOKEN)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or int8 encoder."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
+    providers: Optional[str] = typer.Option(None, "--providers", help="Execution providers, e.g. cuda,cpu (default: best available)."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Frame rate cap."),
+    size: Optional[str] = typer.Option(None, "--size", help="Capture size WxH, e.g. 640x480."),
+    roi: Optional[str] = typer.Option(None, "--roi", help="Region of interest x,y,w,h in capture pixels."),
+    loop: Optional[bool] = typer.Option(None, "--loop/--no-loop", help="Restart files, folders and virtual cameras at the end."),
+    max_delay: Optional[float] = typer.Option(None, "--max-delay", help="Seconds to wait to fill a batch (0: send each frame at once)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Frames per batch."),
+    spool: Optional[str] = typer.Option(None, "--spool", help="Spool folder (durable store-and-forward)."),
+    spool_max_frames: Optional[int] = typer.Option(None, "--spool-max-frames", help="Spool bound; when full the oldest frames are dropped."),
+    spool_sync: Optional[str] = typer.Option(None, "--spool-sync", help="full (fsync each frame; survives power loss) or normal (survives kill -9 only)."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
+    frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Stop after this many frames."),
+    drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="At the end, seconds to wait for acks."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", "-q", help="No live status line."),
+    profile: bool = typer.Option(False, "--profile", help="Print the per-stage time breakdown at the end."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the run's report (JSON) to this file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (flags override it)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log uplink and spool events."),
+) -> None:
+    """Capture frames, encode them with the bundle's encoder, spool them durably and stream them to the server."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    flags = {k: v for k, v in locals().items() if k not in ("config", "profile", "report", "verbose")}
+    cfg = build_config(flags, config)
+    from taskcodec.runtime.capture import CaptureRuntime, UplinkFatal
+    from taskcodec.runtime.encoder import EncoderError
+    from taskcodec.runtime.preprocess import PreprocessError
+    from taskcodec.runtime.sources import SourceError
+    from taskcodec.runtime.spool import SpoolError
+    from taskcodec.bundle import BundleError
+    from taskcodec.data import DataError
+    from taskcodec.providers import ProviderError
+
+    bad_input = (BundleError, SourceError, SpoolError, EncoderError, PreprocessError, ProviderError, DataError,
+                 ValueError, OSError)
+    try:
+        runtime = CaptureRuntime(cfg)
+    except bad_input as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from None
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # systemd stop: finish the frame in hand and exit cleanly; unsent frames stay spooled
+        previous = signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
+    try:
+        result = runtime.run()
+    except KeyboardInterrupt:
+        typer.secho("interrupted; unsent frames stay in the spool", err=True)
+        raise typer.Exit(130) from None
+    except UplinkFatal as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from None
+    except bad_input as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    summary = result.to_dict()
+    summary.pop("labels")
+    typer.echo(f"{result.frames} frames, {result.acked} acked, {result.dropped} dropped, {result.spool_depth} left "
+               f"in the spool; {result.fps:.1f} fps, {result.bits_per_frame:.1f} bits/frame, "
+               f"peak RSS {result.peak_rss_mb:.0f} MB")
+    if not result.drained:
+        typer.echo(f"{result.spool_depth} frames not acked yet; they stay in {cfg.spool} and are sent next run")
+    if profile:
+        typer.echo(f"per frame: preprocess {result.preprocess_ms_per_frame:.3f} ms, inference "
+                   f"{result.inference_ms_per_frame:.3f} ms, range coding {result.coding_ms_per_frame:.3f} ms "
+                   f"({100 * result.coding_share:.1f}% of encode, {100 * result.coding_share_of_frame:.1f}% of frame), "
+                   f"spool {result.spool_ms_per_frame:.3f} ms")
+    if report is not None:
+        report.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def fw_listen(
+    socket: Path = typer.Argument(..., help="unix socket path to listen on"),
+    frames: Optional[int] = typer.Option(None, help="stop after this many frames"),
+    idle: Optional[float] = typer.Option(None, help="stop after this many seconds without a frame"),
+) -> None:
+    """Receive frames on SOCKET and print one line per frame (to debug firmware senders without a runtime)."""
+    from taskcodec.runtime.fw_source import FrameSocketSource, SourceError
+
+    try:
+        source = FrameSocketSource(socket, idle_timeout=idle, max_frames=frames)
+    except SourceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"listening on {socket}", err=True)
+    with source:
+        try:
+            for f in source:
+                typer.echo(f"frame {f.index}: {f.image.shape[1]}x{f.image.shape[0]}x{f.image.shape[2]} "
+                           f"ts_ms={f.ts_ms} label={f.label} mean={f.image.mean():.1f}")
+        except KeyboardInterrupt:
+            pass
+    for err in source.errors:
+        typer.echo(f"error: {err}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("capture")(capture)
+    app.command("fw-listen")(fw_listen)
+
+
+app = typer.Typer(name="runtime", help="taskcodec edge runtime: capture, encode, spool and stream.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+register(app)
+
+
+@app.callback()
+def _main_callback() -> None:
+    """taskcodec edge runtime."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The frame-source interface every capture source implements (sources.py names them by URI; fw_source.py adds the
+firmware frame socket): a source yields CapturedFrame, paced to ``fps`` and resized to ``size``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+
+class SourceError(RuntimeError):
+    """A source that cannot be opened or stopped delivering frames."""
+
+
+@dataclass(frozen=True)
+class CapturedFrame:
+    image: np.ndarray      # H x W x C uint8 (BGR) or H x W (gray)
+    ts_ms: int             # capture wall-clock time, ms since the epoch
+    index: int             # 0, 1, 2, ... in delivery order
+    label: int | None = None  # ground truth where the source knows it (virtual camera)
+
+
+class Source:
+    """Base class: subclasses implement ``_read`` (next image and label, or None at the end) and ``_rewind``."""
+
+    description = "source"
+    live = False  # live sources are not throttled by a file's timing and cannot loop
+
+    def __init__(self, *, size: tuple[int, int] | None = None, fps: float | None = None, loop: bool = False):
+        if fps is not None and fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.size = size
+        self.fps = fps
+        self.loop = loop
+
+    def _read(self) -> tuple[np.ndarray, int | None] | None:
+        raise NotImplementedError
+
+    def _rewind(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[CapturedFrame]:
+        index = 0
+        period = 1.0 / self.fps if self.fps else 0.0
+        next_due = time.monotonic()
+        while True:
+            if period:
+                delay = next_due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                next_due = max(next_due + period, time.monotonic() - period)
+            item = self._read()
+            if item is None and self.loop and self._rewind():
+                item = self._read()
+            if item is None:
+                return
+            image, label = item
+            if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
+                image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
+            yield CapturedFrame(image, int(time.time() * 1000), index, label)
+            index += 1
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}>"
+
+

@@ -1,0 +1,23 @@
+"""Test and benchmark support (tests/ and taskcodec.bench may import it; product code never does): a real server
+subprocess with crash and inspection helpers, and an in-memory protocol-speaking ingest server.
+
+    with ServerProcess(bundle_path, db_path) as srv:
+        token = srv.add_camera("cam-1")
+        with srv.stream() as c: ...
+        srv.kill()          # SIGKILL, like a power cut of the process
+"""
+
+from __future__ import annotations
+
+from taskcodec.server.client import HttpIngestClient, StreamClient, read_replies  # noqa: F401  (re-exported)
+from taskcodec.server.process import LocalServer, ServerError, spawn, terminate, wait_for_port  # noqa: F401
+
+
+class ServerProcess(LocalServer):
+    """A LocalServer with the protocol clients tests use."""
+
+    def stream(self, timeout: float = 30.0) -> StreamClient:
+        return StreamClient(self.url, timeout)
+
+    def http(self, timeout: float = 30.0) -> HttpIngestClient:
+        return HttpIngestClient(self.url, timeout)

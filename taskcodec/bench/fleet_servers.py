@@ -135,8 +135,9 @@ class Service:
         self.close()
 
 
-def http_get(url: str, timeout: float = 30.0) -> bytes:
-    with _NO_PROXY.open(url, timeout=timeout) as r:
+def http_get(url: str, timeout: float = 30.0, key: str | None = None) -> bytes:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with _NO_PROXY.open(request, timeout=timeout) as r:
         return r.read()
 
 
@@ -150,7 +151,22 @@ def _healthy(service: Service) -> bool:
 def ingest_server(network: Network, bundle_path: Path, db: Path) -> Service:
     cmd = [sys.executable, "-m", "taskcodec.server", "serve", "--bundle", str(bundle_path), "--db", str(db),
            "--host", network.server_host, "--port", "0"]
-    return Service(cmd, network, "server", ready=_healthy)
+    service = Service(cmd, network, "server", ready=_healthy)
+    service.metrics_key = _scrape_key(db)  # /metrics needs an operator key (scope "metrics")
+    return service
+
+
+def _scrape_key(db: Path) -> str:
+    import secrets
+
+    from taskcodec.server.auth import add_operator
+    from taskcodec.server.storage import SQLiteStorage
+
+    storage = SQLiteStorage(db)
+    try:
+        return add_operator(storage, f"fleet-bench-{secrets.token_hex(4)}", "metrics")
+    finally:
+        storage.close()
 
 
 def baseline_receiver(network: Network) -> Service:
@@ -163,7 +179,7 @@ def server_bytes_received(service: Service) -> float | None:
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = http_get(service.url + "/metrics").decode()
+        text = http_get(service.url + "/metrics", key=getattr(service, "metrics_key", None)).decode()
     except OSError:
         return None
     for family in text_string_to_metric_families(text):

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response, WebSocket
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, WebSocket
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.websockets import WebSocketDisconnect
 
+from taskcodec.server.auth import require_operator
 from taskcodec.server.ingest import IngestService
 from taskcodec.server.storage import SQLiteStorage
 from taskcodec import __version__, wire
@@ -41,8 +41,13 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
         await service.aclose()
         storage.close()
 
-    app = FastAPI(title="taskcodec ingest server", version=__version__, lifespan=lifespan)
+    # No /docs or /redoc (their pages cannot send an API key); /openapi.json needs a read key, like every query.
+    app = FastAPI(title="taskcodec ingest server", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
+    app.state.storage = storage  # require_operator() looks keys up here
+    app.state.metrics = metrics
+    read = [Depends(require_operator("read"))]
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket) -> None:
@@ -68,12 +73,16 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
         return Response(reply.body, reply.status, headers={"X-Reason": _header_safe(reply.reason)},
                         media_type="application/octet-stream")
 
-    @app.get("/v1/cameras")
+    @app.get("/openapi.json", dependencies=read, include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/v1/cameras", dependencies=read)
     def cameras() -> list[dict]:
         counts = storage.frame_counts()
         return [{"id": c.id, "created_ms": c.created, "frames": counts.get(c.id, 0)} for c in storage.list_cameras()]
 
-    @app.get("/v1/cameras/{camera_id}/frames")
+    @app.get("/v1/cameras/{camera_id}/frames", dependencies=read)
     def frames(camera_id: str, since_seq: int | None = Query(None, ge=-1),
                since_ts: int | None = Query(None, ge=0), epoch: int | None = Query(None, ge=0),
                limit: int = Query(100, ge=1, le=10000)) -> dict:
@@ -89,12 +98,12 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         db_ok = storage.ping()
+        # Open to anyone (load balancers): nothing here that helps an attacker (no version, pid or paths).
         body = {"status": "ok" if db_ok else "degraded", "model_id": service.model_id, "db_ok": db_ok,
-                "uptime_s": round(service.uptime_s(), 3), "version": __version__, "pid": os.getpid(),
-                "microbatch": service.microbatch}
+                "uptime_s": round(service.uptime_s(), 3)}
         return JSONResponse(body, 200 if db_ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_operator("metrics"))])
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

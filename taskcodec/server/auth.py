@@ -1,4 +1,4 @@
-"""Camera tokens: issued once, stored only as a salted hash, checked in constant time.
+"""Camera tokens and operator API keys: issued once, stored only as a salted hash, checked in constant time.
 
 Tokens are 32 random bytes (256 bits, url-safe base64), so a stolen hash cannot be brute-forced whatever the hash's
 speed; a slow KDF like scrypt protects *low-entropy passwords* and would only add milliseconds to every HTTP ingest
@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
+import time
 
-from taskcodec.server.storage import Storage
+from fastapi import HTTPException, Request
+
+from taskcodec.server.storage import Operator, Storage
 
 SCHEME = "sha256"
 CAMERA_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -62,3 +66,101 @@ def authenticate(storage: Storage, camera_id: str, token: bytes) -> bool:
     camera = storage.get_camera(camera_id)
     ok = verify_token(token, camera.token_hash if camera else _DUMMY)
     return ok and camera is not None
+
+
+# Operators ---------------------------------------------------------------------------------------------------------
+# People and tools that read or administer the server (dashboard, query API, heads, Prometheus) use API keys sent as
+# ``Authorization: Bearer <key>``. A key is ``tco_`` + 32 random bytes; the DB keeps only its SHA-256 (unsalted is
+# safe for 256-bit random secrets and lets the key be looked up by its hash, so a request costs one indexed SELECT).
+# Scopes are ordered: an "admin" key may do what a "read" key may, a "read" key what a "metrics" (scrape) key may.
+
+SCOPES = ("metrics", "read", "admin")
+OPERATOR_NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+KEY_PREFIX = "tco_"
+
+
+def new_operator_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_operator_key(key: str) -> str:
+    return "sha256$" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise AuthError(f"scope {scope!r} is not one of {', '.join(SCOPES)}")
+    return scope
+
+
+def scope_allows(granted: str, needed: str) -> bool:
+    return SCOPES.index(granted) >= SCOPES.index(needed) if granted in SCOPES else False
+
+
+def add_operator(storage: Storage, name: str, scope: str) -> str:
+    """Create an operator API key; returns it (shown once, only its hash is stored)."""
+    if not OPERATOR_NAME.match(name):
+        raise AuthError(f"operator name {name!r} must be 1-64 characters from A-Z a-z 0-9 . _ : @ -")
+    check_scope(scope)
+    key = new_operator_key()
+    storage.add_operator(name, hash_operator_key(key), scope)
+    return key
+
+
+def authenticate_operator(storage: Storage, key: str) -> Operator | None:
+    if not key.startswith(KEY_PREFIX) or len(key) > 200:
+        return None
+    return storage.operator_by_key_hash(hash_operator_key(key))
+
+
+class RateLimitedLog:
+    """At most one log line per ``key`` every ``interval`` seconds, with the count of the suppressed ones."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, max_keys: int = 10000):
+        self.logger, self.interval, self.max_keys = logger, interval, max_keys
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-1e18, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if len(self._last) >= self.max_keys:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        self.logger.warning(message + (f" ({suppressed} more like it suppressed)" if suppressed else ""))
+
+
+log = logging.getLogger("taskcodec.server.auth")
+failed_logins = RateLimitedLog(log)
+
+
+def require_operator(scope: str):
+    """FastAPI dependency: the Operator behind ``Authorization: Bearer KEY`` if its scope covers ``scope``; 401
+    without (valid) credentials, 403 with too small a scope. The app must set ``app.state.storage``.
+
+        @app.get("/v1/thing", dependencies=[Depends(require_operator("read"))])
+        def thing(...): ...
+        # or: def thing(op: Operator = Depends(require_operator("admin"))): ...
+    """
+    check_scope(scope)
+
+    def dependency(request: Request) -> Operator:
+        header = request.headers.get("authorization", "")
+        kind, _, key = header.partition(" ")
+        address = request.client.host if request.client else "?"
+        operator = authenticate_operator(request.app.state.storage, key.strip()) if kind.lower() == "bearer" else None
+        if operator is None:
+            failed_logins.warning(f"op:{address}", f"operator authentication failed from {address} for "
+                                  f"{request.method} {request.url.path}: {'bad' if header else 'no'} credentials")
+            metrics = getattr(request.app.state, "metrics", None)
+            if metrics is not None:
+                metrics.auth_failures.labels("operator").inc()
+            raise HTTPException(401, "operator API key required (Authorization: Bearer KEY)",
+                                headers={"WWW-Authenticate": 'Bearer realm="taskcodec"'})
+        if not scope_allows(operator.scope, scope):
+            raise HTTPException(403, f"operator {operator.name!r} has scope {operator.scope!r}; this needs {scope!r}")
+        return operator
+
+    return dependency

@@ -65,6 +65,45 @@ def cameras_remove(camera_id: str, db: Path = typer.Option(DEFAULT_DB, "--db", h
     typer.echo(f"camera {camera_id!r} removed")
 
 
+operators_app = typer.Typer(help="Operator API keys for the query API, dashboard and /metrics (scopes: "
+                                 "metrics < read < admin).", no_args_is_help=True)
+
+
+@operators_app.command("add")
+def operators_add(name: str = typer.Argument(..., help="Operator name, 1-64 of A-Z a-z 0-9 . _ : @ -"),
+                  scope: str = typer.Option(..., "--scope", help="metrics (scrape /metrics), read, or admin"),
+                  db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
+    """Create an operator API key and print it ONCE (only its hash is stored). Send it as Authorization: Bearer KEY."""
+    from taskcodec.server.auth import AuthError, add_operator
+    from taskcodec.server.storage import StorageError
+
+    storage = _storage(db)
+    try:
+        key = add_operator(storage, name, scope)
+    except (AuthError, StorageError) as exc:
+        _fail(str(exc))
+    typer.echo(key)
+    typer.secho(f"operator {name!r} ({scope}) added; store this key now, it is not shown again", err=True)
+
+
+@operators_app.command("list")
+def operators_list(db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
+    """List operators and their scopes (never their keys)."""
+    from datetime import datetime, timezone
+
+    for op in _storage(db).list_operators():
+        created = datetime.fromtimestamp(op.created / 1000, timezone.utc).isoformat(timespec="seconds")
+        typer.echo(f"{op.name}\t{op.scope}\tcreated {created}")
+
+
+@operators_app.command("remove")
+def operators_remove(name: str, db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
+    """Revoke an operator's key."""
+    if not _storage(db).remove_operator(name):
+        _fail(f"no operator {name!r} in {db}")
+    typer.echo(f"operator {name!r} removed")
+
+
 def serve(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Model bundle folder (default: the embedded one)"),
     db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file (created if missing)"),
@@ -144,3 +183,4 @@ def _write_port_file(path: Path, port: int) -> None:
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.add_typer(cameras_app, name="cameras")
+    app.add_typer(operators_app, name="operators")

@@ -28,6 +28,8 @@ class ServerMetrics:
                                            registry=r, buckets=_LATENCY_BUCKETS + (300.0, 3600.0))
         self.microbatch_frames = Histogram(PREFIX + "microbatch_frames", "Frames per micro-batch", registry=r,
                                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.auth_failures = Counter(PREFIX + "auth_failures", "Failed authentications, by kind (camera, operator)",
+                                     ["kind"], registry=r)
         self.connections = Gauge(PREFIX + "connections", "Open WebSocket connections", registry=r)
 
     def render(self) -> bytes:

@@ -72,6 +72,7 @@ class LocalServer:
         self.port: int | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="taskcodec-server-")
         self.log_path = Path(self._tmp.name) / "server.log"
+        self.operator_key: str | None = None  # an admin API key this harness creates for its own queries
 
     @property
     def url(self) -> str:
@@ -80,6 +81,8 @@ class LocalServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> "LocalServer":
+        if self.operator_key is None:
+            self.operator_key = self.add_operator(f"local-{os.getpid()}-{id(self):x}", "admin")
         port_file = Path(self._tmp.name) / "port"
         port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "taskcodec.server", "serve", "--db", str(self.db_path), "--host", self.host,
@@ -109,13 +112,29 @@ class LocalServer:
         with urllib.request.urlopen(self.url + "/healthz", timeout=10) as r:
             return json.loads(r.read())
 
-    def get_json(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+    def request(self, path: str, key: str | None = "default") -> urllib.request.Request:
+        """A GET of ``path`` with ``Authorization: Bearer`` (this harness's admin key by default; None: no header)."""
+        key = self.operator_key if key == "default" else key
+        return urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    def get_json(self, path: str, key: str | None = "default"):
+        with urllib.request.urlopen(self.request(path, key), timeout=30) as r:
             return json.loads(r.read())
 
-    def get_text(self, path: str) -> str:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+    def get_text(self, path: str, key: str | None = "default") -> str:
+        with urllib.request.urlopen(self.request(path, key), timeout=30) as r:
             return r.read().decode()
+
+    def add_operator(self, name: str, scope: str) -> str:
+        """Create an operator API key in this server's database (directly; the CLI does the same); returns it."""
+        from taskcodec.server.auth import add_operator
+        from taskcodec.server.storage import SQLiteStorage
+
+        storage = SQLiteStorage(self.db_path)
+        try:
+            return add_operator(storage, name, scope)
+        finally:
+            storage.close()
 
     def add_camera(self, camera_id: str) -> bytes:
         """Register a camera in this server's database with the real CLI; returns its token as bytes."""

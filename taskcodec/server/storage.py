@@ -37,6 +37,12 @@ CREATE TABLE IF NOT EXISTS frames (
     PRIMARY KEY (camera_id, epoch, seq)
 );
 CREATE INDEX IF NOT EXISTS frames_by_capture_time ON frames (camera_id, ts_capture_ms);
+CREATE TABLE IF NOT EXISTS operators (
+    name TEXT PRIMARY KEY,
+    key_hash TEXT NOT NULL UNIQUE,
+    scope TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
 """
 
 
@@ -48,6 +54,13 @@ class StorageError(RuntimeError):
 class Camera:
     id: str
     token_hash: str
+    created: int
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    scope: str
     created: int
 
 
@@ -72,6 +85,10 @@ class Storage(Protocol):
     def get_camera(self, camera_id: str) -> Camera | None: ...
     def list_cameras(self) -> list[Camera]: ...
     def store_frames(self, rows: Sequence[FrameRow]) -> int: ...
+    def add_operator(self, name: str, key_hash: str, scope: str) -> None: ...
+    def remove_operator(self, name: str) -> bool: ...
+    def operator_by_key_hash(self, key_hash: str) -> Operator | None: ...
+    def list_operators(self) -> list[Operator]: ...
     def frames(self, camera_id: str, *, since_seq: int | None = None, since_ts: int | None = None,
                epoch: int | None = None, limit: int = 100) -> list[StoredFrame]: ...
     def frame_counts(self) -> dict[str, int]: ...
@@ -133,6 +150,28 @@ class SQLiteStorage:
     def list_cameras(self) -> list[Camera]:
         rows = self._reader().execute("SELECT id, token_hash, created FROM cameras ORDER BY id").fetchall()
         return [Camera(*r) for r in rows]
+
+    # operators ---------------------------------------------------------------------------------------------------
+    def add_operator(self, name: str, key_hash: str, scope: str) -> None:
+        with self._write_lock:
+            try:
+                self._writer.execute("INSERT INTO operators (name, key_hash, scope, created) VALUES (?, ?, ?, ?)",
+                                     (name, key_hash, scope, now_ms()))
+            except sqlite3.IntegrityError as exc:
+                raise StorageError(f"operator {name!r} already exists") from exc
+
+    def remove_operator(self, name: str) -> bool:
+        with self._write_lock:
+            return self._writer.execute("DELETE FROM operators WHERE name = ?", (name,)).rowcount > 0
+
+    def operator_by_key_hash(self, key_hash: str) -> Operator | None:
+        row = self._reader().execute("SELECT name, scope, created FROM operators WHERE key_hash = ?",
+                                     (key_hash,)).fetchone()
+        return Operator(*row) if row else None
+
+    def list_operators(self) -> list[Operator]:
+        return [Operator(*r) for r in
+                self._reader().execute("SELECT name, scope, created FROM operators ORDER BY name").fetchall()]
 
     # frames ------------------------------------------------------------------------------------------------------
     def store_frames(self, rows: Sequence[FrameRow]) -> int:

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.websockets import WebSocketDisconnect
 
 from taskcodec.server.auth import require_operator
+from taskcodec.server import query
 from taskcodec.server.ingest import IngestService
 from taskcodec.server.storage import SQLiteStorage
 from taskcodec import __version__, wire
@@ -107,6 +108,7 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    query.install(app)  # fleet operations (issue 13): query API, per-camera metrics
     return app
 
 

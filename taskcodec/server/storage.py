@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS frames (
     PRIMARY KEY (camera_id, epoch, seq)
 );
 CREATE INDEX IF NOT EXISTS frames_by_capture_time ON frames (camera_id, ts_capture_ms);
+-- the query API over all cameras (server/query.py): time ranges, and counts by class per interval from the index alone
+CREATE INDEX IF NOT EXISTS frames_by_time ON frames (ts_capture_ms, camera_id, prediction);
 CREATE TABLE IF NOT EXISTS operators (
     name TEXT PRIMARY KEY,
     key_hash TEXT NOT NULL UNIQUE,

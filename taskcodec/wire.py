@@ -1,26 +1,52 @@
-"""The uplink wire format (version 1), shared by runtime/, server/ and firmware_bridge/; see docs/wire-format.md.
+"""The uplink wire format (version 2), shared by runtime/, server/ and firmware_bridge/; see docs/wire-format.md.
 
-Every message starts with a one-byte type. Integers are unsigned LEB128 varints unless noted, which keeps per-frame
-framing to about 3 bytes (hand-written: a dozen lines, and protobuf would cost more bytes and a schema compiler).
+Every message starts with a one-byte type. Integers are unsigned LEB128 varints unless noted (``svarint``: a signed
+integer zig-zag mapped to an unsigned varint: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...), which keeps per-frame framing to
+about 3 bytes (hand-written: a dozen lines, and protobuf would cost more bytes and a schema compiler).
 
     HELLO  0x01  version:u8  model_tag:8 bytes  camera_id:(u8 len, utf-8)  token:(u8 len, bytes)
-    BATCH  0x02  epoch  first_seq  count  base_ts_ms  then per frame: ts_delta_ms  length  payload
+    BATCH  0x02  epoch  first_seq  count  base_ts_ms:svarint  then per frame: ts_delta_ms:svarint  length  payload
     ACK    0x03  epoch  first_seq  count                       (frames durably stored, duplicates included)
     REJECT 0x04  epoch  first_seq  count  code:u8  reason      (frames that will never be accepted)
     ERROR  0x05  code:u8  reason                               (the connection is refused; the server closes it)
     WELCOME 0x06 version:u8                                    (HELLO accepted)
 
-Frames in a BATCH have consecutive sequence numbers ``first_seq + i`` within one boot ``epoch``; a frame's capture time
-is ``base_ts_ms`` plus the running sum of deltas. ``reason`` is a varint length plus utf-8.
+Frames in a BATCH have consecutive sequence numbers ``first_seq + i`` within one ``epoch``: a random 63-bit id the
+camera draws once when its spool is created (never derived from its clock). A frame's capture time is
+``base_ts_ms`` plus the running sum of the signed deltas, so any clock step (forwards or backwards, by years) inside
+a batch encodes the true per-frame times. ``reason`` is a varint length plus utf-8.
+
+Version 2 (this one) changed from version 1: epoch limit 2^63-1 (was 2^32), signed zig-zag base time and deltas
+(were unsigned, deltas capped at 2^32 and clamped at 0 for a clock going backwards), first_seq limit 2^63-1, reply
+code 6 CONFLICT. A HELLO of version 1 is refused (``decode`` raises WireError naming both versions).
+
+This module is the ONLY parser of uplink messages. Server and clients use, instead of parsing bytes themselves:
+
+- ``decode(data)``                  one complete message (a WebSocket binary message);
+- ``split_ingest_body(body)``       an HTTP ``POST /v1/ingest`` body -> (Hello, the BATCH bytes); decode the BATCH
+                                    bytes with ``decode`` (so the server can authenticate before parsing the batch);
+- ``decode_ingest_body(body)``      the same, fully decoded: (Hello, Batch);
+- ``encode_ingest_body(hello, batch)`` the body a camera POSTs;
+- ``decode_replies(data)``          an HTTP ingest response body (concatenated ACK / REJECT / ERROR) -> messages;
+- ``encode_replies(msgs)``          the server's side of it.
+(Note to the server side: taskcodec/server/ingest.py:split_ingest_body and server/client.py:read_replies /
+_message_end should become thin calls of these; the HELLO layout is unchanged in v2, so they still work meanwhile.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VERSION = 1
+VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 MAX_FRAMES_PER_BATCH = 4096
 MAX_FRAME_BYTES = 65536
+MAX_EPOCH = (1 << 63) - 1       # epochs and sequence numbers fit a signed 64-bit database column
+MAX_SEQ = (1 << 63) - 1
+MAX_ABS_TS_MS = (1 << 62) - 1   # |capture time| in ms; any two such times differ by less than 2^63
+MAX_REASON_BYTES = 1024
+MAX_HELLO_BYTES = 1 + 1 + 8 + 1 + 255 + 1 + 255  # 522: a server may refuse a longer first message unread
+_U64 = (1 << 64) - 1
 
 
 class WireError(ValueError):
@@ -33,6 +59,11 @@ class Code:
     UNKNOWN_MODEL = 3
     BAD_PAYLOAD = 4
     BUSY = 5
+    CONFLICT = 6   # REJECT: this (camera, epoch, seq) is already stored with a different payload (v2)
+
+
+CODE_NAMES = {Code.BAD_MESSAGE: "bad_message", Code.UNAUTHORIZED: "unauthorized", Code.UNKNOWN_MODEL: "unknown_model",
+              Code.BAD_PAYLOAD: "bad_payload", Code.BUSY: "busy", Code.CONFLICT: "conflict"}
 
 
 def put_varint(out: bytearray, value: int) -> None:
@@ -48,10 +79,23 @@ def put_varint(out: bytearray, value: int) -> None:
             return
 
 
+def zigzag(value: int) -> int:
+    """Signed -> unsigned: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ..."""
+    return value << 1 if value >= 0 else ((-value) << 1) - 1
+
+
+def unzigzag(value: int) -> int:
+    return value >> 1 if not value & 1 else -((value + 1) >> 1)
+
+
+def put_svarint(out: bytearray, value: int) -> None:
+    put_varint(out, zigzag(value))
+
+
 class Reader:
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, pos: int = 0):
         self.data = memoryview(data)
-        self.pos = 0
+        self.pos = pos
 
     def u8(self) -> int:
         if self.pos >= len(self.data):
@@ -59,7 +103,7 @@ class Reader:
         self.pos += 1
         return self.data[self.pos - 1]
 
-    def varint(self, limit: int = 1 << 63) -> int:
+    def varint(self, limit: int = MAX_SEQ) -> int:
         value = shift = 0
         while True:
             byte = self.u8()
@@ -73,11 +117,21 @@ class Reader:
             raise WireError(f"value {value} exceeds {limit}")
         return value
 
+    def svarint(self, limit: int) -> int:
+        """A zig-zag signed varint with ``|value| <= limit``."""
+        value = unzigzag(self.varint(_U64))
+        if abs(value) > limit:
+            raise WireError(f"value {value} outside ±{limit}")
+        return value
+
     def take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
             raise WireError("message ends early")
         self.pos += n
         return bytes(self.data[self.pos - n: self.pos])
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.data)
 
     def end(self) -> None:
         if self.pos != len(self.data):
@@ -116,15 +170,22 @@ class Batch:
         if not self.frames or len(self.frames) > MAX_FRAMES_PER_BATCH:
             raise ValueError(f"a batch holds 1..{MAX_FRAMES_PER_BATCH} frames")
         first = self.frames[0]
+        if not 0 <= self.epoch <= MAX_EPOCH or not 0 <= first.seq or first.seq + len(self.frames) - 1 > MAX_SEQ:
+            raise ValueError(f"epoch and sequence numbers are 0..{MAX_EPOCH}")
         out = bytearray([self.TYPE])
-        for v in (self.epoch, first.seq, len(self.frames), first.ts_ms):
+        for v in (self.epoch, first.seq, len(self.frames)):
             put_varint(out, v)
         prev = first.ts_ms
+        put_svarint(out, prev)
         for i, f in enumerate(self.frames):
             if f.seq != first.seq + i:
                 raise ValueError("frames in a batch need consecutive sequence numbers")
-            put_varint(out, max(0, f.ts_ms - prev))
-            prev = max(prev, f.ts_ms)
+            if not -MAX_ABS_TS_MS <= f.ts_ms <= MAX_ABS_TS_MS:
+                raise ValueError(f"capture time {f.ts_ms} ms is outside ±{MAX_ABS_TS_MS}")
+            if len(f.payload) > MAX_FRAME_BYTES:
+                raise ValueError(f"a payload is at most {MAX_FRAME_BYTES} bytes")
+            put_svarint(out, f.ts_ms - prev)
+            prev = f.ts_ms
             put_varint(out, len(f.payload))
             out += f.payload
         return bytes(out)
@@ -184,26 +245,27 @@ class Welcome:
 
 
 Message = Hello | Batch | Ack | Reject | Error | Welcome
+REPLY_TYPES = (Ack, Reject, Error, Welcome)
 
 
 def _put_text(out: bytearray, text: str) -> None:
-    raw = text.encode()[:1024]
+    raw = text.encode()[:MAX_REASON_BYTES]
     put_varint(out, len(raw))
     out += raw
 
 
 def _text(r: Reader) -> str:
-    return r.take(r.varint(1024)).decode("utf-8", errors="replace")
+    return r.take(r.varint(MAX_REASON_BYTES)).decode("utf-8", errors="replace")
 
 
-def decode(data: bytes) -> Message:
-    """Parse one message; raises WireError for anything malformed (never anything else)."""
-    r = Reader(data)
+def _read_message(r: Reader) -> Message:
+    """Parse one message at the reader's position (the reader ends just after it)."""
     kind = r.u8()
     if kind == Hello.TYPE:
         version = r.u8()
-        if version != VERSION:
-            raise WireError(f"wire version {version} is not supported (server speaks {VERSION})")
+        if version not in SUPPORTED_VERSIONS:
+            raise WireError(f"wire version {version} is not supported: this side speaks version {VERSION} "
+                            f"(update the camera's taskcodec runtime or firmware library)")
         tag = r.take(8)
         cam_raw = r.take(r.u8())
         try:
@@ -212,25 +274,79 @@ def decode(data: bytes) -> Message:
             raise WireError("camera id is not utf-8") from exc
         if not cam:
             raise WireError("empty camera id")
-        msg: Message = Hello(tag, cam, r.take(r.u8()), version)
-    elif kind == Batch.TYPE:
-        epoch, first, count, ts = r.varint(2**32), r.varint(2**63), r.varint(MAX_FRAMES_PER_BATCH), r.varint(2**63)
+        return Hello(tag, cam, r.take(r.u8()), version)
+    if kind == Batch.TYPE:
+        epoch, first, count = r.varint(MAX_EPOCH), r.varint(MAX_SEQ), r.varint(MAX_FRAMES_PER_BATCH)
         if count == 0:
             raise WireError("empty batch")
+        if first + count - 1 > MAX_SEQ:
+            raise WireError(f"sequence numbers beyond {MAX_SEQ}")
+        ts = r.svarint(MAX_ABS_TS_MS)
         frames = []
         for i in range(count):
-            ts += r.varint(2**32)
+            ts += r.svarint(2 * MAX_ABS_TS_MS)
+            if abs(ts) > MAX_ABS_TS_MS:
+                raise WireError(f"capture time {ts} ms outside ±{MAX_ABS_TS_MS}")
             frames.append(Frame(first + i, ts, r.take(r.varint(MAX_FRAME_BYTES))))
-        msg = Batch(epoch, frames)
-    elif kind == Ack.TYPE:
-        msg = Ack(r.varint(2**32), r.varint(), r.varint(MAX_FRAMES_PER_BATCH))
-    elif kind == Reject.TYPE:
-        msg = Reject(r.varint(2**32), r.varint(), r.varint(MAX_FRAMES_PER_BATCH), r.u8(), _text(r))
-    elif kind == Error.TYPE:
-        msg = Error(r.u8(), _text(r))
-    elif kind == Welcome.TYPE:
-        msg = Welcome(r.u8())
-    else:
-        raise WireError(f"unknown message type 0x{kind:02x}")
+        return Batch(epoch, frames)
+    if kind == Ack.TYPE:
+        return Ack(r.varint(MAX_EPOCH), r.varint(MAX_SEQ), r.varint(MAX_FRAMES_PER_BATCH))
+    if kind == Reject.TYPE:
+        return Reject(r.varint(MAX_EPOCH), r.varint(MAX_SEQ), r.varint(MAX_FRAMES_PER_BATCH), r.u8(), _text(r))
+    if kind == Error.TYPE:
+        return Error(r.u8(), _text(r))
+    if kind == Welcome.TYPE:
+        return Welcome(r.u8())
+    raise WireError(f"unknown message type 0x{kind:02x}")
+
+
+def decode(data: bytes) -> Message:
+    """Parse exactly one message; raises WireError for anything malformed (never anything else)."""
+    r = Reader(data)
+    msg = _read_message(r)
     r.end()
     return msg
+
+
+def decode_all(data: bytes) -> list[Message]:
+    """Messages concatenated back to back (no length prefixes: each message's own fields delimit it)."""
+    r, out = Reader(data), []
+    while not r.at_end():
+        out.append(_read_message(r))
+    return out
+
+
+def decode_replies(data: bytes) -> list[Message]:
+    """An HTTP ingest response body: one or more ACK / REJECT / ERROR messages."""
+    msgs = decode_all(data)
+    for m in msgs:
+        if not isinstance(m, (Ack, Reject, Error)):
+            raise WireError(f"unexpected {type(m).__name__} in an ingest reply")
+    return msgs
+
+
+def encode_replies(msgs: list[Message]) -> bytes:
+    return b"".join(m.encode() for m in msgs)
+
+
+def encode_ingest_body(hello: Hello, batch: Batch) -> bytes:
+    """The body of ``POST /v1/ingest``: HELLO || BATCH."""
+    return hello.encode() + batch.encode()
+
+
+def split_ingest_body(body: bytes) -> tuple[Hello, bytes]:
+    """An ingest body -> (its HELLO, the bytes after it, which should be one BATCH: pass them to ``decode``)."""
+    r = Reader(body)
+    if not body or body[0] != Hello.TYPE:
+        raise WireError("an ingest body starts with a HELLO message")
+    hello = _read_message(r)
+    assert isinstance(hello, Hello)
+    return hello, bytes(r.data[r.pos:])
+
+
+def decode_ingest_body(body: bytes) -> tuple[Hello, Batch]:
+    hello, rest = split_ingest_body(body)
+    batch = decode(rest)
+    if not isinstance(batch, Batch):
+        raise WireError(f"an ingest body is HELLO || BATCH, got HELLO || {type(batch).__name__}")
+    return hello, batch

@@ -1,5 +1,5 @@
 """The byte examples in docs/wire-format.md, produced by the reference encoders so the document cannot drift:
-``python -m firmware_bridge.doc_examples`` prints the hex dumps, and a test checks the document against them."""
+``python -m taskcodec.firmware_bridge.doc_examples`` prints the hex dumps, and a test checks the document against them."""
 
 from __future__ import annotations
 
@@ -25,9 +25,20 @@ def _stream(symbols: list[int]) -> bytes:
     return compress(np.array(symbols, np.int32), tables, TAG)
 
 
+EPOCH = 0x2C5E9B1D4A7F3E61  # an example of the random 63-bit id a camera draws when its spool is created
+YEAR_MS = 365 * 86_400_000
+
+
 def _batch() -> wire.Batch:
-    return wire.Batch(3, [wire.Frame(41, 1_700_000_000_000, _stream([0, 1, -1, 0, 2, 0, 0, -1])),
-                          wire.Frame(42, 1_700_000_000_200, _stream([1, 0, 0, -2, 0, 1, 0, 0]))])
+    return wire.Batch(EPOCH, [wire.Frame(41, 1_700_000_000_000, _stream([0, 1, -1, 0, 2, 0, 0, -1])),
+                              wire.Frame(42, 1_700_000_000_200, _stream([1, 0, 0, -2, 0, 1, 0, 0]))])
+
+
+def _batch_clock_step() -> wire.Batch:
+    """A camera that booted at 1970-01-01 00:00:05 and whose clock NTP sets to 2023-11-14 between two frames, then
+    one frame later steps back one year: every frame keeps its true capture time."""
+    return wire.Batch(EPOCH, [wire.Frame(7, 5_000, b"\x01\x02"), wire.Frame(8, 1_700_000_000_000, b"\x03"),
+                              wire.Frame(9, 1_700_000_000_000 - YEAR_MS, b"")])
 
 
 EXAMPLES: dict[str, Callable[[], bytes]] = {
@@ -35,8 +46,9 @@ EXAMPLES: dict[str, Callable[[], bytes]] = {
     "welcome": lambda: wire.Welcome().encode(),
     "stream": lambda: _stream([0, 1, -1, 0, 2, 0, 0, -1]),
     "batch": lambda: _batch().encode(),
-    "ack": lambda: wire.Ack(3, 41, 2).encode(),
-    "reject": lambda: wire.Reject(3, 42, 1, wire.Code.BAD_PAYLOAD, "stream check failed").encode(),
+    "batch_clock_step": lambda: _batch_clock_step().encode(),
+    "ack": lambda: wire.Ack(EPOCH, 41, 2).encode(),
+    "reject": lambda: wire.Reject(EPOCH, 42, 1, wire.Code.BAD_PAYLOAD, "stream check failed").encode(),
     "error": lambda: wire.Error(wire.Code.UNAUTHORIZED, "unknown camera or wrong token").encode(),
     "frame_header": lambda: FrameHeader(28, 28, GRAY8, 1_700_000_000_000, 9).pack(),
 }

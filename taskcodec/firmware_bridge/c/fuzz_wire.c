@@ -93,7 +93,10 @@ static void fuzz_encoders(const uint8_t *data, size_t size)
         size_t plen = off < size ? data[off] % 40 : 0;
         if (off + plen > size)
             plen = off < size ? size - off : 0;
-        frames[i].ts_ms = read_u64(data, size, 3 + i % 5) >> (data[3] % 64);
+        {
+            uint64_t t = read_u64(data, size, 3 + i % 5) >> (data[3] % 64);
+            frames[i].ts_ms = (int64_t)(data[4] & 1 ? 0 - t : t); /* negative times and steps too */
+        }
         frames[i].payload = off < size ? data + off : data;
         frames[i].len = plen;
         off += plen;

@@ -1,4 +1,4 @@
-/* taskcodec uplink wire format v1: encoders for camera messages, decoder for server replies. See taskcodec_wire.h. */
+/* taskcodec uplink wire format v2: encoders for camera messages, decoder for server replies. See taskcodec_wire.h. */
 #include "taskcodec_wire.h"
 
 #include <string.h>
@@ -60,7 +60,7 @@ int tcw_get_varint(const uint8_t *buf, size_t len, size_t *pos, uint64_t limit, 
             return TCW_E_TRUNCATED;
         byte = buf[p++];
         if (shift == 63) {
-            /* 10th byte: only bit 63 fits in 64 bits; anything higher is above every limit (all are <= 2^63). */
+            /* 10th byte: only bit 63 fits in 64 bits; anything higher does not fit a uint64. */
             if (byte & 0x80)
                 return TCW_E_VARINT;
             if (byte & 0x7E)
@@ -76,6 +76,16 @@ int tcw_get_varint(const uint8_t *buf, size_t len, size_t *pos, uint64_t limit, 
     *value = v;
     *pos = p;
     return TCW_OK;
+}
+
+uint64_t tcw_zigzag(int64_t v)
+{
+    return v < 0 ? ~((uint64_t)v << 1) : (uint64_t)v << 1;
+}
+
+int64_t tcw_unzigzag(uint64_t u)
+{
+    return (u & 1) ? (int64_t)(-(int64_t)(u >> 1) - 1) : (int64_t)(u >> 1);
 }
 
 int tcw_encode_hello(uint8_t *out, size_t cap, size_t *out_len, const uint8_t model_tag[TCW_MODEL_TAG_BYTES],
@@ -127,30 +137,30 @@ int tcw_batch_begin(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint
     b->cap = cap;
     b->count_pos = pos;
     b->len = pos + 1;
+    b->first_seq = first_seq;
     return TCW_OK;
 }
 
-int tcw_batch_add(tcw_batch *b, uint64_t ts_ms, const uint8_t *payload, size_t payload_len)
+int tcw_batch_add(tcw_batch *b, int64_t ts_ms, const uint8_t *payload, size_t payload_len)
 {
-    uint64_t delta;
+    uint64_t base = 0, delta;
     size_t need, pos, grow;
     if (!b || !b->buf || (payload_len && !payload))
         return TCW_E_ARG;
     if (b->finished || b->count >= TCW_MAX_FRAMES_PER_BATCH)
         return TCW_E_STATE;
-    if (payload_len > TCW_MAX_FRAME_BYTES)
+    if (payload_len > TCW_MAX_FRAME_BYTES || b->first_seq + b->count > TCW_MAX_SEQ)
+        return TCW_E_ARG; /* (first_seq <= 2^63-1 and count <= 4096: the sum does not wrap) */
+    if (ts_ms > TCW_MAX_ABS_TS_MS || ts_ms < -TCW_MAX_ABS_TS_MS)
         return TCW_E_ARG;
     if (b->count == 0) {
-        if (ts_ms > TCW_MAX_TS_MS)
-            return TCW_E_ARG;
+        base = tcw_zigzag(ts_ms);
         delta = 0;
     } else {
-        delta = ts_ms > b->prev_ts ? ts_ms - b->prev_ts : 0;
-        if (delta > TCW_MAX_TS_DELTA_MS)
-            return TCW_E_ARG;
+        delta = tcw_zigzag(ts_ms - b->prev_ts); /* both within +-(2^62-1): no overflow */
     }
     grow = b->count == 0x7F; /* the 128th frame makes the count a 2-byte varint */
-    need = grow + (b->count == 0 ? varint_size(ts_ms) : 0) + varint_size(delta) + varint_size(payload_len) +
+    need = grow + (b->count == 0 ? varint_size(base) : 0) + varint_size(delta) + varint_size(payload_len) +
            payload_len;
     if (b->cap - b->len < need)
         return TCW_E_NOSPACE;
@@ -159,17 +169,14 @@ int tcw_batch_add(tcw_batch *b, uint64_t ts_ms, const uint8_t *payload, size_t p
         b->len += 1;
     }
     pos = b->len;
-    if (b->count == 0) {
-        tcw_put_varint(b->buf, b->cap, &pos, ts_ms);
-        b->prev_ts = ts_ms;
-    }
+    if (b->count == 0)
+        tcw_put_varint(b->buf, b->cap, &pos, base);
     tcw_put_varint(b->buf, b->cap, &pos, delta);
     tcw_put_varint(b->buf, b->cap, &pos, payload_len);
     if (payload_len)
         memcpy(b->buf + pos, payload, payload_len);
     b->len = pos + payload_len;
-    if (ts_ms > b->prev_ts)
-        b->prev_ts = ts_ms;
+    b->prev_ts = ts_ms;
     b->count++;
     return TCW_OK;
 }

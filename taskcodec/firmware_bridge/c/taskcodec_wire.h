@@ -1,4 +1,4 @@
-/* taskcodec uplink wire format, version 1 (see docs/wire-format.md; taskcodec/wire.py is the reference).
+/* taskcodec uplink wire format, version 2 (see docs/wire-format.md; taskcodec/wire.py is the reference).
  *
  * C99, no allocation: every function works on caller buffers, checks every bound and returns a tcw_status.
  * Cameras encode HELLO and BATCH and decode the server's replies (WELCOME, ACK, REJECT, ERROR).
@@ -13,15 +13,14 @@
 extern "C" {
 #endif
 
-#define TCW_VERSION 1u
+#define TCW_VERSION 2u
 #define TCW_MODEL_TAG_BYTES 8u
 #define TCW_MAX_FRAMES_PER_BATCH 4096u
 #define TCW_MAX_FRAME_BYTES 65536u
 #define TCW_MAX_REASON_BYTES 1024u
-#define TCW_MAX_EPOCH 4294967296ull        /* 2^32, inclusive (the reference decoder's limit) */
-#define TCW_MAX_SEQ 9223372036854775808ull /* 2^63, inclusive */
-#define TCW_MAX_TS_MS 9223372036854775808ull
-#define TCW_MAX_TS_DELTA_MS 4294967296ull
+#define TCW_MAX_EPOCH 9223372036854775807ull  /* 2^63-1, inclusive: a random 63-bit id drawn with the spool */
+#define TCW_MAX_SEQ 9223372036854775807ull    /* 2^63-1, inclusive */
+#define TCW_MAX_ABS_TS_MS 4611686018427387903ll /* 2^62-1: capture times lie in [-(2^62-1), 2^62-1] ms */
 #define TCW_MAX_VARINT_BYTES 10u
 #define TCW_STREAM_CHECK_BYTES 2u
 
@@ -41,7 +40,8 @@ enum tcw_code {
     TCW_CODE_UNAUTHORIZED = 2,
     TCW_CODE_UNKNOWN_MODEL = 3,
     TCW_CODE_BAD_PAYLOAD = 4,
-    TCW_CODE_BUSY = 5
+    TCW_CODE_BUSY = 5,
+    TCW_CODE_CONFLICT = 6 /* REJECT: (camera, epoch, seq) already stored with another payload (v2) */
 };
 
 /* Return values: 0 is success, every failure is negative. */
@@ -64,6 +64,10 @@ const char *tcw_strerror(int status);
 int tcw_put_varint(uint8_t *buf, size_t cap, size_t *pos, uint64_t value);
 int tcw_get_varint(const uint8_t *buf, size_t len, size_t *pos, uint64_t limit, uint64_t *value);
 
+/* Zig-zag: signed <-> unsigned (0, -1, 1, -2, ... <-> 0, 1, 2, 3, ...); a signed varint is the varint of zigzag(v). */
+uint64_t tcw_zigzag(int64_t v);
+int64_t tcw_unzigzag(uint64_t u);
+
 /* HELLO: camera_id is 1..255 bytes of utf-8 (not NUL-terminated necessarily), token 0..255 bytes. */
 int tcw_encode_hello(uint8_t *out, size_t cap, size_t *out_len, const uint8_t model_tag[TCW_MODEL_TAG_BYTES],
                      const char *camera_id, size_t camera_id_len, const uint8_t *token, size_t token_len);
@@ -72,27 +76,29 @@ int tcw_encode_hello(uint8_t *out, size_t cap, size_t *out_len, const uint8_t mo
  *   tcw_batch_begin(&b, buf, cap, epoch, first_seq);
  *   tcw_batch_add(&b, ts_ms, payload, len);   ... 1..4096 times
  *   tcw_batch_finish(&b, &msg_len);            -> the message is buf[0..msg_len)
- * Frames get sequence numbers first_seq, first_seq + 1, ...; the first frame's time is the batch's base time.
- * A timestamp earlier than the latest one is sent as
- * delta 0 (exactly as the reference encoder does). A buffer of exactly the final message size suffices. A failed add leaves the batch as it was, so the caller can
- * finish it and put the frame in the next batch. */
+ * Frames get sequence numbers first_seq, first_seq + 1, ...; the first frame's time is the batch's base time and
+ * each frame carries the signed difference to the previous frame's time, so a clock that steps backwards or
+ * forwards (by years) inside a batch keeps every frame's true time. Times are ms since the Unix epoch, within
+ * +-TCW_MAX_ABS_TS_MS (negative: before 1970). A buffer of exactly the final message size suffices. A failed add
+ * leaves the batch as it was, so the caller can finish it and put the frame in the next batch. */
 typedef struct {
     uint8_t *buf;
     size_t cap;
     size_t len;
     size_t count_pos; /* where the count goes (1 byte reserved, 2 from the 128th frame) */
+    uint64_t first_seq;
     uint32_t count;
-    uint64_t prev_ts;
+    int64_t prev_ts;
     int finished;
 } tcw_batch;
 
 int tcw_batch_begin(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint64_t first_seq);
-int tcw_batch_add(tcw_batch *b, uint64_t ts_ms, const uint8_t *payload, size_t payload_len);
+int tcw_batch_add(tcw_batch *b, int64_t ts_ms, const uint8_t *payload, size_t payload_len);
 int tcw_batch_finish(tcw_batch *b, size_t *out_len);
 
 /* One-shot BATCH from an array of frames (frame i has sequence number first_seq + i). */
 typedef struct {
-    uint64_t ts_ms;
+    int64_t ts_ms;
     const uint8_t *payload;
     size_t len;
 } tcw_frame;

@@ -119,7 +119,7 @@ static void cmd_batch(char *save)
             break;
         }
         *colon = 0;
-        frames[n].ts_ms = strtoull(item, NULL, 10);
+        frames[n].ts_ms = strtoll(item, NULL, 10);
         if (unhex(colon + 1, &payloads[n], &frames[n].len)) {
             bad = 1;
             break;

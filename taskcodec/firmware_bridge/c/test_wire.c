@@ -30,7 +30,9 @@ static void test_varint(void)
     pos = 0;
     EXPECT(tcw_put_varint(buf, 1, &pos, 300) == TCW_E_NOSPACE && pos == 0);
     pos = 0;
-    EXPECT(tcw_get_varint(max63, 10, &pos, TCW_MAX_SEQ, &v) == TCW_OK && v == TCW_MAX_SEQ && pos == 10);
+    EXPECT(tcw_get_varint(max63, 10, &pos, UINT64_MAX, &v) == TCW_OK && v == 9223372036854775808ull && pos == 10);
+    pos = 0;
+    EXPECT(tcw_get_varint(max63, 10, &pos, TCW_MAX_SEQ, &v) == TCW_E_RANGE && pos == 0);
     pos = 0;
     EXPECT(tcw_get_varint(max63, 10, &pos, TCW_MAX_EPOCH, &v) == TCW_E_RANGE && pos == 0);
     pos = 0;
@@ -46,7 +48,7 @@ static void test_varint(void)
 static void test_hello(void)
 {
     /* wire.Hello(bytes.fromhex("0123456789abcdef"), "cam-7", b"secret").encode() */
-    static const uint8_t expected[] = {0x01, 0x01, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x05, 'c', 'a',
+    static const uint8_t expected[] = {0x01, 0x02, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x05, 'c', 'a',
                                        'm', '-', '7', 0x06, 's', 'e', 'c', 'r', 'e', 't'};
     uint8_t out[64];
     size_t len = 0;
@@ -63,9 +65,14 @@ static void test_hello(void)
 
 static void test_batch(void)
 {
-    /* wire.Batch(5, [Frame(100, 1000, b"abc"), Frame(101, 1200, b"de")]).encode() */
-    static const uint8_t expected[] = {0x02, 0x05, 0x64, 0x02, 0xe8, 0x07, 0x00, 0x03, 'a', 'b',
-                                       'c',  0xc8, 0x01, 0x02, 'd',  'e'};
+    /* wire.Batch(5, [Frame(100, 1000, b"abc"), Frame(101, 1200, b"de")]).encode(): base zigzag(1000) = 2000,
+     * delta zigzag(200) = 400 */
+    static const uint8_t expected[] = {0x02, 0x05, 0x64, 0x02, 0xd0, 0x0f, 0x00, 0x03, 'a', 'b',
+                                       'c',  0x90, 0x03, 0x02, 'd',  'e'};
+    /* the same with frame 101 captured one year (31536000000 ms) before frame 100: delta -31536000200 */
+    static const uint8_t back[] = {0x02, 0x05, 0x64, 0x02, 0xd0, 0x0f, 0x00, 0x03, 'a', 'b',
+                                   'c',  0xff, 0xaf, 0x89, 0xfb, 0xea, 0x01, 0x02, 'd', 'e'};
+    tcw_frame stepped[2] = {{1000, (const uint8_t *)"abc", 3}, {1000 - 31536000000ll, (const uint8_t *)"de", 2}};
     static uint8_t big[TCW_MAX_FRAMES_PER_BATCH * 3 + 64];
     uint8_t out[64];
     size_t len = 0, i;
@@ -75,6 +82,17 @@ static void test_batch(void)
     EXPECT(len == sizeof(expected) && memcmp(out, expected, len) == 0);
     EXPECT(tcw_encode_batch(out, sizeof(out), &len, 5, 100, frames, 0) == TCW_E_ARG);
     EXPECT(tcw_encode_batch(out, sizeof(out), &len, TCW_MAX_EPOCH + 1, 100, frames, 2) == TCW_E_ARG);
+    EXPECT(tcw_encode_batch(out, sizeof(out), &len, TCW_MAX_EPOCH, 100, frames, 2) == TCW_OK);
+    EXPECT(tcw_encode_batch(out, sizeof(out), &len, 5, TCW_MAX_SEQ, frames, 2) == TCW_E_ARG); /* seq 2^63 */
+    EXPECT(tcw_encode_batch(out, sizeof(out), &len, 5, 100, stepped, 2) == TCW_OK);
+    EXPECT(len == sizeof(back) && memcmp(out, back, len) == 0);
+    stepped[1].ts_ms = -TCW_MAX_ABS_TS_MS - 1;
+    EXPECT(tcw_encode_batch(out, sizeof(out), &len, 5, 100, stepped, 2) == TCW_E_ARG);
+    stepped[0].ts_ms = TCW_MAX_ABS_TS_MS;
+    stepped[1].ts_ms = -TCW_MAX_ABS_TS_MS; /* the largest step the format allows */
+    EXPECT(tcw_encode_batch(out, sizeof(out), &len, 5, 100, stepped, 2) == TCW_OK);
+    EXPECT(tcw_unzigzag(tcw_zigzag(-TCW_MAX_ABS_TS_MS * 2)) == -TCW_MAX_ABS_TS_MS * 2);
+    EXPECT(tcw_zigzag(-1) == 1 && tcw_zigzag(1) == 2 && tcw_unzigzag(3) == -2);
 
     /* A frame that does not fit leaves the batch intact; it can still be finished. */
     EXPECT(tcw_batch_begin(&b, out, 14, 5, 100) == TCW_OK);
@@ -86,15 +104,16 @@ static void test_batch(void)
     EXPECT(tcw_batch_add(&b, 1200, (const uint8_t *)"de", 2) == TCW_E_STATE);
     EXPECT(tcw_batch_finish(&b, &len) == TCW_E_STATE);
 
-    /* Too large payload, a timestamp going backwards (delta 0), and 4096 frames with a 2-byte count. */
+    /* Too large payload, a timestamp going backwards (delta -1 -> 0x01), and 4096 frames with a 2-byte count. */
     EXPECT(tcw_batch_begin(&b, big, sizeof(big), 1, 0) == TCW_OK);
     EXPECT(tcw_batch_add(&b, 10, big, TCW_MAX_FRAME_BYTES + 1) == TCW_E_ARG);
     for (i = 0; i < TCW_MAX_FRAMES_PER_BATCH; i++)
         EXPECT(tcw_batch_add(&b, 100 - (i % 2), NULL, 0) == TCW_OK);
     EXPECT(tcw_batch_add(&b, 100, NULL, 0) == TCW_E_STATE);
     EXPECT(tcw_batch_finish(&b, &len) == TCW_OK);
-    EXPECT(len == 1 + 1 + 1 + 2 + 1 + 2 * TCW_MAX_FRAMES_PER_BATCH);
-    EXPECT(big[3] == 0x80 && big[4] == 0x20 && big[5] == 100 && big[6] == 0 && big[8] == 0);
+    EXPECT(len == 1 + 1 + 1 + 2 + 2 + 2 * TCW_MAX_FRAMES_PER_BATCH);
+    EXPECT(big[3] == 0x80 && big[4] == 0x20 && big[5] == 0xc8 && big[6] == 0x01 && big[7] == 0 && big[9] == 1 &&
+           big[11] == 2);
 }
 
 static void test_replies(void)

@@ -70,6 +70,10 @@ from taskcodec.bench.perf_cli import runtime as _runtime, server as _server  # n
 bench_app.command("server")(_server)
 bench_app.command("runtime")(_runtime)
 
+from taskcodec.bench.tasks import tasks_cmd as _tasks  # noqa: E402  (light: numpy + typer)
+
+bench_app.command("tasks")(_tasks)
+
 
 def register(app: typer.Typer) -> None:
     import taskcodec.bench.transfer_cli  # noqa: F401  (adds its commands to the `frozen` group)

@@ -26,6 +26,7 @@ class Augmentation:
     brightness: float = 0.0       # additive, uniform in +-brightness
     contrast: float = 0.0         # multiplicative around the image mean, uniform in 1 +- contrast
     erase_prob: float = 0.0       # random erasing of one rectangle (2-15 % of the area)
+    noise: float = 0.0            # additive Gaussian pixel noise, std uniform in [0, noise]
     label_positive_prob: float = 0.0  # chance that the positive view comes from another image of the same class
 
     @property
@@ -40,6 +41,9 @@ class Augmentation:
             x = _photometric(x, self, gen)
         if self.erase_prob:
             x = _erase(x, self.erase_prob, gen)
+        if self.noise:
+            sigma = _u(x.shape[0], 0.0, self.noise, gen, x.device).view(-1, 1, 1, 1)
+            x = (x + sigma * torch.randn(x.shape, generator=gen, device=x.device)).clamp(0.0, 1.0)
         return x
 
 
@@ -99,6 +103,10 @@ REGISTRY: dict[str, Augmentation] = {
                      "(+-15 deg), shifts (+-3 px), zoom (+-15 %), brightness (+-0.15), contrast (+-40 %); no flips, "
                      "which change digits and text.",
                      rotate_deg=15.0, shift_px=3.0, scale=0.15, brightness=0.15, contrast=0.4),
+        Augmentation("views", "Label-free views that keep the tasks (the task-agnostic compressor): crops/zoom "
+                     "(+-15 %), shifts (+-3 px), small rotations (+-10 deg), left-right flips, brightness (+-0.1), "
+                     "contrast (+-20 %) and Gaussian noise (std <= 0.05); no erasing, no label positives.",
+                     rotate_deg=10.0, shift_px=3.0, scale=0.15, hflip=True, brightness=0.1, contrast=0.2, noise=0.05),
         Augmentation("fashion+label", "The fashion views, and the positive view is another training image of the "
                      "same class half the time (invariance to all label-preserving changes; same-class batch items "
                      "also count as positives).", label_positive_prob=0.5, **_FASHION),

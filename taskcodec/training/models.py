@@ -40,12 +40,17 @@ class CompressorConfig:
     probe_epochs: int = 30
     probe_hidden: int = 512
     quantile_steps: int = 3000
+    beta_warmup: float = 0.0  # fraction of the steps over which the rate weight ramps linearly from 0 to beta
+    head_layers: int = 2      # BINCE projection head: 2 = MLP D->256->head_dim, 0 = InfoNCE on the bottleneck itself
+    probe_full_train: bool = False  # fit the probes on all 60k training images even when train_subset is set
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         self.image_shape = tuple(int(s) for s in self.image_shape)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not 0.0 <= self.beta_warmup <= 1.0 or self.head_layers not in (0, 2):
+            raise ValueError("beta_warmup must be in [0, 1] and head_layers 0 or 2")
         if self.beta < 0 or self.epochs < 0 or self.batch_size < 2 or self.latent_dim < 1:
             raise ValueError("beta >= 0, epochs >= 0, batch_size >= 2 and latent_dim >= 1 are required")
         from taskcodec.training.augmentations import get_augmentation
@@ -68,14 +73,31 @@ def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
+MAX_FINAL_SIDE = 5  # the last feature map is at most 5x5 whatever the input size
+
+
+def stage_channels(cfg: CompressorConfig) -> list[int]:
+    """Output channels of the stride-2 stages for this input size: ``cfg.channels``, preceded by as many extra
+    ``channels[0]``-wide stem stages as it takes to bring the longer side down to <= MAX_FINAL_SIDE
+    (28 -> 14 -> 7 -> 4 keeps the original three; 64 px: four stages, 96-160 px: five)."""
+    side = max(cfg.image_shape[1:])
+    stages = 0
+    while side > MAX_FINAL_SIDE:
+        side = (side + 1) // 2
+        stages += 1
+    extra = max(0, stages - len(cfg.channels))
+    return [cfg.channels[0]] * extra + list(cfg.channels)
+
+
 class Encoder(nn.Module):
-    """Conv stack, each 3x3 stride 2 + BatchNorm + ReLU (28 -> 14 -> 7 -> 4: cheap on a 2-core CPU) -> linear to D."""
+    """Conv stack, each 3x3 stride 2 + BatchNorm + ReLU (28 -> 14 -> 7 -> 4: cheap on a 2-core CPU) -> linear to D.
+    Larger (camera-like) inputs get extra stride-2 stem stages first (:func:`stage_channels`), gray or RGB."""
 
     def __init__(self, cfg: CompressorConfig):
         super().__init__()
         c, h, w = cfg.image_shape
         layers: list[nn.Module] = []
-        for i, cout in enumerate(cfg.channels):
+        for i, cout in enumerate(stage_channels(cfg)):
             layers += _conv(c, cout, 2)
             c = cout
             h, w = (h + 1) // 2, (w + 1) // 2
@@ -114,7 +136,8 @@ class Compressor(nn.Module):
         self.shift = nn.Parameter(torch.zeros(cfg.latent_dim))
         self.bottleneck = EntropyBottleneck(cfg.latent_dim)
         if cfg.objective == "bince":
-            self.head = nn.Sequential(nn.Linear(cfg.latent_dim, 256), nn.ReLU(), nn.Linear(256, cfg.head_dim))
+            self.head = (nn.Sequential(nn.Linear(cfg.latent_dim, 256), nn.ReLU(), nn.Linear(256, cfg.head_dim))
+                         if cfg.head_layers else nn.Identity())
             self.decoder = None
         else:
             self.head = None

@@ -61,9 +61,11 @@ def reconstruction(model: Compressor, view: torch.Tensor, target01: torch.Tensor
 
 
 def compute_loss(model: Compressor, x01: torch.Tensor, pos01: torch.Tensor, labels: torch.Tensor,
-                 aug: Augmentation, gen: torch.Generator) -> LossParts:
-    """One batch: x01 the images in [0, 1], pos01 the source of the positive view (x01 itself or a same-class image)."""
+                 aug: Augmentation, gen: torch.Generator, beta: float | None = None) -> LossParts:
+    """One batch: x01 the images in [0, 1], pos01 the source of the positive view (x01 itself or a same-class image);
+    ``beta`` overrides the config's rate weight (the warm-up schedule)."""
     cfg = model.config
+    beta = cfg.beta if beta is None else beta
     if cfg.objective == "bince":
         v1 = model.standardise(aug(x01, gen))
         v2 = model.standardise(aug(pos01, gen))
@@ -74,4 +76,4 @@ def compute_loss(model: Compressor, x01: torch.Tensor, pos01: torch.Tensor, labe
         distortion, bits = reconstruction(model, model.standardise(view01), target)
     rate = bits.mean()
     aux = model.bottleneck.aux_loss()
-    return LossParts(distortion + cfg.beta * rate + aux, distortion.detach(), rate.detach(), aux.detach())
+    return LossParts(distortion + beta * rate + aux, distortion.detach(), rate.detach(), aux.detach())

@@ -1,50 +1,168 @@
-"""Rate-accuracy sweeps: train one run per (objective, beta), or collect existing runs, into sweep.{json,md,png}.
+"""Rate-accuracy sweeps: train one run per (objective, invariances, beta), add shipped bundles, or collect existing
+runs, into sweep.{json,md,png}.
 
-The plot (actual coded bits per image vs MLP-probe accuracy, one curve per objective) is where the invariance gain
-shows: at equal accuracy the invariant objective (BINCE) needs far fewer bits than the non-invariant codec (VC).
+The plot (actual coded bits per image vs MLP-probe accuracy, one curve per objective + invariance set) is where the
+invariance gain shows: at equal accuracy an invariant objective needs fewer bits than the non-invariant codec (VC).
+Every point uses the same probe protocol (a probe trained on the integer symbols of all 60k training images, tested on
+the 10k test images, real range-coded sizes), so a bundle (whose training run may be gone) is measured exactly like a
+run: its ONNX encoder produces the symbols, the probes are refitted the same way.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
+
 COLUMNS = [("objective", "objective"), ("augmentations", "invariances"), ("beta", "beta"), ("epochs", "epochs"),
-           ("coded_bits_mean", "coded bits/img"), ("estimated_bits_model", "est. bits/img"),
+           ("n_train", "train imgs"), ("coded_bits_mean", "coded bits/img"), ("estimated_bits_model", "est. bits/img"),
            ("accuracy_linear", "linear acc"), ("accuracy_mlp", "MLP acc"), ("train_time_s", "train s"),
            ("n_test", "test imgs"), ("run", "run")]
+GAIN_COLUMNS = [("series", "series"), ("beta", "beta"), ("coded_bits_mean", "coded bits/img"),
+                ("accuracy_mlp", "MLP acc"), ("vc_bits_at_equal_accuracy", "VC bits at equal acc"),
+                ("ratio_to_vc", "bits / VC bits")]
+RAW_CNN_ACCURACY = 0.9212  # supervised CNN on raw pixels, full data (bench/results/classical.json "baseline")
 
 
-def run_name(objective: str, beta: float) -> str:
-    return f"{objective}_beta{beta:g}"
+def run_name(objective: str, beta: float, augmentations: str | None = None) -> str:
+    if augmentations is None:
+        return f"{objective}_beta{beta:g}"
+    return f"{objective}-{augmentations.replace('+', '_')}_beta{beta:g}"
 
 
-def collect(runs: list[str | Path], out: str | Path) -> dict:
-    """Read metrics.json (and evaluation.json where present) of each run; write sweep.{json,md,png} into out."""
-    from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
+def series_label(row: dict) -> str:
+    return f"{row['objective'].upper()} ({row['augmentations']})"
+
+
+def parse_series(specs: list[str]) -> list[tuple[str, str]]:
+    """'bince:views' -> ('bince', 'views'); a bare objective gets fashion+label (bince) or fashion (vic, vc)."""
+    out = []
+    for spec in specs:
+        obj, _, aug = spec.partition(":")
+        out.append((obj, aug or ("fashion+label" if obj == "bince" else "fashion")))
+    return out
+
+
+def _row_from_run(run: Path) -> dict:
     from taskcodec.training.trainer import RunError
 
-    rows = []
-    for run in runs:
-        run = Path(run)
-        metrics_path = run / "metrics.json"
-        if not metrics_path.is_file():
-            raise RunError(f"{run} has no metrics.json: not a finished run folder")
-        row = json.loads(metrics_path.read_text())
-        if (run / "evaluation.json").is_file():  # the full-test-set real-coder numbers win where they exist
-            ev = json.loads((run / "evaluation.json").read_text())
-            row.update({k: ev[k] for k in ("coded_bits_mean", "accuracy_mlp", "accuracy_linear", "n_test") if k in ev})
-        row["run"] = str(run)
-        rows.append(row)
-    rows.sort(key=lambda r: (r.get("objective", ""), r.get("beta", 0)))
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        raise RunError(f"{run} has no metrics.json: not a finished run folder")
+    row = json.loads(metrics_path.read_text())
+    if (run / "evaluation.json").is_file():  # the full-test-set real-coder numbers win where they exist
+        ev = json.loads((run / "evaluation.json").read_text())
+        row.update({k: ev[k] for k in ("coded_bits_mean", "accuracy_mlp", "accuracy_linear", "n_test") if k in ev})
+    row["run"] = str(run)
+    return row
+
+
+def probe_accuracies(s_tr: np.ndarray, y_tr: np.ndarray, s_te: np.ndarray, y_te: np.ndarray, epochs: int = 30,
+                     hidden: int = 512, seed: int = 0) -> dict:
+    """The probe protocol of :func:`taskcodec.training.trainer.train`: linear and MLP probes on integer symbols."""
+    from taskcodec.training.probes import accuracy, fit_probe
+
+    linear = fit_probe(s_tr, y_tr, hidden=0, epochs=epochs, seed=seed)
+    mlp = fit_probe(s_tr, y_tr, hidden=hidden, epochs=epochs, lr=3e-3, seed=seed)
+    return {"accuracy_linear": accuracy(linear, s_te, y_te), "accuracy_mlp": accuracy(mlp, s_te, y_te)}
+
+
+def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cache: Path | None = None) -> dict:
+    """Measure a shipped bundle with the sweep's protocol: ONNX encoder on all train/test images, probes refitted on
+    the 60k training symbols, real range-coded sizes of the 10k test symbols with the bundle's tables."""
+    import torch
+
+    from taskcodec.bundle import load_bundle
+    from taskcodec.data import load_fashion_mnist
+    from taskcodec.export.golden import run_encoder
+    from taskcodec.training.trainer import coded_bits
+
+    bundle = load_bundle(bundle_path)
+    if cache is not None and cache.is_file():
+        row = json.loads(cache.read_text())
+        if row.get("model_id") == bundle.model_id:
+            return row
+    torch.set_num_threads(1)
+    xtr, ytr = load_fashion_mnist("train", data_dir)
+    xte, yte = load_fashion_mnist("test", data_dir)
+    s_tr = run_encoder(bundle.encoder_path(), xtr[..., None]).astype(np.int32)
+    s_te = run_encoder(bundle.encoder_path(), xte[..., None]).astype(np.int32)
+    cfg = bundle.manifest.get("training", {}).get("config", {})
+    coded = coded_bits(s_te, bundle.tables)
+    row = {"objective": bundle.manifest.get("objective", "?"),
+           "augmentations": bundle.manifest.get("invariances", {}).get("name", "?"),
+           "beta": bundle.manifest.get("beta", cfg.get("beta")), "epochs": cfg.get("epochs"),
+           "n_train": cfg.get("train_subset") or len(xtr), "n_probe_train": len(xtr), "n_test": len(xte),
+           "coded_bits_mean": float(coded.mean()), "coded_bits_p95": float(np.percentile(coded, 95)),
+           "estimated_bits_model": float(bundle.tables.estimated_bits(s_te).mean()),
+           **probe_accuracies(s_tr, ytr, s_te, yte, cfg.get("probe_epochs", 30), cfg.get("probe_hidden", 512)),
+           "train_time_s": bundle.manifest.get("training", {}).get("metrics", {}).get("train_time_s"),
+           "run": f"bundle {bundle_path}", "model_id": bundle.model_id}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def bits_at_accuracy(points: list[dict], acc: float) -> float | None:
+    """Coded bits a curve needs for ``acc``: log-linear interpolation between its two neighbouring points on the
+    upper envelope (None outside the curve's accuracy range)."""
+    pts = sorted(((p["coded_bits_mean"], p["accuracy_mlp"]) for p in points))
+    env, best = [], -1.0
+    for b, a in pts:  # keep only points that improve accuracy as bits grow
+        if a > best:
+            env.append((b, a))
+            best = a
+    for (b0, a0), (b1, a1) in zip(env, env[1:]):
+        if a0 <= acc <= a1:
+            t = (acc - a0) / (a1 - a0) if a1 > a0 else 0.0
+            return math.exp(math.log(b0) + t * (math.log(b1) - math.log(b0)))
+    if env and abs(env[0][1] - acc) < 1e-12:
+        return env[0][0]
+    return None
+
+
+def gains(rows: list[dict], reference: str = "vc") -> list[dict]:
+    """For every point of a non-reference series: the reference (VC) curve's bits at the same accuracy, and the ratio."""
+    ref = [r for r in rows if r["objective"] == reference]
+    out = []
+    for r in rows:
+        if r["objective"] == reference:
+            continue
+        vc_bits = bits_at_accuracy(ref, r["accuracy_mlp"]) if ref else None
+        out.append({"series": series_label(r), "beta": r["beta"], "coded_bits_mean": r["coded_bits_mean"],
+                    "accuracy_mlp": r["accuracy_mlp"], "vc_bits_at_equal_accuracy": vc_bits,
+                    "ratio_to_vc": (r["coded_bits_mean"] / vc_bits) if vc_bits else None})
+    return out
+
+
+def collect(runs: list[str | Path], out: str | Path, extra_rows: list[dict] | None = None, note: str = "") -> dict:
+    """Read metrics.json (and evaluation.json where present) of each run, plus measured bundle rows; write
+    sweep.{json,md,png} into out."""
+    from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
+
+    rows = [_row_from_run(Path(run)) for run in runs] + list(extra_rows or [])
+    rows.sort(key=lambda r: (r.get("objective", ""), r.get("augmentations", ""), r.get("beta", 0)))
     out = Path(out)
-    result = {"measured_at": utc_now(), "machine": machine_info(), "rows": rows}
+    gain_rows = gains(rows)
+    result = {"measured_at": utc_now(), "machine": machine_info(), "note": note, "rows": rows, "gains_vs_vc": gain_rows,
+              "raw_pixel_cnn_accuracy": RAW_CNN_ACCURACY,
+              "probe_protocol": "linear and MLP (512 hidden) probes, 30 epochs, on the integer symbols of the 60k "
+                                "training images (n_probe_train); accuracy on the 10k test images"}
     write_json(out / "sweep.json", result)
-    md = ("# Rate-accuracy sweep\n\nCoded bits are real range-coded stream sizes (16-bit check + byte-terminated range-coder payload) on the "
-          "test set; accuracy is a probe trained on the integer symbols.\n\n"
-          + markdown_table(rows, COLUMNS, {"coded_bits_mean": ".1f", "estimated_bits_model": ".1f",
-                                           "accuracy_linear": ".4f", "accuracy_mlp": ".4f", "train_time_s": ".0f"})
-          + f"\n{machine_line(result['machine'])}\n")
+    fmt = {"coded_bits_mean": ".1f", "estimated_bits_model": ".1f", "accuracy_linear": ".4f", "accuracy_mlp": ".4f",
+           "train_time_s": ".0f", "vc_bits_at_equal_accuracy": ".1f", "ratio_to_vc": ".2f"}
+    md = ("# Rate-accuracy sweep\n\nCoded bits are real range-coded stream sizes (16-bit check + byte-terminated "
+          "range-coder payload) on the test set; accuracy is a probe trained on the integer symbols "
+          f"({result['probe_protocol']}).{(' ' + note) if note else ''}\n\n"
+          + markdown_table(rows, COLUMNS, fmt)
+          + "\n## Bits against VC at equal accuracy\n\nVC bits interpolated log-linearly on the VC curve at each point's "
+            "MLP accuracy (empty: outside the VC curve's range).\n\n"
+          + markdown_table(gain_rows, GAIN_COLUMNS, fmt)
+          + f"\nSupervised raw-pixel CNN (bench/results/classical.json baseline): {100 * RAW_CNN_ACCURACY:.2f} %.\n\n"
+          + f"{machine_line(result['machine'])}\n")
     write_text(out / "sweep.md", md)
     plot(rows, out / "sweep.png", machine_line(result["machine"]))
     return result
@@ -56,22 +174,27 @@ def plot(rows: list[dict], path: Path, caption: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(f"{r['objective'].upper()} ({r['augmentations']})", []).append(r)
+        groups.setdefault(series_label(r), []).append(r)
     for label, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["coded_bits_mean"])
         ax.plot([r["coded_bits_mean"] for r in rs], [100 * r["accuracy_mlp"] for r in rs], "o-", label=label)
         for r in rs:
-            ax.annotate(f"β={r['beta']:g}", (r["coded_bits_mean"], 100 * r["accuracy_mlp"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            tag = f"β={r['beta']:g}" + (" (bundle)" if str(r.get("run", "")).startswith("bundle") else "")
+            ax.annotate(tag, (r["coded_bits_mean"], 100 * r["accuracy_mlp"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(100 * RAW_CNN_ACCURACY, color="gray", ls="--", lw=0.8)
+    ax.axhline(100 * RAW_CNN_ACCURACY - 2, color="gray", ls=":", lw=0.8)
+    ax.text(ax.get_xlim()[0], 100 * RAW_CNN_ACCURACY, " raw-pixel CNN (6272 bits) / −2 points", fontsize=6,
+            va="bottom", color="gray")
     ax.set_xscale("log")
     ax.set_xlabel("actual coded bits per image (mean, log scale)")
     ax.set_ylabel("MLP probe accuracy on symbols (%)")
     ax.set_title("Fashion-MNIST: rate vs downstream accuracy")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     if caption:
         fig.text(0.01, 0.01, caption[:160], fontsize=5)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -80,22 +203,34 @@ def plot(rows: list[dict], path: Path, caption: str = "") -> None:
     plt.close(fig)
 
 
-def sweep(objectives: list[str], betas: list[float], out: str | Path, data_dir: str | Path | None = None,
-          progress: bool = True, **overrides) -> dict:
-    """Train one run per (objective, beta) into out/<objective>_beta<b>/ (reusing finished ones), then collect."""
+def sweep(objectives: list[str] | list[tuple[str, str]], betas: list[float], out: str | Path,
+          data_dir: str | Path | None = None, progress: bool = True, bundles: list[str | Path] | None = None,
+          note: str = "", **overrides) -> dict:
+    """Train one run per (series, beta) into out/<name>/ (reusing finished ones), measure bundles, then collect.
+
+    ``objectives``: plain objective names (with ``overrides['augmentations']`` or the per-objective default), or
+    (objective, augmentations) pairs for several invariance sets in one sweep.
+    """
     from taskcodec.training.defaults import default_config
     from taskcodec.training.trainer import train
 
     out = Path(out)
+    series = []
+    for item in objectives:
+        if isinstance(item, tuple):
+            series.append((item[0], item[1], True))
+        else:
+            aug = overrides.get("augmentations")
+            if aug is None and item != "bince":
+                aug = "fashion"  # reconstruction objectives have no label positives
+            series.append((item, aug, False))
     runs = []
-    for objective in objectives:
+    for objective, aug, named in series:
         for beta in betas:
-            run = out / run_name(objective, beta)
+            run = out / (run_name(objective, beta, aug) if named else run_name(objective, beta))
             if not (run / "metrics.json").is_file():
-                aug = overrides.get("augmentations")
-                if aug is None and objective != "bince":
-                    aug = "fashion"  # reconstruction objectives have no label positives
                 cfg = default_config(**{**overrides, "objective": objective, "beta": beta, "augmentations": aug})
                 train(cfg, data_dir=data_dir, out=run, progress=progress)
             runs.append(run)
-    return collect(runs, out)
+    extra = [bundle_row(b, data_dir, cache=out / f"bundle_{Path(b).name}.json") for b in (bundles or [])]
+    return collect(runs, out, extra, note)

@@ -2,12 +2,18 @@
 # Install taskcodec with everything (training, server, benchmarks, tests) and its data on a fresh Debian machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+# Debian packages: the data set and the real components the tests start (a missing one is installed, once).
+DEB_PACKAGES="dataset-fashion-mnist nats-server postgresql"
+missing=""
+for pkg in $DEB_PACKAGES; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
   else
-    echo "Fashion-MNIST not found; install the Debian package dataset-fashion-mnist or pass --data DIR" >&2
+    echo "missing Debian packages:$missing (Fashion-MNIST can also come from --data DIR)" >&2
   fi
 fi
 python3 -m pip install -q --disable-pip-version-check torch==2.13.0

@@ -53,8 +53,13 @@ def runtime(
     spool_sync: Optional[list[str]] = typer.Option(None, "--spool-sync", help="full and/or normal (default: full)."),
     out: Path = typer.Option(Path("bench/results/runtime"), "--out", help="Folder for runtime_profile.{json,md}."),
     note: str = typer.Option("", "--note", help="Free text recorded with the results (e.g. where the bundle came from)."),
+    stages: bool = typer.Option(True, "--stages/--no-stages", help="Unpaced runs: per-stage time, coding share, RSS."),
+    cpu: bool = typer.Option(False, "--cpu/--no-cpu", help="Also paced runs: process CPU per frame (runtime_cpu.{json,md})."),
+    fps: float = typer.Option(30.0, "--fps", min=1.0, help="Frame rate of the CPU runs."),
+    cpu_frames: int = typer.Option(900, "--cpu-frames", min=100, help="Frames per CPU run (the first 60 are warm-up)."),
 ) -> None:
-    """Measure per-stage time per frame, the range-coding share and peak RSS of `runtime capture` on this machine."""
+    """Measure per-stage time per frame, the range-coding share and peak RSS of `runtime capture` on this machine,
+    and its process CPU per frame at a camera's frame rate (640x480 virtual camera, rendering excluded)."""
     from taskcodec.bench.runtime_profile import profile as run_profile
     from taskcodec.bundle import BundleError
 
@@ -62,13 +67,21 @@ def runtime(
         for sync in spool_sync or []:
             if sync not in ("full", "normal"):
                 raise typer.BadParameter(f"spool sync must be full or normal, got {sync!r}", param_hint="--spool-sync")
-        result = run_profile(bundle, frames, out, threads, precision, spool_syncs=spool_sync, note=note)
+        if stages:
+            result = run_profile(bundle, frames, out, threads, precision, spool_syncs=spool_sync, note=note)
+            from taskcodec.bench.runtime_profile import markdown
+
+            typer.echo(markdown(result))
+            typer.echo(f"wrote {out / 'runtime_profile.json'} and {out / 'runtime_profile.md'}")
+        if cpu:
+            from taskcodec.bench.runtime_profile import cpu_markdown, cpu_profile
+
+            result = cpu_profile(bundle, out, frames=cpu_frames, fps=fps, precisions=precision, spool_syncs=spool_sync,
+                                 threads=threads, note=note)
+            typer.echo(cpu_markdown(result))
+            typer.echo(f"wrote {out / 'runtime_cpu.json'} and {out / 'runtime_cpu.md'}")
     except (BundleError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         raise typer.Exit(2) from None
-    from taskcodec.bench.runtime_profile import markdown
-
-    typer.echo(markdown(result))
-    typer.echo(f"wrote {out / 'runtime_profile.json'} and {out / 'runtime_profile.md'}")
 
 

@@ -81,3 +81,208 @@ def markdown(result: dict) -> str:
     for row in result["runs"]:
         lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Process CPU per frame at a camera's frame rate (issue 10 item 7): the real `runtime capture` command, run in a
+# child process whose virtual camera is rendered before the measurement (so rendering is excluded), paced at --fps.
+
+PRERENDERED_SCHEME = "prerendered"
+
+
+def _thread_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every thread of this process, by native id, with its name."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        tid = int(task.name)
+        out[tid] = (names.get(tid, comm), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _thread_group(name: str) -> str:
+    if name == "MainThread":
+        return "capture loop (main thread: preprocess, encode, spool append)"
+    if name.startswith("uplink-"):
+        return "uplink thread (asyncio + websockets + spool reads/acks)"
+    if name == "status-line":
+        return "status line thread"
+    return f"other threads ({name})" if name else "other threads"
+
+
+class _Meter:
+    """Marks the measurement window from inside the source: starts when frame ``warmup`` is delivered."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.start_cpu = self.start_wall = None
+        self.start_threads: dict = {}
+        self.source_end_threads: dict = {}
+        self.source_end_cpu = None
+        self.source_end_wall = None
+
+    def delivered(self, k: int) -> None:
+        if k == self.warmup:
+            self.start_threads = _thread_cpu()
+            self.start_cpu, self.start_wall = time.process_time(), time.monotonic()
+
+    def exhausted(self) -> None:
+        if self.source_end_cpu is None:
+            self.source_end_threads = _thread_cpu()
+            self.source_end_cpu, self.source_end_wall = time.process_time(), time.monotonic()
+
+
+def _register_prerendered(meter: _Meter, pool: int) -> None:
+    """``prerendered://fashion-mnist?...`` = the virtual camera, its first ``pool`` frames rendered up front and
+    repeated (rendering a 640x480 frame costs about as much as the runtime's whole frame, and is not the runtime's)."""
+    import urllib.parse
+
+    from taskcodec.runtime.source import Source
+    from taskcodec.runtime.sources import VirtualFashionMNIST, register_scheme
+
+    class Prerendered(Source):
+        def __init__(self, rest: str, **options):
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit("virtual://" + rest).query))
+            self.count = int(query.pop("count", 600))
+            camera = VirtualFashionMNIST(dict(query, count=str(min(pool, self.count))), **options)
+            self.frames = [camera.render(k) for k in range(len(camera.order))]
+            super().__init__(size=camera.size, fps=options.get("fps"), loop=False)
+            self.description = f"pre-rendered {camera.description}"
+            self.pos = 0
+
+        def _read(self):
+            if self.pos >= self.count:
+                return None
+            meter.delivered(self.pos)
+            if self.pos == self.count - 1:  # the runtime stops after this frame (--frames)
+                meter.exhausted()
+            self.pos += 1
+            return self.frames[(self.pos - 1) % len(self.frames)]
+
+    register_scheme(PRERENDERED_SCHEME, Prerendered)
+
+
+def _cpu_child(args: list[str], report: Path, warmup: int, pool: int) -> None:
+    """Runs `runtime capture ARGS` in this process and adds the CPU measurement to its --report JSON."""
+    meter = _Meter(warmup)
+    _register_prerendered(meter, pool)
+    from taskcodec.runtime.cli import app
+
+    code = 0
+    try:
+        app(args=["capture", *args, "--report", str(report)], standalone_mode=False, prog_name="runtime")
+    except SystemExit as exc:  # typer.Exit inside standalone_mode=False surfaces as an exit code
+        code = int(exc.code or 0)
+    end_cpu, end_wall = time.process_time(), time.monotonic()
+    if code or meter.start_cpu is None:
+        raise SystemExit(code or 3)
+    data = json.loads(report.read_text())
+    frames = data["frames"] - warmup
+    groups: dict[str, float] = {}
+    for tid, (name, cpu) in meter.source_end_threads.items():
+        before = meter.start_threads.get(tid, (name, 0.0))[1]
+        groups[_thread_group(name)] = groups.get(_thread_group(name), 0.0) + cpu - before
+    data["cpu"] = {
+        "frames_measured": frames, "warmup_frames": warmup,
+        "process_cpu_ms_per_frame": 1000 * (end_cpu - meter.start_cpu) / frames,
+        "process_cpu_ms_per_frame_until_last_frame": 1000 * (meter.source_end_cpu - meter.start_cpu) / frames,
+        "wall_s": end_wall - meter.start_wall,
+        "drain_s": end_wall - meter.source_end_wall,
+        "threads_ms_per_frame": {k: 1000 * v / frames for k, v in sorted(groups.items())},
+        "thread_clock": "per-thread utime+stime from /proc (10 ms ticks) between the warm-up frame and the source's "
+                        "end; the process total from CLOCK_PROCESS_CPUTIME_ID up to the end of the drain",
+    }
+    report.write_text(json.dumps(data, indent=2) + "\n")
+
+
+CPU_TARGET_MS = 0.6      # issue 10: process CPU per frame at 30 fps, 640x480 virtual camera, rendering excluded
+CODING_TARGET_MS = 0.010  # range coding per frame
+
+
+def cpu_profile(bundle_path: str | None, out: Path, frames: int = 600, fps: float = 30.0, warmup: int = 60,
+                precisions: list[str] | None = None, spool_syncs: list[str] | None = None, threads: int = 1,
+                pool: int = 120, timeout: float = 600.0, note: str = "") -> dict:
+    """Process CPU per frame of `runtime capture` at ``fps`` (the command's own defaults otherwise), against the real
+    server; writes runtime_cpu.{json,md} to ``out``."""
+    from taskcodec.report import machine_info, machine_line
+    from taskcodec.server.process import LocalServer
+
+    bundle = load_bundle(bundle_path)
+    precisions = precisions or (["fp32", "int8"] if bundle.has("encoder_int8") else ["fp32"])
+    size, roi = "640x480", "80,0,480,480"
+    uri = f"{PRERENDERED_SCHEME}://fashion-mnist?size={size}&count={frames}&channels=3"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="taskcodec-cpu-") as tmp, \
+            LocalServer(bundle.path, Path(tmp) / "server.db") as server:
+        for precision in precisions:
+            for sync in spool_syncs or ["full"]:
+                name = f"cpu-{precision}-{sync}"
+                token = server.add_camera(name).decode()
+                report = Path(tmp) / f"{name}.json"
+                args = ["--device", uri, "--bundle", str(bundle.path), "--server", server.url, "--camera-id", name,
+                        "--token", token, "--precision", precision, "--threads", str(threads), "--roi", roi,
+                        "--fps", str(fps), "--spool", str(Path(tmp) / f"spool-{name}"), "--spool-sync", sync,
+                        "--frames", str(frames), "--quiet"]
+                cmd = [sys.executable, "-m", "taskcodec.bench.runtime_profile", "--cpu-child", str(report),
+                       str(warmup), str(pool), "--", *args]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                      env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+                if done.returncode != 0:
+                    raise RuntimeError(f"capture ({name}) failed: {done.stderr.strip()[-2000:] or done.stdout.strip()}")
+                data = json.loads(report.read_text())
+                cpu = data.pop("cpu")
+                rows.append({"precision": precision, "spool_sync": sync, **cpu,
+                             **{k: data[k] for k in ("frames", "acked", "fps", "bits_per_frame", "preprocess_ms_per_frame",
+                                                     "inference_ms_per_frame", "coding_ms_per_frame",
+                                                     "spool_ms_per_frame", "peak_rss_mb")}})
+    info = machine_info()
+    result = {"machine": info, "machine_line": machine_line(info), "bundle": str(bundle.path),
+              "model_id": bundle.model_id, "threads": threads, "fps_cap": fps,
+              "source": f"virtual://fashion-mnist?size={size}&channels=3, first {pool} frames rendered before the "
+                        f"run and repeated (rendering excluded), paced at {fps:g} fps; roi {roi}",
+              "command": "runtime capture --device SOURCE --roi " + roi + f" --fps {fps:g} --threads {threads} "
+                         "--precision P --spool-sync S --quiet (other settings: the command's defaults), in a child "
+                         "process (python -m taskcodec.bench.runtime_profile --cpu-child)",
+              "server": "the real ingest server (LocalServer) on loopback, its CPU not counted",
+              "targets": {"process_cpu_ms_per_frame": CPU_TARGET_MS, "coding_ms_per_frame": CODING_TARGET_MS},
+              "load_avg_1min": os.getloadavg()[0], "note": note, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "runs": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runtime_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "runtime_cpu.md").write_text(cpu_markdown(result))
+    return result
+
+
+def cpu_markdown(result: dict) -> str:
+    lines = [f"Process CPU per frame of `runtime capture` at {result['fps_cap']:g} fps — {result['machine_line']}; "
+             f"bundle {result['model_id']}, {result['threads']} encoder thread(s); source {result['source']}; "
+             f"{result['server']}; load average {result['load_avg_1min']:.1f} at the end (shared machine). "
+             f"Targets: <= {result['targets']['process_cpu_ms_per_frame']} ms process CPU per frame, range coding "
+             f"<= {1000 * result['targets']['coding_ms_per_frame']:.0f} us per frame. {result['note']}", "",
+             "| precision | spool sync | frames measured | fps | process CPU ms/frame | until last frame | "
+             "preprocess ms | inference ms | range coding us | spool append ms | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['precision']} | {r['spool_sync']} | {r['frames_measured']} | {r['fps']:.1f} | "
+                     f"{r['process_cpu_ms_per_frame']:.3f} | {r['process_cpu_ms_per_frame_until_last_frame']:.3f} | "
+                     f"{r['preprocess_ms_per_frame']:.3f} | {r['inference_ms_per_frame']:.3f} | "
+                     f"{1000 * r['coding_ms_per_frame']:.1f} | {r['spool_ms_per_frame']:.3f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", "CPU per frame by thread (ms, from the warm-up frame to the source's last frame):", ""]
+    for r in result["runs"]:
+        parts = ", ".join(f"{k}: {v:.3f}" for k, v in r["threads_ms_per_frame"].items())
+        lines.append(f"- {r['precision']} / {r['spool_sync']}: {parts}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--cpu-child":
+    # python -m taskcodec.bench.runtime_profile --cpu-child REPORT WARMUP POOL -- CAPTURE ARGS...
+    _cpu_child(sys.argv[6:], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

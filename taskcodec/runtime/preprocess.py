@@ -48,6 +48,9 @@ class Preprocessor:
             raise PreprocessError(f"colour order {spec.color_order} does not fit {spec.channels} channels")
         self.spec = spec
         self.roi = roi
+        # One small resize per frame: OpenCV's worker pool (its threads spin between jobs) cost 0.5 ms of process CPU
+        # per frame at 30 fps on a 2-core machine for nothing (`taskcodec bench runtime`, runtime_cpu.md).
+        cv2.setNumThreads(1)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """One frame (HxW gray, HxWx1, HxWx3 BGR or HxWx4 BGRA) -> [1, H, W, C] uint8."""

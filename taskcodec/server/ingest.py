@@ -79,6 +79,7 @@ class IngestService:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest")
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
+        self.stored_hooks: list = []  # called with the rows after each commit (server/events.py); must not block
 
     # handshake ---------------------------------------------------------------------------------------------------
     def check_hello(self, hello: wire.Hello) -> wire.Error | None:
@@ -160,6 +161,8 @@ class IngestService:
             rows = [(cam, epoch, f.seq, f.ts_ms, stored_ms, model_id, f.payload, p, c)
                     for (cam, epoch, f), p, c in zip(keep, pred.tolist(), conf.tolist())]
             inserted = self.storage.store_frames(rows)
+            for hook in self.stored_hooks:
+                hook(rows)
             m = self.metrics
             m.frames_stored.inc(inserted)
             m.frames_duplicate.inc(len(rows) - inserted)

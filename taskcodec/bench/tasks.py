@@ -65,7 +65,8 @@ def fit_regressor(x_tr: np.ndarray, t_tr: np.ndarray, x_te: np.ndarray, t_te: np
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(x_tr, dtype=torch.float32)
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    mu, sd = x.mean(0), x.std(0)
+    sd = torch.where(sd > 1e-3, sd, torch.ones_like(sd))  # constant features (blank border pixels) stay unscaled
     tm, ts = t_tr.mean(0), t_tr.std(0) + 1e-9
     t = torch.as_tensor((t_tr - tm) / ts, dtype=torch.float32)
     net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, t.shape[1]))

@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Debian packages: the data set and the real components the tests start (a missing one is installed, once).
 DEB_PACKAGES="dataset-fashion-mnist nats-server postgresql"
+# fleet operations: dashboard browser test, MQTT events test, systemd-analyze verify of deploy/systemd units
+DEB_PACKAGES="$DEB_PACKAGES chromium chromium-driver mosquitto systemd"
 missing=""
 for pkg in $DEB_PACKAGES; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.websockets import WebSocketDisconnect
 
 from taskcodec.server.auth import require_operator
-from taskcodec.server import events, query
+from taskcodec.server import dashboard, events, query
 from taskcodec.server.ingest import IngestService
 from taskcodec.server.storage import SQLiteStorage
 from taskcodec import __version__, wire
@@ -109,6 +109,7 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     query.install(app)  # fleet operations (issue 13): query API, per-camera metrics
+    dashboard.install(app)  # operator's dashboard at /dashboard/ (same operator keys)
     events.install(app)  # results out: MQTT / webhook events after each commit (TASKCODEC_EVENTS_*)
     return app
 

@@ -1,8 +1,16 @@
-"""The FastAPI app: WebSocket and HTTP ingest around server.ingest, plus query, health and metrics endpoints."""
+"""The FastAPI app: WebSocket and HTTP ingest around server.ingest, plus query, health and metrics endpoints.
+
+Security model (issue 11): cameras authenticate with their token in the HELLO; everything else that reads or
+administers needs an operator API key (auth.require_operator). Before a camera has authenticated it may send one
+small message (limits.GuardedWebSocketProtocol), must do so within a deadline, and only a few such connections per
+address and in total are admitted (limits.ConnectionGate); over HTTP the HELLO at the start of the body is checked
+before the rest is read.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -11,15 +19,16 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.websockets import WebSocketDisconnect
 
-from taskcodec.server.auth import require_operator
+from taskcodec.server.auth import RateLimitedLog, require_operator
 from taskcodec.server import dashboard, events, query
-from taskcodec.server.ingest import IngestService
+from taskcodec.server.config import ServerConfig
+from taskcodec.server.ingest import IngestService, Session
+from taskcodec.server.limits import ConnectionGate, raise_max_size
 from taskcodec.server.storage import SQLiteStorage
 from taskcodec import __version__, wire
 from taskcodec.bundle import Bundle, load_bundle
 
-HELLO_TIMEOUT_S = 30.0
-MAX_HTTP_BODY = 16 << 20
+log = logging.getLogger("taskcodec.server.app")
 # WebSocket close codes (RFC 6455): 1008 policy violation (auth, model), 1003 unacceptable data, 1011 server error.
 _CLOSE = {wire.Code.UNAUTHORIZED: 1008, wire.Code.UNKNOWN_MODEL: 1008, wire.Code.BAD_MESSAGE: 1003,
           wire.Code.BUSY: 1011}
@@ -29,15 +38,29 @@ def _header_safe(text: str) -> str:
     return text.encode("ascii", "replace").decode()[:500].replace("\r", " ").replace("\n", " ")
 
 
-def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, microbatch: bool = True) -> FastAPI:
-    """Build the server for one bundle (its model id is the only one accepted) and one SQLite file."""
+def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = None, *, microbatch: bool | None = None,
+               config: ServerConfig | None = None) -> FastAPI:
+    """Build the server for one bundle (its model id is the only one accepted) and one SQLite file. ``config``
+    supplies everything else (limits, storage policy); ``db_path``/``microbatch`` given here win over it."""
+    config = config or ServerConfig()
+    if db_path is not None or microbatch is not None:
+        config = config.model_copy(update={k: v for k, v in (("db", Path(db_path) if db_path else None),
+                                                             ("microbatch", microbatch)) if v is not None})
+    limits, store_cfg = config.limits, config.storage
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    storage = SQLiteStorage(db_path)
-    service = IngestService(bundle, storage, microbatch=microbatch)
+    storage = SQLiteStorage(config.db, check=store_cfg.integrity_check_at_start,
+                            journal_size_limit=store_cfg.journal_size_limit_bytes,
+                            wal_autocheckpoint=store_cfg.wal_autocheckpoint_pages)
+    service = IngestService(bundle, storage, microbatch=config.microbatch, storage_config=store_cfg)
+    if store_cfg.integrity_check_at_start:
+        service.state.integrity_result([])  # the open above ran quick_check and refuses a damaged file
     metrics = service.metrics
+    gate = ConnectionGate(limits.max_pending_per_address, limits.max_pending)
+    refusals = RateLimitedLog(log)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        service.start()
         yield
         await service.aclose()
         storage.close()
@@ -48,31 +71,49 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
     app.state.service = service
     app.state.storage = storage  # require_operator() looks keys up here
     app.state.metrics = metrics
+    app.state.config = config
+    app.state.gate = gate
     read = [Depends(require_operator("read"))]
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket) -> None:
+        peer = ws.client.host if ws.client else "?"
+        refused = gate.admit(peer)
+        if refused is not None:  # before the upgrade: HTTP 403, nothing read
+            metrics.pending_refused.labels(refused).inc()
+            refusals.warning(f"{refused}:{peer}", f"refused a WebSocket connection from {peer}: limit {refused} "
+                             f"({limits.max_pending_per_address} per address, {limits.max_pending} in total "
+                             f"unauthenticated)")
+            await ws.close(1013)
+            return
+        pending = True
+
+        def authenticated() -> None:
+            nonlocal pending
+            gate.release(peer)
+            pending = False
+
         await ws.accept()
         metrics.connections.inc()
         try:
-            await _serve_stream(ws, service)
+            await _serve_stream(ws, service, config, peer, authenticated)
         except (WebSocketDisconnect, OSError):  # the camera went away (uvicorn's ClientDisconnected is an OSError)
             pass
         finally:
             metrics.connections.dec()
+            if pending:
+                gate.release(peer)
 
     @app.post("/v1/ingest")
     async def ingest(request: Request) -> Response:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_HTTP_BODY:
-                error = service.refuse(wire.Code.BAD_MESSAGE, f"body larger than {MAX_HTTP_BODY} bytes")
-                return Response(error.encode(), 413, headers={"X-Reason": error.reason},
-                                media_type="application/octet-stream")
-        reply = await service.ingest_http(bytes(body))
-        return Response(reply.body, reply.status, headers={"X-Reason": _header_safe(reply.reason)},
-                        media_type="application/octet-stream")
+        peer = request.client.host if request.client else "?"
+        try:
+            async with asyncio.timeout(limits.http_body_timeout_s):
+                return await _ingest_http(request, service, config, peer)
+        except TimeoutError:
+            error = service.refuse(wire.Code.BAD_MESSAGE, f"body not received within {limits.http_body_timeout_s:g} s")
+            return Response(error.encode(), 408, headers={"X-Reason": error.reason, "Connection": "close"},
+                            media_type="application/octet-stream")
 
     @app.get("/openapi.json", dependencies=read, include_in_schema=False)
     def openapi() -> JSONResponse:
@@ -85,7 +126,7 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
 
     @app.get("/v1/cameras/{camera_id}/frames", dependencies=read)
     def frames(camera_id: str, since_seq: int | None = Query(None, ge=-1),
-               since_ts: int | None = Query(None, ge=0), epoch: int | None = Query(None, ge=0),
+               since_ts: int | None = Query(None), epoch: int | None = Query(None, ge=0),
                limit: int = Query(100, ge=1, le=10000)) -> dict:
         if storage.get_camera(camera_id) is None and not storage.frames(camera_id, limit=1):
             raise HTTPException(404, f"unknown camera {camera_id!r}")
@@ -98,11 +139,10 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        db_ok = storage.ping()
         # Open to anyone (load balancers): nothing here that helps an attacker (no version, pid or paths).
-        body = {"status": "ok" if db_ok else "degraded", "model_id": service.model_id, "db_ok": db_ok,
-                "uptime_s": round(service.uptime_s(), 3)}
-        return JSONResponse(body, 200 if db_ok else 503)
+        # 503 while the database is unreachable, full, or failed its (periodic, cached) integrity check.
+        body = service.health()
+        return JSONResponse(body, 200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics", dependencies=[Depends(require_operator("metrics"))])
     def prometheus() -> Response:
@@ -112,6 +152,58 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path, *, micro
     dashboard.install(app)  # operator's dashboard at /dashboard/ (same operator keys)
     events.install(app)  # results out: MQTT / webhook events after each commit (TASKCODEC_EVENTS_*)
     return app
+
+
+async def _ingest_http(request: Request, service: IngestService, config: ServerConfig, peer: str) -> Response:
+    """HELLO first: read at most a HELLO's worth of the body, authenticate, and only then read the rest."""
+    limits = config.limits
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limits.max_http_body_bytes:
+        return _reply(service._http_error(service.refuse(
+            wire.Code.BAD_MESSAGE, f"body larger than {limits.max_http_body_bytes} bytes")), 413)
+    body = bytearray()
+    session: Session | None = None
+    hello = None
+    async for chunk in request.stream():
+        body += chunk
+        if session is None and len(body) >= wire.MAX_HELLO_BYTES:
+            hello, session, used, error = _http_hello(service, bytes(body), peer)
+            if error is not None:
+                return _reply(error)
+            body = body[used:]
+        if len(body) > limits.max_http_body_bytes:
+            return _reply(service._http_error(service.refuse(
+                wire.Code.BAD_MESSAGE, f"body larger than {limits.max_http_body_bytes} bytes")), 413)
+    if session is None:
+        hello, session, used, error = _http_hello(service, bytes(body), peer)
+        if error is not None:
+            return _reply(error)
+        body = body[used:]
+    return _reply(await service.ingest_http(bytes(body), peer, hello, session))
+
+
+def _http_hello(service: IngestService, head: bytes, peer: str):
+    """(hello, session, bytes the HELLO took, None) or (.., the HttpReply refusing the request)."""
+    try:
+        hello, rest = wire.split_ingest_body(head)
+    except wire.WireError as exc:
+        return None, None, 0, service._http_error(service.refuse(wire.Code.BAD_MESSAGE,
+                                                                 f"malformed ingest body: {exc}"))
+    session, error = service.open_session(hello, peer)
+    return hello, session, len(head) - len(rest), None if error is None else service._http_error(error)
+
+
+def _reply(reply, status: int | None = None) -> Response:
+    headers = {"X-Reason": _header_safe(reply.reason)}
+    if reply.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(reply.retry_after_s)))
+    if (status or reply.status) in (401, 413):
+        headers["Connection"] = "close"  # the unread rest of the body is not worth draining
+    return Response(reply.body, status or reply.status, headers=headers, media_type="application/octet-stream")
+
+
+class _Idle(Exception):
+    """No message within the idle check interval (not an error)."""
 
 
 async def _receive_bytes(ws: WebSocket, timeout: float | None = None) -> bytes | None:
@@ -127,13 +219,17 @@ async def _refuse(ws: WebSocket, error: wire.Error) -> None:
     await ws.close(_CLOSE.get(error.code, 1008), reason=_header_safe(error.reason)[:120])
 
 
-async def _expect(ws: WebSocket, service: IngestService, kind: type, timeout: float | None = None):
-    """The next message if it is a binary ``kind``; otherwise refuse the connection with a reason and return None."""
+async def _expect(ws: WebSocket, service: IngestService, kind: type, timeout: float | None = None,
+                  idle_ok: bool = False):
+    """The next message if it is a binary ``kind``; otherwise refuse the connection with a reason and return None.
+    On ``timeout``: raise _Idle if ``idle_ok``, else refuse."""
     name = kind.__name__.upper()
     try:
         data = await _receive_bytes(ws, timeout)
     except asyncio.TimeoutError:
-        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"no {name} within {timeout:.0f} s"))
+        if idle_ok:
+            raise _Idle from None
+        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"no {name} within {timeout:g} s"))
         return None
     service.metrics.bytes_received.inc(len(data or b""))
     try:
@@ -148,22 +244,33 @@ async def _expect(ws: WebSocket, service: IngestService, kind: type, timeout: fl
     return message
 
 
-async def _serve_stream(ws: WebSocket, service: IngestService) -> None:
-    hello = await _expect(ws, service, wire.Hello, HELLO_TIMEOUT_S)
+async def _serve_stream(ws: WebSocket, service: IngestService, config: ServerConfig, peer: str,
+                        authenticated) -> None:
+    limits = config.limits
+    hello = await _expect(ws, service, wire.Hello, limits.handshake_timeout_s)
     if hello is None:
         return
-    error = service.check_hello(hello)
+    session, error = service.open_session(hello, peer)
     if error is not None:
         await _refuse(ws, error)
         return
+    authenticated()
+    raise_max_size(ws.scope, limits.max_message_bytes)
     await ws.send_bytes(wire.Welcome().encode())
     while True:
-        batch = await _expect(ws, service, wire.Batch)
+        try:
+            batch = await _expect(ws, service, wire.Batch, limits.revocation_check_s, idle_ok=True)
+        except _Idle:
+            if not await asyncio.to_thread(service.session_valid, session):
+                await _refuse(ws, service.revoked(session))
+                return
+            continue
         if batch is None:
             return
-        replies = await service.submit(hello.camera_id, batch)
+        replies = await service.submit(session, batch)
         for reply in replies:
             await ws.send_bytes(reply.encode())
-        if any(isinstance(r, wire.Error) for r in replies):
-            await ws.close(_CLOSE.get(wire.Code.BUSY, 1011))
+        errors = [r for r in replies if isinstance(r, wire.Error)]
+        if errors:
+            await ws.close(_CLOSE.get(errors[0].code, 1011), reason=_header_safe(errors[0].reason)[:120])
             return

@@ -1,12 +1,14 @@
-"""App factory for multi-worker `taskcodec serve`: each uvicorn worker process builds its app from the environment."""
+"""App factory for multi-worker `taskcodec serve`: each uvicorn worker process builds its app from the validated
+configuration the parent put in the environment (TASKCODEC_SERVER_CONFIG, JSON; it holds no secrets)."""
 
 from __future__ import annotations
 
 import os
 
 from taskcodec.server.app import create_app
+from taskcodec.server.config import ServerConfig
 
 
 def app():
-    return create_app(os.environ.get("TASKCODEC_SERVER_BUNDLE") or None, os.environ["TASKCODEC_SERVER_DB"],
-                      microbatch=os.environ.get("TASKCODEC_SERVER_MICROBATCH", "1") == "1")
+    config = ServerConfig.model_validate_json(os.environ["TASKCODEC_SERVER_CONFIG"])
+    return create_app(config.bundle, config=config)

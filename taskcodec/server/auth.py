@@ -16,7 +16,7 @@ import time
 
 from fastapi import HTTPException, Request
 
-from taskcodec.server.storage import Operator, Storage
+from taskcodec.server.storage import Camera, Operator, Storage
 
 SCHEME = "sha256"
 CAMERA_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -63,9 +63,22 @@ def add_camera(storage: Storage, camera_id: str) -> str:
 
 
 def authenticate(storage: Storage, camera_id: str, token: bytes) -> bool:
+    return authenticate_camera(storage, camera_id, token) is not None
+
+
+def authenticate_camera(storage: Storage, camera_id: str, token: bytes) -> Camera | None:
+    """The camera if ``token`` is its current token (constant time whether or not the camera exists), else None."""
     camera = storage.get_camera(camera_id)
     ok = verify_token(token, camera.token_hash if camera else _DUMMY)
-    return ok and camera is not None
+    return camera if ok and camera is not None else None
+
+
+def rotate_camera(storage: Storage, camera_id: str) -> str:
+    """Give a camera a new token (returned once); the old one stops working, live sessions end within seconds."""
+    token = new_token()
+    if not storage.set_token_hash(camera_id, hash_token(token.encode())):
+        raise AuthError(f"no camera {camera_id!r}")
+    return token
 
 
 # Operators ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`taskcodec serve` and `taskcodec cameras add/list/remove`. Heavy imports (fastapi, uvicorn, onnxruntime) happen
+"""`taskcodec serve`, `taskcodec cameras add/list/remove/rotate`, `taskcodec operators`, `taskcodec db`. Heavy imports (fastapi, uvicorn, onnxruntime) happen
 inside the commands so `taskcodec --help` stays fast."""
 
 from __future__ import annotations
@@ -20,13 +20,42 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _storage(db: Path):
+def _storage(db: Path, **kwargs):
     from taskcodec.server.storage import SQLiteStorage, StorageError
 
     try:
-        return SQLiteStorage(db)
+        return SQLiteStorage(db, **kwargs)
     except StorageError as exc:
         _fail(str(exc))
+
+
+db_app = typer.Typer(help="The server database: schema migration and integrity check.", no_args_is_help=True)
+
+
+@db_app.command("migrate")
+def db_migrate(db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
+    """Bring the database schema to this version (PRAGMA user_version); `serve` also does it at start."""
+    from taskcodec.server.storage import SCHEMA_VERSION
+
+    import sqlite3
+
+    if not db.is_file():
+        _fail(f"no database {db}")
+    before = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0]
+    storage = _storage(db, migrate=True)
+    storage.close()
+    typer.echo(f"{db}: schema version {before} -> {SCHEMA_VERSION}" if before != SCHEMA_VERSION
+               else f"{db}: schema version {SCHEMA_VERSION}, up to date")
+
+
+@db_app.command("check")
+def db_check(db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
+    """PRAGMA quick_check; exit 1 on a damaged database."""
+    if not db.is_file():
+        _fail(f"no database {db}")
+    storage = _storage(db, migrate=False, check=True)
+    storage.close()
+    typer.echo(f"{db}: ok")
 
 
 @cameras_app.command("add")
@@ -59,10 +88,26 @@ def cameras_list(db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite databa
 
 @cameras_app.command("remove")
 def cameras_remove(camera_id: str, db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
-    """Revoke a camera's token (its stored frames are kept)."""
+    """Revoke a camera's token (its stored frames are kept). Its open sessions on a running server end within
+    seconds (every batch re-checks the token in its transaction; idle sessions every few seconds)."""
     if not _storage(db).remove_camera(camera_id):
         _fail(f"no camera {camera_id!r} in {db}")
     typer.echo(f"camera {camera_id!r} removed")
+
+
+@cameras_app.command("rotate")
+def cameras_rotate(camera_id: str, db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
+    """Give a camera a new token, printed ONCE; the old token stops working and its open sessions end."""
+    from taskcodec.server.auth import AuthError, rotate_camera
+    from taskcodec.server.storage import StorageError
+
+    try:
+        token = rotate_camera(_storage(db), camera_id)
+    except (AuthError, StorageError) as exc:
+        _fail(str(exc))
+    typer.echo(token)
+    typer.secho(f"camera {camera_id!r}: new token; store it now, it is not shown again (the old one no longer works)",
+                err=True)
 
 
 operators_app = typer.Typer(help="Operator API keys for the query API, dashboard and /metrics (scopes: "
@@ -105,34 +150,77 @@ def operators_remove(name: str, db: Path = typer.Option(DEFAULT_DB, "--db", help
 
 
 def serve(
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML server configuration (see "
+                                               "taskcodec/server/config.py); flags given here override it"),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Model bundle folder (default: the embedded one)"),
-    db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file (created if missing)"),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (see --port-file)"),
-    workers: int = typer.Option(1, "--workers", min=1, help="Server processes sharing the port and the database"),
+    db: Optional[Path] = typer.Option(None, "--db", help=f"SQLite database file (created 0600 if missing; default "
+                                      f"{DEFAULT_DB})"),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, "--port", help="TCP port (default 8000); 0 picks a free one (see "
+                                       "--port-file)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Server processes sharing the port and the database"),
     port_file: Optional[Path] = typer.Option(None, "--port-file", help="Write the bound port here once listening"),
-    microbatch: bool = typer.Option(True, "--microbatch/--no-microbatch",
-                                    help="Batch decode/classify/commit across connections"),
-    log_level: str = typer.Option("warning", "--log-level"),
-    ws: str = typer.Option("auto", "--ws",
-                           help="uvicorn WebSocket implementation: auto, websockets, websockets-sansio, wsproto"),
-    ws_ping_interval: float = typer.Option(
-        120.0, "--ws-ping-interval", min=0.0,
-        help="Seconds between server keepalive pings (0: none). Cameras ping every 60 s and acks prove liveness while "
-             "frames flow, so the server pings rarely: each ping costs ~4 packets on a link of a few bytes per frame"),
+    microbatch: Optional[bool] = typer.Option(None, "--microbatch/--no-microbatch",
+                                              help="Batch decode/classify/commit across connections (default on)"),
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="critical|error|warning|info|debug"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate chain: serve https:// and "
+                                            "wss:// (with --tls-key)"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key; its password, if any, from "
+                                           "TASKCODEC_TLS_KEY_PASSWORD or tls.key_password_file in --config"),
+    ws_ping_interval: Optional[float] = typer.Option(
+        None, "--ws-ping-interval", min=0.0,
+        help="Seconds between server keepalive pings (0: none; default 120). Cameras ping every 60 s and acks prove "
+             "liveness while frames flow, so the server pings rarely: each ping costs ~4 packets on a link of a few "
+             "bytes per frame"),
 ) -> None:
     """Run the ingest server (WebSocket /v1/stream, POST /v1/ingest, queries, /healthz, /metrics)."""
+    from taskcodec.server.config import ConfigError, build_config
+
+    if (tls_cert is None) != (tls_key is None):
+        _fail("--tls-cert and --tls-key go together")
+    overrides = {"bundle": bundle, "db": db, "host": host, "port": port, "workers": workers, "port_file": port_file,
+                 "microbatch": microbatch, "log_level": log_level, "ws_ping_interval": ws_ping_interval,
+                 "tls.cert": tls_cert, "tls.key": tls_key}
+    try:
+        config = build_config(config_file, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    run_server(config)
+
+
+def run_server(config) -> None:
+    """Serve ``config`` (a ServerConfig) until SIGINT/SIGTERM."""
+    import json
+    import logging
+
     import uvicorn
 
     from taskcodec.server.app import create_app
+    from taskcodec.server.limits import GuardedH11Protocol, GuardedWebSocketProtocol
     from taskcodec.server.storage import StorageError
     from taskcodec.bundle import BundleError, load_bundle
 
+    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.WARNING) if config.log_level !=
+                        "trace" else logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        loaded = load_bundle(bundle)
-        app = create_app(loaded, db, microbatch=microbatch)  # fails early on a bad db path, in this process
+        loaded = load_bundle(config.bundle)
+        # fails early, in this process, on a bad db path, a damaged or too new database; migrates an old one
+        app = create_app(loaded, config=config)
     except (BundleError, StorageError) as exc:
         _fail(str(exc))
+    tls = {}
+    if config.tls is not None:
+        import ssl
+
+        try:
+            password = config.tls.key_password()
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.tls.cert, config.tls.key,
+                                                                                  password)
+        except (OSError, ssl.SSLError) as exc:
+            _fail(f"cannot use TLS certificate {config.tls.cert} / key {config.tls.key}: {exc}")
+        tls = dict(ssl_certfile=str(config.tls.cert), ssl_keyfile=str(config.tls.key), ssl_keyfile_password=password)
+    host, port = config.host, config.port
     # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose proto says TCP, and
     # without it Nagle + delayed ACKs add 40 ms to every reply.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -144,28 +232,33 @@ def serve(
     sock.listen(2048)
     sock.set_inheritable(True)
     bound = sock.getsockname()[1]
-    typer.secho(f"taskcodec server: model {loaded.model_id}, db {db}, http://{host}:{bound} ({workers} worker(s))",
-                err=True)
+    typer.secho(f"taskcodec server: model {loaded.model_id}, db {config.db}, {config.scheme}://{host}:{bound} "
+                f"({config.workers} worker(s))", err=True)
     extra = {"loop": "uvloop"} if _has("uvloop") else {}
-    if _has("httptools"):
-        extra["http"] = "httptools"
-    ping = ws_ping_interval or None
-    common = dict(log_level=log_level, access_log=False, ws_max_size=64 << 20, ws=ws, ws_ping_interval=ping,
-                  ws_ping_timeout=ping, **extra)
-    if workers == 1:
-        server = uvicorn.Server(uvicorn.Config(app, **common))
-        if port_file:
-            _write_port_file(port_file, bound)
+    ping = config.ws_ping_interval or None
+    limits = config.limits
+    # The first WebSocket message is bounded by limits.max_hello_bytes in GuardedWebSocketProtocol (raised to
+    # ws_max_size after authentication); h11 bounds request heads to 16 KiB; GuardedH11Protocol times them out.
+    common = dict(log_level=config.log_level, access_log=False, ws_max_size=limits.max_message_bytes,
+                  ws=GuardedWebSocketProtocol, http=GuardedH11Protocol, ws_ping_interval=ping, ws_ping_timeout=ping,
+                  timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_connections,
+                  h11_max_incomplete_event_size=16 << 10, log_config=None, **tls, **extra)
+    if config.workers == 1:
+        uconfig = uvicorn.Config(app, **common)
+        uconfig.taskcodec_limits = limits
+        server = uvicorn.Server(uconfig)
+        if config.port_file:
+            _write_port_file(config.port_file, bound)
         server.run(sockets=[sock])
         return
     from uvicorn.supervisors import Multiprocess
 
-    os.environ.update(TASKCODEC_SERVER_BUNDLE=str(loaded.path), TASKCODEC_SERVER_DB=str(db),
-                      TASKCODEC_SERVER_MICROBATCH="1" if microbatch else "0")
-    config = uvicorn.Config("taskcodec.server.app_env:app", factory=True, workers=workers, **common)
-    if port_file:
-        _write_port_file(port_file, bound)
-    Multiprocess(config, sockets=[sock]).run()
+    os.environ["TASKCODEC_SERVER_CONFIG"] = json.dumps(config.model_dump(mode="json"))
+    uconfig = uvicorn.Config("taskcodec.server.app_env:app", factory=True, workers=config.workers, **common)
+    uconfig.taskcodec_limits = limits
+    if config.port_file:
+        _write_port_file(config.port_file, bound)
+    Multiprocess(uconfig, sockets=[sock]).run()
 
 
 def _has(module: str) -> bool:
@@ -184,3 +277,4 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.add_typer(cameras_app, name="cameras")
     app.add_typer(operators_app, name="operators")
+    app.add_typer(db_app, name="db")

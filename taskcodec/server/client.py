@@ -4,6 +4,7 @@ own). WebSocket via websockets' sync client; HTTP via the standard library."""
 from __future__ import annotations
 
 import http.client
+import ssl
 import urllib.parse
 from dataclasses import dataclass
 
@@ -14,40 +15,19 @@ from taskcodec import wire
 
 
 def read_replies(data: bytes) -> list[wire.Message]:
-    """Split an HTTP ingest response body (one or more concatenated ACK/REJECT/ERROR messages)."""
-    out, pos = [], 0
-    while pos < len(data):
-        end = _message_end(data, pos)
-        out.append(wire.decode(data[pos:end]))
-        pos = end
-    return out
-
-
-def _message_end(data: bytes, pos: int) -> int:
-    r = wire.Reader(data)
-    r.pos = pos
-    kind = r.u8()
-    if kind == wire.Ack.TYPE:
-        r.varint(), r.varint(), r.varint()
-    elif kind == wire.Reject.TYPE:
-        r.varint(), r.varint(), r.varint(), r.u8()
-        r.take(r.varint())
-    elif kind == wire.Error.TYPE:
-        r.u8()
-        r.take(r.varint())
-    else:
-        raise wire.WireError(f"unexpected reply type 0x{kind:02x}")
-    return r.pos
+    """Split an HTTP ingest response body (one or more concatenated ACK/REJECT/ERROR messages): wire.decode_replies."""
+    return wire.decode_replies(data)
 
 
 class StreamClient:
     """One WebSocket connection: ``hello()`` then ``send(batch)`` -> replies. Raw ``send_raw`` is for fuzzing."""
 
-    def __init__(self, url: str, timeout: float = 30.0):
+    def __init__(self, url: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None):
         ws_url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/") + "/v1/stream"
         self.timeout = timeout
+        extra = {"ssl": ssl_context} if ssl_context is not None else {}
         # __enter__ keeps websockets >= 17.1 from warning about connect() outside a with-block; close() exits it.
-        self.ws = connect(ws_url, open_timeout=timeout, close_timeout=5, max_size=None).__enter__()
+        self.ws = connect(ws_url, open_timeout=timeout, close_timeout=5, max_size=None, **extra).__enter__()
 
     def hello(self, hello: wire.Hello) -> wire.Message:
         return self.send_raw(hello.encode())[0]
@@ -105,9 +85,12 @@ class HttpResult:
 class HttpIngestClient:
     """POST /v1/ingest on one keep-alive connection."""
 
-    def __init__(self, url: str, timeout: float = 30.0):
+    def __init__(self, url: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None):
         u = urllib.parse.urlsplit(url)
-        self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+        if u.scheme == "https":
+            self.conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout, context=ssl_context)
+        else:
+            self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
 
     def post_raw(self, body: bytes) -> HttpResult:
         self.conn.request("POST", "/v1/ingest", body=body, headers={"Content-Type": "application/octet-stream"})
@@ -120,7 +103,7 @@ class HttpIngestClient:
         return HttpResult(resp.status, resp.getheader("X-Reason", ""), replies, data)
 
     def post(self, hello: wire.Hello, batch: wire.Batch) -> HttpResult:
-        return self.post_raw(hello.encode() + batch.encode())
+        return self.post_raw(wire.encode_ingest_body(hello, batch))
 
     def close(self) -> None:
         self.conn.close()

@@ -1,41 +1,62 @@
-"""The transport-free ingest core: check a HELLO, then decode, classify and durably store BATCHes, and say what to
-reply. The WebSocket and HTTP endpoints (app.py) are thin shells around it, and tests and fuzzing call it directly.
+"""The transport-free ingest core: authenticate a HELLO into a session, then decode, classify and durably store
+BATCHes, and say what to reply. The WebSocket and HTTP endpoints (app.py) are thin shells around it, and tests and
+fuzzing call it directly.
 
 Throughput comes from micro-batching across connections: every connection puts its batch on one asyncio queue; a
 single worker takes everything waiting, decodes it, runs *one* classifier call and *one* SQLite transaction (one
 fsync) for all of it, in a worker thread, and then answers each connection. Under light load a micro-batch is one
 message (no added wait); under heavy load batches grow by themselves while the previous one is committing.
+
+Replies, per frame: ACK once durably stored (a re-sent frame with the same payload is acked again as a duplicate);
+REJECT BAD_PAYLOAD for a payload that does not decode; REJECT CONFLICT when the same (camera, epoch, seq) is already
+stored with another payload (logged, counted, never acked: the stored frame stays). Per connection: ERROR BUSY (with
+``retry_after_s=N`` in the reason and Retry-After over HTTP) while the storage is full, ERROR UNAUTHORIZED once the
+camera has been removed or its token rotated (checked inside the storing transaction).
+
+Storage full is an *episode*: one log line when it starts, one when it ends, /healthz 503 in between, HELLOs
+answered BUSY at once (no batch is read), and a small probe write every few seconds to notice the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from taskcodec.server.auth import authenticate
+from taskcodec.server.auth import RateLimitedLog, authenticate_camera
 from taskcodec.server.classify import Classifier
+from taskcodec.server.config import StorageConfig
 from taskcodec.server.metrics import ServerMetrics
-from taskcodec.server.storage import Storage, now_ms
+from taskcodec.server.storage import (CONFLICT, DUPLICATE, NEW, BatchRows, Storage, StorageDamaged, StorageError,
+                                      StorageFull, now_ms)
 from taskcodec import wire
 from taskcodec.bundle import Bundle
 from taskcodec.coding import RangeCoder, StreamError, decompress
 
-MAX_INT64 = (1 << 63) - 1
+log = logging.getLogger("taskcodec.server.ingest")
+
 HTTP_STATUS = {wire.Code.BAD_MESSAGE: 400, wire.Code.UNAUTHORIZED: 401, wire.Code.UNKNOWN_MODEL: 409,
-               wire.Code.BAD_PAYLOAD: 422, wire.Code.BUSY: 503}
-REASON_NAMES = {wire.Code.BAD_MESSAGE: "bad_message", wire.Code.UNAUTHORIZED: "unauthorized",
-                wire.Code.UNKNOWN_MODEL: "unknown_model", wire.Code.BAD_PAYLOAD: "bad_payload",
-                wire.Code.BUSY: "busy"}
+               wire.Code.BAD_PAYLOAD: 422, wire.Code.BUSY: 503, wire.Code.CONFLICT: 409}
+REASON_NAMES = wire.CODE_NAMES
+
+
+@dataclass(frozen=True)
+class Session:
+    """An authenticated camera connection: the token hash it proved, so a rotation or removal ends it."""
+    camera_id: str
+    token_hash: str | None
+    peer: str = "?"
 
 
 @dataclass
 class _Job:
-    camera_id: str
+    session: Session
     batch: wire.Batch
     future: asyncio.Future = field(repr=False)
 
@@ -45,26 +66,65 @@ class HttpReply:
     status: int
     reason: str
     body: bytes
+    retry_after_s: float | None = None
 
 
-def split_ingest_body(body: bytes) -> tuple[wire.Hello, bytes]:
-    """An HTTP ingest body is HELLO || BATCH; find where the HELLO ends (type, version, 8-byte tag, 2 short strings)."""
-    if not body or body[0] != wire.Hello.TYPE:
-        raise wire.WireError("an ingest body starts with a HELLO message")
-    if len(body) < 11:
-        raise wire.WireError("message ends early")
-    token_at = 11 + body[10]
-    if token_at >= len(body):
-        raise wire.WireError("message ends early")
-    end = token_at + 1 + body[token_at]
-    hello = wire.decode(body[:end])
-    assert isinstance(hello, wire.Hello)
-    return hello, body[end:]
+class StorageState:
+    """Whether the store can take writes: 'ok', 'full' (an episode that ends by itself) or 'damaged' (needs an
+    operator). Logs one line per change of state, never one per message."""
+
+    def __init__(self, metrics: ServerMetrics, path: str):
+        self.metrics, self.path = metrics, path
+        self.full_since: float | None = None
+        self.damaged: str | None = None
+        self.busy_replies = 0
+        self.integrity: str = "unchecked"
+        self.integrity_checked_at: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        return "damaged" if self.damaged else "full" if self.full_since is not None else "ok"
+
+    def full(self) -> None:
+        with self._lock:
+            if self.full_since is None:
+                self.full_since = time.monotonic()
+                self.busy_replies = 0
+                self.metrics.storage_full.set(1)
+                self.metrics.storage_full_episodes.inc()
+                log.error("storage full: %s has no room (database or disk is full); cameras get BUSY and keep their "
+                          "frames until space frees up; /healthz reports 503 meanwhile", self.path)
+
+    def writable(self) -> None:
+        with self._lock:
+            if self.full_since is not None:
+                log.warning("storage writable again after %.1f s of storage full (%d BUSY replies meanwhile)",
+                            time.monotonic() - self.full_since, self.busy_replies)
+                self.full_since = None
+                self.metrics.storage_full.set(0)
+
+    def damage(self, reason: str) -> None:
+        with self._lock:
+            if self.damaged is None:
+                self.damaged = reason
+                self.metrics.storage_damaged.set(1)
+                log.error("storage damaged: %s; refusing frames (BUSY); restore a backup or run sqlite3 .recover, "
+                          "then restart", reason)
+
+    def integrity_result(self, problems: list[str]) -> None:
+        self.integrity_checked_at = time.monotonic()
+        if problems:
+            self.integrity = "damaged"
+            self.damage(f"PRAGMA quick_check: {'; '.join(problems[:3])}")
+        else:
+            self.integrity = "ok"
 
 
 class IngestService:
     def __init__(self, bundle: Bundle, storage: Storage, *, microbatch: bool = True,
-                 max_microbatch_frames: int = 8192, metrics: ServerMetrics | None = None):
+                 max_microbatch_frames: int = 8192, metrics: ServerMetrics | None = None,
+                 storage_config: StorageConfig | None = None):
         self.bundle = bundle
         self.storage = storage
         self.model_id = bundle.model_id
@@ -74,40 +134,83 @@ class IngestService:
         self.metrics = metrics or ServerMetrics()
         self.microbatch = microbatch
         self.max_microbatch_frames = max_microbatch_frames
+        self.config = storage_config or StorageConfig()
         self.started = time.monotonic()
+        self.state = StorageState(self.metrics, str(getattr(storage, "path", "?")))
+        self.failed_logins = RateLimitedLog(log)
+        self.conflicts_log = RateLimitedLog(log)
         # One thread: decode holds the GIL anyway, and a single writer keeps SQLite transactions simple.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest")
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
+        self._maintenance: asyncio.Task | None = None
+        self._integrity_thread: threading.Thread | None = None
         self.stored_hooks: list = []  # called with the rows after each commit (server/events.py); must not block
 
     # handshake ---------------------------------------------------------------------------------------------------
-    def check_hello(self, hello: wire.Hello) -> wire.Error | None:
-        """None when the camera may upload on this connection, else the Error to send before closing."""
-        if not authenticate(self.storage, hello.camera_id, hello.token):
-            return self.refuse(wire.Code.UNAUTHORIZED,
-                               f"camera {hello.camera_id!r}: unknown camera or wrong token")
+    def open_session(self, hello: wire.Hello, peer: str = "?") -> tuple[Session | None, wire.Error | None]:
+        """(session, None) when the camera may upload on this connection, else (None, the Error to send)."""
+        camera = authenticate_camera(self.storage, hello.camera_id, hello.token)
+        if camera is None:
+            self.metrics.auth_failures.labels("camera").inc()
+            self.failed_logins.warning(f"cam:{peer}:{hello.camera_id}",
+                                       f"camera authentication failed: camera {hello.camera_id!r} from {peer} "
+                                       f"(unknown camera or wrong token)")
+            return None, self.refuse(wire.Code.UNAUTHORIZED,
+                                     f"camera {hello.camera_id!r}: unknown camera or wrong token")
         if hello.model_tag != self.model_tag:
-            return self.refuse(wire.Code.UNKNOWN_MODEL,
-                               f"server expects model {self.model_id}, camera sent model {hello.model_tag.hex()}; "
-                               f"install bundle {self.model_id} on the camera")
-        return None
+            return None, self.refuse(wire.Code.UNKNOWN_MODEL,
+                                     f"server expects model {self.model_id}, camera sent model "
+                                     f"{hello.model_tag.hex()}; install bundle {self.model_id} on the camera")
+        if self.state.state != "ok":
+            return None, self.busy()
+        return Session(camera.id, camera.token_hash, peer), None
+
+    def check_hello(self, hello: wire.Hello, peer: str = "?") -> wire.Error | None:
+        """None when the camera may upload on this connection, else the Error to send before closing."""
+        return self.open_session(hello, peer)[1]
+
+    def session_valid(self, session: Session) -> bool:
+        """Is the camera's token still the one this session authenticated with (not removed, not rotated)?"""
+        if session.token_hash is None:
+            return True
+        try:
+            camera = self.storage.get_camera(session.camera_id)
+        except Exception:  # a reader error is not a revocation; the next batch's transaction decides
+            return True
+        return camera is not None and camera.token_hash == session.token_hash
 
     def refuse(self, code: int, reason: str) -> wire.Error:
         self.metrics.messages_refused.labels(REASON_NAMES.get(code, str(code))).inc()
         return wire.Error(code, reason)
 
+    def busy(self) -> wire.Error:
+        self.state.busy_replies += 1
+        what = "damaged" if self.state.damaged else "full"
+        return self.refuse(wire.Code.BUSY, f"server storage is {what}; nothing was stored; "
+                                           f"retry_after_s={self.config.busy_retry_after_s:g}")
+
+    def revoked(self, session: Session) -> wire.Error:
+        log.warning("camera %r (%s): token removed or rotated; session closed", session.camera_id, session.peer)
+        return self.refuse(wire.Code.UNAUTHORIZED,
+                           f"camera {session.camera_id!r}: removed or token rotated; session closed")
+
     # batches -----------------------------------------------------------------------------------------------------
-    async def submit(self, camera_id: str, batch: wire.Batch) -> list[wire.Message]:
-        """Store a batch of an authenticated camera; returns the Ack/Reject replies (or one Error if storage fails)."""
+    async def submit(self, session: Session | str, batch: wire.Batch) -> list[wire.Message]:
+        """Store a batch of an authenticated session (a bare camera id: no token re-check; tools and benches);
+        returns the Ack/Reject replies, or one Error (storage full or damaged, camera revoked)."""
+        session = Session(session, None) if isinstance(session, str) else session
         self.metrics.frames_received.inc(len(batch.frames))
+        self.start()
+        if self.state.state != "ok":
+            return [self.busy()]
         loop = asyncio.get_running_loop()
         if not self.microbatch:
-            return (await loop.run_in_executor(self._pool, self._process_safe, [(camera_id, batch)]))[0]
+            return (await loop.run_in_executor(self._pool, self._process_safe, [(session, batch)]))[0]
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = loop.create_task(self._run_worker())
-        job = _Job(camera_id, batch, loop.create_future())
+        job = _Job(session, batch, loop.create_future())
         self._queue.put_nowait(job)
         return await job.future
 
@@ -120,116 +223,212 @@ class IngestService:
                 jobs.append(self._queue.get_nowait())
                 frames += len(jobs[-1].batch.frames)
             results = await loop.run_in_executor(self._pool, self._process_safe,
-                                                 [(j.camera_id, j.batch) for j in jobs])
+                                                 [(j.session, j.batch) for j in jobs])
             for job, replies in zip(jobs, results):
                 if not job.future.done():  # the connection may have gone away meanwhile
                     job.future.set_result(replies)
 
-    def _process_safe(self, jobs: list[tuple[str, wire.Batch]]) -> list[list[wire.Message]]:
+    def _process_safe(self, jobs: list[tuple[Session, wire.Batch]]) -> list[list[wire.Message]]:
         try:
             return self.process(jobs)
-        except Exception as exc:  # storage full, disk error...: nothing acked, the camera keeps its frames and retries
-            error = self.refuse(wire.Code.BUSY, f"server could not store frames, retry later: {exc}")
-            return [[error] for _ in jobs]
+        except StorageFull:
+            self.state.full()
+        except StorageDamaged as exc:
+            self.state.damage(str(exc))
+        except StorageError as exc:  # locked, I/O error...: nothing acked, the camera keeps its frames and retries
+            self.conflicts_log.warning("storage-error", f"storage error, batches answered BUSY: {exc}")
+            return [[self.refuse(wire.Code.BUSY, f"server could not store frames ({exc}); retry_after_s="
+                                                 f"{self.config.busy_retry_after_s:g}")] for _ in jobs]
+        return [[self.busy()] for _ in jobs]
 
-    def process(self, jobs: list[tuple[str, wire.Batch]]) -> list[list[wire.Message]]:
+    def process(self, jobs: list[tuple[Session | str, wire.Batch]]) -> list[list[wire.Message]]:
         """Decode, classify and store several batches in one transaction (runs in the worker thread)."""
         t0 = time.perf_counter()
         coder, tag, model_id = self.coder, self.model_tag, self.model_id
-        symbols, keep, outcomes = [], [], []
-        for camera_id, batch in jobs:
-            frames = batch.frames
-            last = frames[-1]
-            if last.seq > MAX_INT64 or last.ts_ms > MAX_INT64:
-                outcomes.append([(False, "sequence number or timestamp beyond 2^63-1", wire.Code.BAD_MESSAGE)]
-                                * len(frames))
-                continue
-            outcome = []
-            for f in frames:
+        jobs = [(Session(s, None) if isinstance(s, str) else s, b) for s, b in jobs]
+        symbols: list[np.ndarray] = []
+        decoded: list[list[tuple[wire.Frame, int] | tuple[wire.Frame, StreamError]]] = []
+        for _, batch in jobs:
+            out = []
+            for f in batch.frames:
                 try:
                     symbols.append(decompress(f.payload, coder, tag))
+                    out.append((f, len(symbols) - 1))
                 except StreamError as exc:
-                    outcome.append((False, str(exc), wire.Code.BAD_PAYLOAD))
-                    continue
-                keep.append((camera_id, batch.epoch, f))
-                outcome.append((True, "", 0))
-            outcomes.append(outcome)
-        inserted = 0
-        if keep:
+                    out.append((f, exc))
+            decoded.append(out)
+        pred = conf = None
+        if symbols:
             pred, conf = self.classifier.predict(np.stack(symbols))
-            stored_ms = now_ms()
-            rows = [(cam, epoch, f.seq, f.ts_ms, stored_ms, model_id, f.payload, p, c)
-                    for (cam, epoch, f), p, c in zip(keep, pred.tolist(), conf.tolist())]
-            inserted = self.storage.store_frames(rows)
-            for hook in self.stored_hooks:
-                hook(rows)
-            m = self.metrics
-            m.frames_stored.inc(inserted)
-            m.frames_duplicate.inc(len(rows) - inserted)
-            observe = m.capture_to_stored.observe
-            for _, _, f in keep:
-                observe(max(0, stored_ms - f.ts_ms) / 1000.0)
+            pred, conf = pred.tolist(), conf.tolist()
+        stored_ms = now_ms()
+        items = []
+        for (session, batch), out in zip(jobs, decoded):
+            rows = [(session.camera_id, batch.epoch, f.seq, f.ts_ms, stored_ms, model_id, f.payload, pred[i], conf[i])
+                    for f, i in out if isinstance(i, int)]
+            items.append(BatchRows(session.camera_id, session.token_hash, rows))
+        statuses = self.storage.store_batches(items)
+        self.state.writable()
+        m = self.metrics
+        new_rows = []
         replies = []
-        for (_, batch), outcome in zip(jobs, outcomes):
+        for (session, batch), out, item, status in zip(jobs, decoded, items, statuses):
+            if status is None:
+                replies.append([self.revoked(session)])
+                continue
+            row_status = iter(zip(item.rows, status))
+            outcome = []
+            for f, i in out:
+                if not isinstance(i, int):
+                    outcome.append((False, str(i), wire.Code.BAD_PAYLOAD))
+                    continue
+                row, st = next(row_status)
+                if st == NEW:
+                    new_rows.append(row)
+                    outcome.append((True, "", 0))
+                elif st == DUPLICATE:
+                    m.frames_duplicate.inc()
+                    outcome.append((True, "", 0))
+                else:
+                    assert st == CONFLICT
+                    m.frames_conflict.inc()
+                    outcome.append((False, f"frame (epoch {batch.epoch}, seq {f.seq}) is already stored with a "
+                                           f"different payload; refused", wire.Code.CONFLICT))
+            conflicts = [f.seq for (f, _), o in zip(out, outcome) if o[2] == wire.Code.CONFLICT]
+            if conflicts:
+                self.conflicts_log.warning(
+                    f"conflict:{session.camera_id}",
+                    f"camera {session.camera_id!r} ({session.peer}) sent {len(conflicts)} frame(s) whose key is "
+                    f"already stored with a different payload (epoch {batch.epoch}, seq {conflicts[0]}"
+                    f"{'..' + str(conflicts[-1]) if len(conflicts) > 1 else ''}): refused, not acked; the stored "
+                    f"frames are kept (a reused epoch? a camera that lost its spool must draw a new one)")
             replies.append(self._replies(batch, outcome))
-        self.metrics.process_seconds.observe(time.perf_counter() - t0)
-        self.metrics.microbatch_frames.observe(sum(len(b.frames) for _, b in jobs))
+        if new_rows:
+            m.frames_stored.inc(len(new_rows))
+            observe = m.capture_to_stored.observe
+            for row in new_rows:
+                observe(max(0, stored_ms - row[3]) / 1000.0)
+            for hook in self.stored_hooks:
+                hook(new_rows)
+        m.process_seconds.observe(time.perf_counter() - t0)
+        m.microbatch_frames.observe(sum(len(b.frames) for _, b in jobs))
         return replies
 
     def _replies(self, batch: wire.Batch, outcome: list[tuple[bool, str, int]]) -> list[wire.Message]:
-        """Consecutive runs of stored frames become Acks, runs of refused frames Rejects (with the first reason)."""
+        """Consecutive runs of stored frames become Acks, runs of refused frames with one code Rejects (first
+        reason)."""
         out: list[wire.Message] = []
         seq = batch.frames[0].seq
-        for ok, run in itertools.groupby(outcome, key=lambda o: o[0]):
+        for (ok, code), run in itertools.groupby(outcome, key=lambda o: (o[0], o[2])):
             run = list(run)
             if ok:
                 out.append(wire.Ack(batch.epoch, seq, len(run)))
             else:
-                _, reason, code = run[0]
                 self.metrics.frames_rejected.labels(REASON_NAMES.get(code, str(code))).inc(len(run))
-                out.append(wire.Reject(batch.epoch, seq, len(run), code, reason))
+                out.append(wire.Reject(batch.epoch, seq, len(run), code, run[0][1]))
             seq += len(run)
         return out
 
     # HTTP --------------------------------------------------------------------------------------------------------
-    async def ingest_http(self, body: bytes) -> HttpReply:
-        """POST /v1/ingest: HELLO || BATCH in, the replies (concatenated; usually one message) out."""
+    async def ingest_http(self, body: bytes, peer: str = "?", hello: wire.Hello | None = None,
+                          session: Session | None = None) -> HttpReply:
+        """POST /v1/ingest: HELLO || BATCH in, the replies (concatenated; usually one message) out. The endpoint
+        may have authenticated the HELLO already (``session``, ``body`` then the BATCH bytes only)."""
         self.metrics.bytes_received.inc(len(body))
         try:
-            hello, rest = split_ingest_body(body)
-            batch = wire.decode(rest)
+            if session is None:
+                hello, body = wire.split_ingest_body(body)
+            batch = wire.decode(body)
             if not isinstance(batch, wire.Batch):
                 raise wire.WireError(f"expected a BATCH after the HELLO, got {type(batch).__name__.upper()}")
         except wire.WireError as exc:
             return self._http_error(self.refuse(wire.Code.BAD_MESSAGE, f"malformed ingest body: {exc}"))
-        error = self.check_hello(hello)
-        if error is not None:
-            return self._http_error(error)
-        replies = await self.submit(hello.camera_id, batch)
+        if session is None:
+            session, error = self.open_session(hello, peer)
+            if error is not None:
+                return self._http_error(error)
+        replies = await self.submit(session, batch)
         acked = sum(m.count for m in replies if isinstance(m, wire.Ack))
-        body = b"".join(m.encode() for m in replies)
+        body = wire.encode_replies(replies)
         first_problem = next((m for m in replies if not isinstance(m, wire.Ack)), None)
         if isinstance(first_problem, wire.Error):
-            return HttpReply(HTTP_STATUS[first_problem.code], first_problem.reason, body)
+            return self._http_error(first_problem)
         if acked:
             rejected = len(batch.frames) - acked
             reason = f"stored {acked} frames" + (f", rejected {rejected}: {first_problem.reason}" if rejected else "")
             return HttpReply(200, reason, body)
         return HttpReply(HTTP_STATUS.get(first_problem.code, 422), first_problem.reason, body)
 
-    @staticmethod
-    def _http_error(error: wire.Error) -> HttpReply:
-        return HttpReply(HTTP_STATUS.get(error.code, 400), error.reason, error.encode())
+    def _http_error(self, error: wire.Error) -> HttpReply:
+        retry = self.config.busy_retry_after_s if error.code == wire.Code.BUSY else None
+        return HttpReply(HTTP_STATUS.get(error.code, 400), error.reason, error.encode(), retry)
+
+    # storage upkeep ------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the upkeep task (checkpoints, the storage-full probe, periodic integrity checks) on this loop."""
+        if self._maintenance is None or self._maintenance.done():
+            self._maintenance = asyncio.get_running_loop().create_task(self._upkeep())
+
+    async def _upkeep(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        last_checkpoint = last_probe = time.monotonic()
+        last_integrity = time.monotonic() if self.state.integrity_checked_at is not None else -1e18
+        while True:
+            await asyncio.sleep(min(1.0, cfg.full_probe_interval_s))
+            now = time.monotonic()
+            try:
+                if self.state.full_since is not None and now - last_probe >= cfg.full_probe_interval_s:
+                    last_probe = now
+                    try:
+                        await loop.run_in_executor(self._pool, self.storage.probe_write)
+                        self.state.writable()
+                    except StorageFull:
+                        pass
+                elif self.state.state == "ok" and now - last_checkpoint >= cfg.checkpoint_interval_s:
+                    last_checkpoint = now
+                    await loop.run_in_executor(self._pool, self.storage.checkpoint, "TRUNCATE")
+                if cfg.integrity_check_interval_s and now - last_integrity >= cfg.integrity_check_interval_s:
+                    last_integrity = now
+                    self.check_integrity_in_background()
+            except StorageFull:
+                self.state.full()
+            except StorageDamaged as exc:
+                self.state.damage(str(exc))
+            except StorageError as exc:
+                log.debug("storage upkeep: %s", exc)
+
+    def check_integrity_in_background(self) -> None:
+        """PRAGMA quick_check on its own connection and thread (it reads the whole file); /healthz shows the result."""
+        if self._integrity_thread is not None and self._integrity_thread.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                self.state.integrity_result(self.storage.quick_check())
+            except Exception as exc:  # noqa: BLE001 (a check that cannot run is reported, not raised)
+                self.state.integrity_result([f"quick_check failed: {exc}"])
+
+        self._integrity_thread = threading.Thread(target=run, name="integrity-check", daemon=True)
+        self._integrity_thread.start()
+
+    def health(self) -> dict:
+        db_ok = self.storage.ping()
+        state = self.state.state
+        ok = db_ok and state == "ok"
+        return {"status": "ok" if ok else "degraded", "model_id": self.model_id, "db_ok": db_ok, "storage": state,
+                "integrity": self.state.integrity, "uptime_s": round(self.uptime_s(), 3)}
 
     # lifecycle ---------------------------------------------------------------------------------------------------
     def uptime_s(self) -> float:
         return time.monotonic() - self.started
 
     async def aclose(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
+        for task in (self._worker, self._maintenance):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         self._pool.shutdown(wait=True)

@@ -28,6 +28,14 @@ class ServerMetrics:
                                            registry=r, buckets=_LATENCY_BUCKETS + (300.0, 3600.0))
         self.microbatch_frames = Histogram(PREFIX + "microbatch_frames", "Frames per micro-batch", registry=r,
                                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+        self.frames_conflict = Counter(PREFIX + "frames_conflict", "Frames refused: key already stored with another "
+                                       "payload", registry=r)
+        self.storage_full = Gauge(PREFIX + "storage_full", "1 while the database or disk is full", registry=r)
+        self.storage_full_episodes = Counter(PREFIX + "storage_full_episodes", "Storage-full episodes", registry=r)
+        self.storage_damaged = Gauge(PREFIX + "storage_damaged", "1 once the database failed an integrity check",
+                                     registry=r)
+        self.pending_refused = Counter(PREFIX + "connections_refused", "Connections refused by a limit, by limit",
+                                       ["limit"], registry=r)
         self.auth_failures = Counter(PREFIX + "auth_failures", "Failed authentications, by kind (camera, operator)",
                                      ["kind"], registry=r)
         self.connections = Gauge(PREFIX + "connections", "Open WebSocket connections", registry=r)

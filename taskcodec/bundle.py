@@ -3,7 +3,10 @@
 A bundle is a folder with ``manifest.json`` (schema version, model id, input spec, latent and table layout,
 invariances, classes, file roles with sha256 hashes) and the files it names: the encoder ONNX (uint8 frames -> int32
 symbols), optionally an int8 encoder, the frozen entropy tables and the server-side classifier ONNX (symbols -> logits).
-The model id is a content hash of the fp32 encoder and the tables: two bundles with the same id decode the same bytes.
+The model id is a content hash of the fp32 encoder and the tables (their integer CDF, precision and coder included):
+two bundles with the same id decode the same bytes. The manifest is typed (``BundleManifest``): an unknown or mistyped
+key is refused with its name. Schema 2 (integer CDF tables, the coder named in ``stream``) refuses schema-1 bundles
+with the commands that convert them (``taskcodec bundle upgrade OLD --out NEW`` or a re-export).
 """
 
 from __future__ import annotations
@@ -14,14 +17,91 @@ import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
-from taskcodec.coding.tables import EntropyTables, TablesError
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SCHEMA_VERSION = 1
+from taskcodec.coding.tables import CODER, EntropyTables, TablesError
+
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 DEFAULT_BUNDLE = Path(__file__).parent / "default_bundle"
 REQUIRED_ROLES = ("encoder", "tables", "classifier")
+CHECK = "crc16-ccitt(model_tag || u32le(n) || bytes) ^ 0xffff, 2 bytes little-endian, before the n coded bytes"
+HOW_TO_UPGRADE = ("re-export it from its training run with `taskcodec export RUN --out BUNDLE`, or convert it "
+                  "(same encoder, integer tables computed from its float tables, new golden vectors, new model id) "
+                  "with `taskcodec bundle upgrade OLD --out NEW`")
+
+
+# -- the typed manifest ----------------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class InputModel(_Strict):
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[1, 3]
+    color_order: Literal["gray", "rgb", "bgr"]
+    layout: Literal["NHWC"] = "NHWC"
+    dtype: Literal["uint8"] = "uint8"
+    normalisation: Optional[dict[str, Any]] = None
+
+
+class StreamSpec(_Strict):
+    """How payloads are coded: the coder's identity and CDF precision (docs/wire-format.md, "Per-frame payload")."""
+
+    coder: Literal["taskcodec-range56"]
+    precision_bits: int = Field(ge=1, le=24)
+    check: str = CHECK
+
+
+class BundleManifest(_Strict):
+    """Every key a bundle manifest may have. Free-form sections (training metadata, int8 and ood reports) are
+    dictionaries; everything the edge and server act on is typed."""
+
+    schema_version: Literal[2]
+    model_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    name: str
+    created: Optional[str] = None
+    input: InputModel
+    latent_dim: int = Field(gt=0)
+    classes: list[str] = []
+    files: dict[str, str]
+    sha256: dict[str, str]
+    stream: StreamSpec
+    entropy_tables: dict[str, Any] = {}
+    invariances: Union[dict[str, Any], list[Any], None] = None
+    objective: Optional[str] = None
+    beta: Optional[float] = Field(default=None, strict=False)
+    training: Optional[dict[str, Any]] = None
+    int8: Optional[dict[str, Any]] = None
+    ood: Optional[dict[str, Any]] = None
+    backbone: Optional[dict[str, Any]] = None
+    frozen_compressor: Optional[dict[str, Any]] = None
+    upgraded_from: Optional[dict[str, Any]] = None
+
+
+def _manifest_problems(exc: ValidationError) -> str:
+    out = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(manifest)"
+        if err["type"] == "extra_forbidden":
+            out.append(f"unknown key {key!r}")
+        elif err["type"] == "missing":
+            out.append(f"missing key {key!r}")
+        else:
+            out.append(f"key {key!r}: {err['msg']} (got {err.get('input')!r:.60})")
+    return "; ".join(out)
+
+
+def validate_manifest(manifest: dict[str, Any], where: str = "bundle manifest") -> BundleManifest:
+    try:
+        return BundleManifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise BundleError(f"{where}: {_manifest_problems(exc)}") from None
 
 
 class BundleError(RuntimeError):
@@ -51,16 +131,29 @@ def _sha256(path: Path) -> str:
 
 
 def compute_model_id(encoder_path: Path, tables_path: Path) -> str:
+    """sha256 of the fp32 encoder's bytes and the tables' digest (coder, precision, integer CDF, supports, pmf)."""
     h = hashlib.sha256()
     h.update(encoder_path.read_bytes())
     h.update(EntropyTables.load(tables_path).digest().encode())
     return h.hexdigest()[:16]
 
 
+def stream_spec(tables: EntropyTables) -> dict[str, Any]:
+    return {"coder": CODER, "precision_bits": tables.precision, "check": CHECK}
+
+
+def tables_section(tables: EntropyTables) -> dict[str, Any]:
+    return {"file": "tables.npz", "cdf": f"uint32 [D, W + 1], row d: 0 < ... < 2**{tables.precision} over the "
+            "length[d] support entries and the escape, padded with 2**precision",
+            "pmf": "float32 [D, W]: pmf[d, i] = P(lower + i), pmf[d, length] = escape (estimates only)",
+            "precision_bits": tables.precision}
+
+
 class Bundle:
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], spec: BundleManifest | None = None):
         self.path = path
         self.manifest = manifest
+        self.spec = spec if spec is not None else validate_manifest(manifest)
 
     @property
     def model_id(self) -> str:
@@ -100,9 +193,12 @@ class Bundle:
 
     @cached_property
     def tables(self) -> EntropyTables:
-        tables = EntropyTables.load(self.file("tables"))
+        tables = EntropyTables.load(self.file("tables"), require_cdf=True)
         if tables.dim != self.latent_dim:
             raise BundleError(f"tables have {tables.dim} dimensions, the manifest says {self.latent_dim}")
+        if tables.precision != self.spec.stream.precision_bits:
+            raise BundleError(f"tables have a {tables.precision}-bit CDF, the manifest says "
+                              f"{self.spec.stream.precision_bits}")
         return tables
 
     def __repr__(self) -> str:
@@ -121,10 +217,18 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} is not a JSON object")
     version = manifest.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version < SCHEMA_VERSION:
+        raise BundleError(f"bundle {path} has schema version {version}, older than this taskcodec's "
+                          f"{SCHEMA_VERSION} (its payloads were coded with constriction and float tables): "
+                          f"{HOW_TO_UPGRADE}")
     if version != SCHEMA_VERSION:
-        raise BundleError(f"bundle schema version {version!r} is not supported (this taskcodec reads {SCHEMA_VERSION})")
-    files = manifest.get("files", {})
+        raise BundleError(f"bundle schema version {version!r} is not supported (this taskcodec reads "
+                          f"{SCHEMA_VERSION}): install the taskcodec release that wrote it, or a newer one")
+    spec = validate_manifest(manifest, f"bundle manifest {manifest_path}")
+    files = spec.files
     for role in REQUIRED_ROLES:
         if role not in files:
             raise BundleError(f"bundle manifest names no {role!r} file")
@@ -132,10 +236,10 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         f = path / name
         if not f.is_file():
             raise BundleError(f"bundle file for {role!r} is missing: {f}")
-        expected = manifest.get("sha256", {}).get(name)
+        expected = spec.sha256.get(name)
         if expected is None or _sha256(f) != expected:
             raise BundleError(f"bundle file {f} does not match its sha256 in the manifest (corrupt or edited)")
-    bundle = Bundle(path, manifest)
+    bundle = Bundle(path, manifest, spec)
     try:
         bundle.tables
     except TablesError as exc:
@@ -148,13 +252,24 @@ def write_bundle(out: str | Path, *, files: dict[str, Path], manifest: dict[str,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = {}
+    tables = None
     for role, src in files.items():
         name = {"encoder": "encoder.onnx", "encoder_int8": "encoder_int8.onnx", "tables": "tables.npz",
                 "classifier": "classifier.onnx"}.get(role, Path(src).name)
-        if Path(src).resolve() != (out / name).resolve():
+        if role == "tables":  # written, not copied: a run's tables get their integer CDF here, once
+            try:
+                tables = EntropyTables.load(src)
+            except TablesError as exc:
+                raise BundleError(str(exc)) from exc
+            data = tables.to_bytes()
+            (out / name).write_bytes(data)
+        elif Path(src).resolve() != (out / name).resolve():
             shutil.copyfile(src, out / name)
         names[role] = name
-    manifest = dict(manifest, schema_version=SCHEMA_VERSION, files=names)
+    if tables is None:
+        raise BundleError("a bundle needs a 'tables' file")
+    manifest = dict(manifest, schema_version=SCHEMA_VERSION, files=names, stream=stream_spec(tables),
+                    entropy_tables=tables_section(tables))
     manifest["model_id"] = compute_model_id(out / names["encoder"], out / names["tables"])
     return _write_manifest(out, manifest)
 
@@ -171,5 +286,75 @@ def add_file(bundle: Bundle, role: str, src: Path, name: str | None = None, **fi
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> Bundle:
     manifest["sha256"] = {name: _sha256(out / name) for name in manifest["files"].values()}
+    validate_manifest(manifest, "the manifest to write")
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return load_bundle(out)
+
+
+# -- schema 1 -> 2 ---------------------------------------------------------------------------------------------------
+
+def upgrade_bundle(old: str | Path, out: str | Path) -> Bundle:
+    """A schema-1 bundle -> a schema-2 bundle in ``out``: the same encoder, classifier and other files; the integer
+    CDF quantised once from the float tables; golden streams re-coded from the golden symbols with the new coder and
+    model tag (`taskcodec verify-bundle` re-runs the encoder on the golden frames); a new model id."""
+    old, out = Path(old), Path(out)
+    manifest_path = old / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{old} is not a readable taskcodec bundle: {exc}") from exc
+    if manifest.get("schema_version") == SCHEMA_VERSION:
+        raise BundleError(f"{old} already has schema version {SCHEMA_VERSION}: nothing to upgrade")
+    if manifest.get("schema_version") != 1:
+        raise BundleError(f"{old}: only schema-1 bundles can be upgraded, got {manifest.get('schema_version')!r}")
+    for name, digest in manifest.get("sha256", {}).items():
+        if not (old / name).is_file() or _sha256(old / name) != digest:
+            raise BundleError(f"bundle file {old / name} is missing or does not match its sha256")
+    if out.resolve() != old.resolve():
+        if out.exists() and any(out.iterdir()):
+            raise BundleError(f"{out} exists and is not empty")
+        shutil.copytree(old, out, dirs_exist_ok=True)
+    files = dict(manifest["files"])
+    try:
+        tables = EntropyTables.load(old / files["tables"])
+    except TablesError as exc:
+        raise BundleError(str(exc)) from exc
+    (out / files["tables"]).write_bytes(tables.to_bytes())
+    model_id = compute_model_id(out / files["encoder"], out / files["tables"])
+    if "golden" in files:
+        from taskcodec.coding import RangeCoder, compress
+
+        with np.load(old / files["golden"]) as z:
+            golden = {k: z[k] for k in z.files}
+        coder = RangeCoder(tables)
+        streams = [compress(s, coder, bytes.fromhex(model_id)) for s in golden["symbols"]]
+        golden["offsets"] = np.cumsum([0] + [len(s) for s in streams]).astype(np.int64)
+        golden["streams"] = np.frombuffer(b"".join(streams), np.uint8)
+        np.savez_compressed(out / files["golden"], **golden)
+    new = {k: v for k, v in manifest.items() if k not in ("sha256", "model_id")}
+    new.update(schema_version=SCHEMA_VERSION, model_id=model_id, stream=stream_spec(tables),
+               entropy_tables=tables_section(tables),
+               upgraded_from={"model_id": manifest.get("model_id"), "schema_version": 1,
+                              "how": "integer CDF quantised from the float tables (taskcodec bundle upgrade)"})
+    return _write_manifest(out, new)
+
+
+def register(app: Any) -> None:
+    """`taskcodec bundle upgrade OLD --out NEW` (entry point taskcodec.commands: bundle)."""
+    import typer
+
+    group = typer.Typer(help="Model bundle maintenance.", no_args_is_help=True)
+    app.add_typer(group, name="bundle")
+
+    @group.command("upgrade")
+    def upgrade_cmd(old: Path = typer.Argument(..., help="A schema-1 bundle folder."),
+                    out: Path = typer.Option(..., "--out", help="Folder for the schema-2 bundle (new or empty).")) -> None:
+        """Convert a schema-1 bundle: integer CDF tables from its float tables, the new coder, new golden vectors and
+        model id; encoder and classifier unchanged. Check the result with `taskcodec verify-bundle NEW`."""
+        try:
+            bundle = upgrade_bundle(old, out)
+        except BundleError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        typer.echo(f"bundle {bundle.path} model id {bundle.model_id} (was {bundle.manifest['upgraded_from']['model_id']}), "
+                   f"coder {bundle.spec.stream.coder}, {bundle.spec.stream.precision_bits}-bit CDF")

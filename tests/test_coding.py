@@ -1,4 +1,5 @@
-"""Range coding with frozen tables: exact round trips, escapes, and refusal of bad bytes in bounded time."""
+"""Range coding with frozen integer tables: exact round trips, escapes, the size bound, and refusal of bad bytes in
+bounded time -- each test runs with the C coder (the extension) and with the numpy/Python fallback."""
 
 import time
 
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 
 from taskcodec.coding import EntropyTables, RangeCoder, StreamError, compress, decompress
+from taskcodec.coding import range_coder
 from taskcodec.coding.tables import TablesError
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def backend(request, monkeypatch):
+    if request.param == "c" and not range_coder.c_available():
+        pytest.skip("the C extension taskcodec.coding._tcc is not built (no C compiler at install time)")
+    monkeypatch.setenv("TASKCODEC_CODER", request.param)
+    return request.param
 
 
 def random_tables(rng, dim=32):
@@ -41,7 +51,7 @@ def test_estimate_matches_coded_size_on_long_vectors():
                         for d in range(512)], np.int32)
     coded = 8 * (len(compress(symbols, tables)) - 2)
     estimate = tables.estimated_bits(symbols[None])[0]
-    assert coded <= estimate * 1.02 + 32
+    assert coded <= estimate * 1.01 + 8
 
 
 def test_bad_bytes_are_refused_quickly():
@@ -82,8 +92,8 @@ def test_tables_file_round_trip_and_errors(tmp_path):
         EntropyTables(np.zeros(1), np.ones(1), np.array([[1.0, 0.0]]))
 
 
-def test_short_streams_stay_within_32_bits_of_the_estimate():
-    """The regime of real latents (tens of bits): byte-level termination keeps coded <= estimate * 1.02 + 32."""
+def test_short_streams_stay_within_a_byte_of_the_estimate():
+    """The regime of real latents (tens of bits): byte-level termination keeps coded <= estimate * 1.01 + 8."""
     rng = np.random.default_rng(5)
     support = np.arange(-3, 4)
     tables = EntropyTables.from_pmfs(np.full(64, -3), [np.exp(-np.abs(support) * rng.uniform(1.5, 6)) for _ in range(64)])
@@ -91,22 +101,21 @@ def test_short_streams_stay_within_32_bits_of_the_estimate():
     p = tables.pmf[:, :7].astype(np.float64)
     p /= p.sum(axis=1, keepdims=True)
     excess = []
-    for _ in range(1000):
+    for _ in range(400):
         symbols = np.array([rng.choice(7, p=p[d]) - 3 for d in range(64)], np.int32)
         data = compress(symbols, coder)
         assert np.array_equal(decompress(data, coder), symbols)
         estimate = tables.estimated_bits(symbols[None])[0]
-        assert 8 * (len(data) - 2) <= estimate * 1.02 + 32
+        assert 8 * (len(data) - 2) <= estimate * 1.01 + 8
         excess.append(8 * (len(data) - 2) - estimate)
-    assert np.mean(excess) < 8  # byte-level termination: about a byte above the ideal length, not a 32-bit word
+    assert np.mean(excess) < 5  # byte-level termination: on average about half a byte above the ideal length
 
 
 def test_interval_termination_decodes_exactly_across_many_streams():
     """The encoder writes the shortest point of the coder's final interval and does not decode to check it; this test
-    is the check: many random tables and vectors (escapes included), every stream exact and never longer than the
-    coder's own word-granular termination."""
+    is the check: many random tables and vectors (escapes included), every stream exact."""
     rng = np.random.default_rng(6)
-    for _ in range(40):
+    for _ in range(20):
         dim = int(rng.integers(1, 96))
         tables = random_tables(rng, dim)
         coder = RangeCoder(tables)
@@ -117,4 +126,4 @@ def test_interval_termination_decodes_exactly_across_many_streams():
                 symbols[k] = int(rng.integers(-(2**31), 2**31 - 1))
             data = compress(symbols, coder, b"tag")
             assert np.array_equal(decompress(data, coder, b"tag"), symbols)
-            assert len(data) - 2 <= 4 * len(coder.encode(symbols))
+            assert data[2:] == coder.encode(symbols) and (len(data) == 2 or data[-1] != 0)

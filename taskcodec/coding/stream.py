@@ -1,21 +1,16 @@
-"""The per-image stream: ``check (2 bytes) || range-coded bytes``.
+"""The per-image stream (payload): ``check (2 bytes) || range-coded bytes`` (docs/wire-format.md).
 
-The range coder works on 32-bit words (big-endian in the stream); its own termination rounds every stream up to
-whole words. ``compress`` instead writes the shortest byte string whose value, zero-padded to the coder's width, lies
-in the coder's final interval (read from the coder's state): any point of that interval decodes to the same symbols
-(the range-coding invariant; tests check it on tens of thousands of streams, escapes included), so the coded payload
-is within a few bits of the ideal code length. Decoders only pad with zeros.
-Decoding is bounded: the decoder reads at most D categorical symbols plus 2 halves per escape.
+The range coder (range_coder.py; C in taskcodec/coding/c/) terminates with the shortest byte string whose value,
+zero-padded, lies in its final interval, so a payload is within a byte of the ideal code length under the integer
+tables, plus the 2 check bytes. Decoders pad with zeros. Decoding is bounded: at most D table symbols plus 2 halves
+per escape, each a fixed amount of integer work, whatever the bytes.
 """
 
 from __future__ import annotations
 
-import binascii
-import struct
-
 import numpy as np
 
-from taskcodec.coding.range_coder import RangeCoder
+from taskcodec.coding.range_coder import CoderError, RangeCoder, check_bytes
 from taskcodec.coding.tables import EntropyTables
 
 CHECK_BYTES = 2
@@ -25,9 +20,7 @@ class StreamError(ValueError):
     """Bytes that are not a stream of this model: corrupt, truncated, extended or foreign."""
 
 
-def _check(model_tag: bytes, payload: bytes) -> bytes:
-    crc = binascii.crc_hqx(struct.pack("<I", len(payload)) + payload, binascii.crc_hqx(model_tag, 0xFFFF))
-    return struct.pack("<H", crc ^ 0xFFFF)
+_check = check_bytes  # the name tests and the firmware cross-checks import
 
 
 def _coder(tables: EntropyTables | RangeCoder) -> RangeCoder:
@@ -36,27 +29,7 @@ def _coder(tables: EntropyTables | RangeCoder) -> RangeCoder:
 
 def compress(symbols: np.ndarray, tables: EntropyTables | RangeCoder, model_tag: bytes = b"") -> bytes:
     """One image's symbols [D] -> bytes. Pass a RangeCoder to reuse its prepared tables on a hot path."""
-    coder = _coder(tables)
-    idx, halves = coder.prepare(symbols)
-    low, high, total_bits, sealed = coder.encode_interval(idx, halves)
-    payload = _shortest_point(low, high, total_bits)
-    if payload is None:  # cannot happen for a valid coder state; the coder's own word-granular termination is valid
-        payload = sealed.astype(">u4").tobytes()
-    return _check(model_tag, payload) + payload
-
-
-def _shortest_point(low: int, high: int, total_bits: int) -> bytes | None:
-    """The shortest big-endian bytes whose value, zero-padded to ``total_bits``, lies in ``[low, high)``."""
-    for length in range(total_bits // 8 + 1):
-        shift = total_bits - 8 * length
-        value = -(-low >> shift)  # the smallest multiple of 2**shift that is >= low
-        if value < 1 << (8 * length) and value << shift < high:
-            return value.to_bytes(length, "big")
-    return None
-
-
-def _words(payload: bytes) -> np.ndarray:
-    return np.frombuffer(payload + bytes(-len(payload) % 4), dtype=">u4").astype(np.uint32)
+    return _coder(tables).compress(symbols, bytes(model_tag))
 
 
 def decompress(data: bytes, tables: EntropyTables | RangeCoder, model_tag: bytes = b"") -> np.ndarray:
@@ -65,12 +38,11 @@ def decompress(data: bytes, tables: EntropyTables | RangeCoder, model_tag: bytes
     if len(data) < CHECK_BYTES:
         raise StreamError(f"a stream starts with {CHECK_BYTES} check bytes; got {len(data)} bytes")
     payload = data[CHECK_BYTES:]
-    if _check(model_tag, payload) != data[:CHECK_BYTES]:
+    if check_bytes(bytes(model_tag), payload) != data[:CHECK_BYTES]:
         raise StreamError("stream check failed: corrupt bytes, or a stream of another model")
-    coder = _coder(tables)
     try:
-        return coder.decode(_words(payload))
-    except Exception as exc:  # constriction signals undecodable data with several exception types
+        return _coder(tables).decode(payload)
+    except CoderError as exc:
         raise StreamError(f"undecodable stream: {exc}") from exc
 
 

@@ -1,4 +1,5 @@
-"""ONNX Runtime execution-provider choice, shared by the edge runtime and calibration.
+"""ONNX Runtime: execution-provider choice, and the one session helper (``ort_session``, ``run_batched``) that the
+edge runtime, the server's classifier, export, calibration and the benches open their models with.
 
 By default the fastest provider this onnxruntime build has is used (TensorRT, then CUDA, then CPU); a provider the
 user asked for by name but that the build lacks is an error rather than a silent CPU fallback, so a Jetson that lost
@@ -63,3 +64,38 @@ def choose_providers(requested: list[str] | str | None = None) -> list[str]:
     if not chosen:
         raise ProviderError(f"no usable execution provider; this onnxruntime has: {', '.join(available)}")
     return chosen
+
+
+def ort_session(model, threads: int | None = 1, providers: list[str] | None = None, **settings):
+    """The one way taskcodec opens an ONNX Runtime session.
+
+    ``model``: a path or the serialized model bytes. ``threads``: intra-op threads with one inter-op thread (the
+    measured setting everywhere: one camera core, one server event loop); ``None`` keeps ONNX Runtime's defaults.
+    ``providers``: the execution providers in order (``choose_providers`` picks them for the edge runtime); by
+    default CPU only, so offline measurements do not depend on what accelerator a machine has. ``settings``: other
+    ``onnxruntime.SessionOptions`` attributes by name (``graph_optimization_level``, ``optimized_model_filepath``,
+    ``log_severity_level`` ...); an unknown name is refused."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    for name, value in settings.items():
+        if not hasattr(options, name):
+            raise ValueError(f"onnxruntime.SessionOptions has no setting {name!r}")
+        setattr(options, name, value)
+    source = model if isinstance(model, (bytes, bytearray)) else str(model)
+    return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def run_batched(session, inputs, batch: int = 256, output: int = 0):
+    """Run a one-input model over ``inputs`` (an array, batch first) ``batch`` rows at a time; returns output number
+    ``output`` of every batch, concatenated."""
+    import numpy as np
+
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: inputs[i: i + batch]})[output]
+                           for i in range(0, len(inputs), batch)])

@@ -25,7 +25,7 @@ def test_gate_passes_writes_qdq_int8_and_fails_with_a_clear_message(tmp_path, fr
     x, _ = frames
     bundle = make_tiny_bundle(tmp_path / "b")
     # labels = the fp32 pipeline's own predictions, so accuracy measures what int8 changes
-    from taskcodec.calibration.calibrate import run, session
+    from taskcodec.providers import ort_session as session, run_batched as run
 
     y = run(session(bundle.file("classifier")), run(session(bundle.encoder_path()), x[:600])).argmax(1)
     report = calibrate(bundle, x[1000:1256], x[:600], y, [Scheme("minmax", "u8", True), Scheme("percentile", "s8", False)],

@@ -82,7 +82,7 @@ def test_histogram_range_rules():
 
 
 def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tmp_path):
-    from taskcodec.calibration.calibrate import run, session
+    from taskcodec.providers import ort_session as session, run_batched as run
     from taskcodec.calibration.frozen_int8 import DEFAULT_SCHEME, Int8Scheme, fp32_nodes, graph_check, quantize_encoder
 
     import onnx

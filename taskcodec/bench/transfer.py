@@ -162,7 +162,7 @@ def run_transfer(runs: list[Path], eval_sets: list[str], size: int, backbone: st
 def bundle_transfer(bundle_dir: Path, eval_sets: list[str], progress=print) -> dict:
     """What a deployed bundle gives on unseen data: each of its encoders (fp32, and int8 when present) run through
     ONNX Runtime on the rendered frames, real coded bytes, and the probe on the symbols the server would decode."""
-    from taskcodec.calibration.calibrate import run as ort_run, session
+    from taskcodec.providers import ort_session, run_batched
     from taskcodec.bundle import load_bundle
     from taskcodec.training.frozen import probe_accuracy
     from taskcodec.training.transfer_datasets import load_dataset, render
@@ -176,7 +176,7 @@ def bundle_transfer(bundle_dir: Path, eval_sets: list[str], progress=print) -> d
         frames = render(data.images, bundle.input.height)
         rows, symbols = {}, {}
         for precision in precisions:
-            symbols[precision] = ort_run(session(bundle.encoder_path(precision)), frames, batch=32)
+            symbols[precision] = run_batched(ort_session(bundle.encoder_path(precision)), frames, batch=32)
             rows[precision] = {"bytes": float(stream_bytes(symbols[precision], bundle.tables).mean()),
                                "accuracy_on_symbols": probe_accuracy(symbols[precision].astype(np.float32),
                                                                      data.labels)}

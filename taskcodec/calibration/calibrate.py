@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from taskcodec.calibration.schemes import Scheme
 from taskcodec.bundle import Bundle, add_file
 from taskcodec.coding import RangeCoder, compress
+from taskcodec.providers import ort_session as session, run_batched as run
 
 INT8_FILE = "encoder_int8.onnx"
 REPORT_FILE = "calibration_report.json"
@@ -39,19 +39,7 @@ class FrameReader(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run(sess: ort.InferenceSession, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i: i + batch]})[0] for i in range(0, len(x), batch)])
-
-
-def latency_ms(sess: ort.InferenceSession, frames: np.ndarray, batch: int, repeats: int = 30) -> float:
+def latency_ms(sess, frames: np.ndarray, batch: int, repeats: int = 30) -> float:
     """Median per-frame latency over ``repeats`` calls at this batch size (after warm-up)."""
     name = sess.get_inputs()[0].name
     x = frames[:batch]

@@ -158,7 +158,7 @@ def quantize_encoder(fp32: Path, out: Path, calib_frames: np.ndarray, scheme: In
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from taskcodec.calibration.calibrate import session
+    from taskcodec.providers import ort_session
 
     class Reader(FrameReader, CalibrationDataReader):
         pass
@@ -167,7 +167,7 @@ def quantize_encoder(fp32: Path, out: Path, calib_frames: np.ndarray, scheme: In
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        name = session(pre).get_inputs()[0].name
+        name = ort_session(pre).get_inputs()[0].name
         reader = Reader(name, calib_frames)
         if len(reader) % 4:  # CalibStridedMinMax needs whole groups of 4 batches
             kwargs["extra_options"] = {**kwargs["extra_options"], "CalibStridedMinMax": len(reader)}
@@ -196,16 +196,12 @@ def correct_latents(fp32: Path, int8: Path, frames: np.ndarray, batch: int = 32)
     (the input of Round) onto the fp32 encoder's; written into the int8 graph as a Mul + Add before Round (fp32,
     256 values per frame). int8 noise inflates every latent's variance; the fitted gain (< 1) shrinks it back."""
     import onnx
-    import onnxruntime as ort
     from onnx import numpy_helper
 
+    from taskcodec.providers import ort_session, run_batched
+
     def latents(model_bytes):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        sess = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        return np.concatenate([sess.run(None, {name: frames[i: i + batch]})[-1] for i in range(0, len(frames), batch)])
+        return run_batched(ort_session(model_bytes), frames, batch, output=-1)
 
     models = {k: onnx.load(str(p)) for k, p in (("fp32", fp32), ("int8", int8))}
     rounds = {k: [n for n in m.graph.node if n.op_type == "Round"] for k, m in models.items()}
@@ -309,15 +305,14 @@ def graph_check(model_path: Path) -> dict:
     import onnx
     import onnxruntime as ort
 
+    from taskcodec.providers import ort_session
+
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.log_severity_level = 3  # the "hardware-specific optimized model" warning
-        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(options.optimized_model_filepath).graph
+        optimized = str(Path(tmp) / "optimized.onnx")
+        ort_session(model_path, graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                    optimized_model_filepath=optimized,
+                    log_severity_level=3)  # the "hardware-specific optimized model" warning
+        graph = onnx.load(optimized).graph
     producer = {o: n for n in graph.node for o in n.output}
 
     def from_dequantize(tensor: str) -> bool:  # does this fp32 tensor derive from a DequantizeLinear output?
@@ -367,7 +362,7 @@ def int8_report(bundle, scheme: Int8Scheme = DEFAULT_SCHEME, n_eval: int = 10000
     runtime relies on); ``passed`` also needs the latency target. ``latency_rounds=0`` skips timing (tests)."""
     import tempfile
 
-    from taskcodec.calibration.calibrate import run as ort_run, session
+    from taskcodec.providers import ort_session as session, run_batched as ort_run
     from taskcodec.bundle import add_file
     from taskcodec.coding import RangeCoder, compress
     from taskcodec.training.transfer_datasets import load_fashion_mnist_test, load_fashion_mnist_train

@@ -10,21 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from taskcodec.export.golden import GOLDEN_FILE, make_golden, run_encoder
 from taskcodec.export.onnx_export import export_onnx
 from taskcodec.bundle import Bundle, add_file, write_bundle
+from taskcodec.providers import ort_session, run_batched
 from taskcodec.data import CLASSES, load_fashion_mnist
 
 REPORT_FILE = "export_report.json"
-
-
-def _classify_onnx(path: Path, symbols: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: symbols[i: i + 1024]})[0] for i in range(0, len(symbols), 1024)])
 
 
 def export_run(run: Path, out: Path, data_dir: Path | None = None, parity: bool = True, golden_frames: int = 64,
@@ -95,7 +89,7 @@ def parity_report(bundle: Bundle, compressor, probe, frames: np.ndarray, labels:
     with torch.no_grad():
         torch_logits = torch.cat([probe(torch.from_numpy(torch_symbols[i: i + 1024]))
                                   for i in range(0, len(torch_symbols), 1024)]).numpy()
-    onnx_logits = _classify_onnx(bundle.file("classifier"), onnx_symbols)
+    onnx_logits = run_batched(ort_session(bundle.file("classifier")), onnx_symbols, 1024)
     diff = np.abs(torch_symbols.astype(np.int64) - onnx_symbols)
     return {
         "model_id": bundle.model_id,

@@ -53,7 +53,7 @@ def export_bundle(run: Path, out: Path, weights: str | Path | None = None, progr
     bytes, checked by `taskcodec verify-bundle`); checks ONNX symbols == torch symbols."""
     import tempfile
 
-    from taskcodec.calibration.calibrate import run as ort_run, session
+    from taskcodec.providers import ort_session, run_batched
     from taskcodec.export.golden import GOLDEN_FILE, make_golden
     from taskcodec.bundle import add_file, write_bundle
 
@@ -69,7 +69,7 @@ def export_bundle(run: Path, out: Path, weights: str | Path | None = None, progr
         export_symbol_encoder(encoder, config.size, tmp / "encoder.onnx")
         classifier_onnx(tmp / "classifier.onnx", probe, model.latent_dim)
         frames = render(store.dataset("fashion_mnist").images[:64], config.size)
-        onnx_symbols = ort_run(session(tmp / "encoder.onnx"), frames, batch=32)
+        onnx_symbols = run_batched(ort_session(tmp / "encoder.onnx"), frames, batch=32)
         with torch.inference_mode():
             torch_symbols = encoder(torch.from_numpy(frames)).numpy()
         agreement = float((onnx_symbols == torch_symbols).mean())

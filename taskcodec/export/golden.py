@@ -7,20 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-
 from taskcodec.bundle import Bundle
 from taskcodec.coding import RangeCoder, compress, decompress
+from taskcodec.providers import ort_session, run_batched
 
 GOLDEN_FILE = "golden.npz"
 
 
 def run_encoder(path: Path, frames: np.ndarray, batch: int = 256) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: frames[i: i + batch]})[0] for i in range(0, len(frames), batch)])
+    """The encoder ONNX at ``path`` on uint8 frames (CPU, one thread) -> int32 symbols."""
+    return run_batched(ort_session(path), frames, batch)
 
 
 def make_golden(bundle: Bundle, frames: np.ndarray, out: Path) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 
 from taskcodec.bundle import Bundle, BundleError
 from taskcodec.coding import RangeCoder, compress
-from taskcodec.providers import choose_providers
+from taskcodec.providers import choose_providers, ort_session
 
 
 class EncoderError(RuntimeError):
@@ -44,18 +44,12 @@ class EncodeStats:
 class FrameEncoder:
     def __init__(self, bundle: Bundle, precision: str = "fp32", threads: int | None = None,
                  providers: list[str] | str | None = None):
-        import onnxruntime as ort
-
         path = bundle.encoder_path(precision)  # BundleError for a missing int8 encoder
-        options = ort.SessionOptions()
-        if threads is not None:
-            if threads < 1:
-                raise EncoderError(f"threads must be at least 1, got {threads}")
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        if threads is not None and threads < 1:
+            raise EncoderError(f"threads must be at least 1, got {threads}")
         self.providers = choose_providers(providers)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=self.providers)
+            self.session = ort_session(path, threads, self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types for broken models
             raise EncoderError(f"cannot load encoder {path}: {exc}") from exc
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

@@ -8,19 +8,16 @@ the server is one event loop and the box has two cores.
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
 from taskcodec.bundle import Bundle, BundleError
+from taskcodec.providers import ort_session
 
 
 class Classifier:
     def __init__(self, bundle: Bundle, threads: int = 1):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
         path = bundle.file("classifier")
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort_session(path, threads)
         except Exception as exc:  # ORT raises its own exception types for unreadable models
             raise BundleError(f"cannot load classifier {path}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name

@@ -76,7 +76,7 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
 
     from taskcodec.bundle import load_bundle
     from taskcodec.data import load_fashion_mnist
-    from taskcodec.export.golden import run_encoder
+    from taskcodec.providers import ort_session, run_batched
     from taskcodec.training.trainer import coded_bits
 
     bundle = load_bundle(bundle_path)
@@ -87,8 +87,8 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
     torch.set_num_threads(1)
     xtr, ytr = load_fashion_mnist("train", data_dir)
     xte, yte = load_fashion_mnist("test", data_dir)
-    s_tr = run_encoder(bundle.encoder_path(), xtr[..., None]).astype(np.int32)
-    s_te = run_encoder(bundle.encoder_path(), xte[..., None]).astype(np.int32)
+    s_tr = run_batched(ort_session(bundle.encoder_path()), xtr[..., None]).astype(np.int32)
+    s_te = run_batched(ort_session(bundle.encoder_path()), xte[..., None]).astype(np.int32)
     cfg = bundle.manifest.get("training", {}).get("config", {})
     coded = coded_bits(s_te, bundle.tables)
     row = {"objective": bundle.manifest.get("objective", "?"),

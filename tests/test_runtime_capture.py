@@ -59,10 +59,9 @@ def test_unsent_frames_survive_a_restart(bundle, tmp_path):
     assert offline.frames == 12 and offline.acked == 0 and offline.spool_depth == 12 and not offline.drained
     with FakeIngestServer(bundle.model_tag, tables=bundle.tables, port=port) as server:
         online = run_capture(_cfg(bundle, server.url, tmp_path / "spool", frames=5))
-    assert online.epoch > offline.epoch
+    assert online.epoch == offline.epoch  # one epoch per spool; seqs continue across the restart
     assert online.acked == 17 and online.spool_depth == 0
-    epochs = sorted({e for (_, e, _) in server.frames})
-    assert epochs == [offline.epoch, online.epoch] and len(server.frames) == 17
+    assert sorted(server.frames) == [("cam-1", offline.epoch, s) for s in range(17)]
 
 
 def test_metrics_endpoint_and_stop(bundle, tmp_path):
@@ -111,13 +110,15 @@ def test_cli_config_file_and_flags(bundle, tmp_path):
     (["--device", "gopher://x"], "unknown source scheme"),
     (["--size", "big"], "WIDTHxHEIGHT"),
     (["--roi", "1,2"], "x,y,w,h"),
-    (["--precision", "fp16"], "fp32 or int8"),
+    (["--precision", "fp16"], "precision: Input should be 'fp32' or 'int8'"),
     (["--precision", "int8"], "no int8 encoder"),
-    (["--fps", "0"], "at least"),
+    (["--fps", "0"], "fps: Input should be greater than 0"),
+    (["--spool-max-bytes", "1000"], "spool_max_bytes: Input should be greater than or equal to 262144"),
+    (["--token-file", "/nonexistent/token"], "cannot read token file"),
     (["--server", "ftp://x"], "http://HOST:PORT"),
     (["--bundle", "/nonexistent/bundle"], "not a taskcodec bundle"),
     (["--config", "/nonexistent.yaml"], "not found"),
-    (["--spool-sync", "sometimes"], "full or normal"),
+    (["--spool-sync", "sometimes"], "'full' or 'normal'"),
 ])
 def test_cli_errors_are_clear(bundle, tmp_path, args, message):
     base = ["capture", "--device", "virtual://fashion-mnist", "--bundle", str(bundle.path), "--server",
@@ -151,3 +152,51 @@ def test_cli_restores_the_sigterm_handler(bundle, tmp_path):
                              "--server", "http://127.0.0.1:9", "--camera-id", "c", "--spool", str(tmp_path / "s"),
                              "--frames", "2", "--drain-timeout", "0", "-q"])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("drop", ["--device", "--server", "--camera-id"])
+def test_device_server_and_camera_id_are_required(bundle, tmp_path, drop):
+    args = {"--device": "virtual://fashion-mnist", "--server": "http://127.0.0.1:9", "--camera-id": "c"}
+    args.pop(drop)
+    result = CliRunner().invoke(app, ["capture", *[x for kv in args.items() for x in kv], "--bundle",
+                                      str(bundle.path), "--spool", str(tmp_path / "s"), "--frames", "1", "-q"])
+    assert result.exit_code == 2 and f"missing {drop}" in result.output, result.output
+
+
+def test_config_file_is_typed_and_frigate_style(bundle, tmp_path, monkeypatch):
+    monkeypatch.delenv("TASKCODEC_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text("secret\n")
+    token_file.chmod(0o600)
+    with FakeIngestServer(bundle.model_tag) as server:
+        config = tmp_path / "cameras.yaml"
+        config.write_text(yaml.safe_dump({
+            "server": server.url, "bundle": str(bundle.path), "quiet": True, "max_delay": 0,
+            "cameras": {"door": {"device": "virtual://fashion-mnist", "spool": str(tmp_path / "s1"),
+                                 "token_file": str(token_file), "frames": 3},
+                        "yard": {"device": "virtual://fashion-mnist?seed=1", "spool": str(tmp_path / "s2"),
+                                 "frames": 4}}}))
+        result = CliRunner().invoke(app, ["capture", "--config", str(config), "--camera-id", "door"])
+        assert result.exit_code == 0 and "3 frames, 3 acked" in result.output, result.output
+        monkeypatch.setenv("TASKCODEC_TOKEN", "secret")  # the other camera's token from the environment
+        result = CliRunner().invoke(app, ["capture", "--config", str(config), "--camera-id", "yard"])
+        assert result.exit_code == 0 and "4 frames, 4 acked" in result.output, result.output
+        assert {k[0] for k in server.frames} == {"door", "yard"}
+        result = CliRunner().invoke(app, ["capture", "--config", str(config)])
+        assert result.exit_code == 2 and "pick one with --camera-id" in result.output
+        result = CliRunner().invoke(app, ["capture", "--config", str(config), "--camera-id", "yard", "--token", "secret"])
+        assert result.exit_code == 0 and "visible to every user" in result.output
+    for bad, words in (({"fsp": 5}, "fsp: Extra inputs are not permitted"),
+                       ({"fps": "fast"}, "fps: Input should be a valid number"),
+                       ({"max_batch": 0}, "max_batch: Input should be greater than or equal to 1")):
+        config.write_text(yaml.safe_dump({"device": "virtual://fashion-mnist", "server": "http://127.0.0.1:9",
+                                          "camera_id": "c", **bad}))
+        result = CliRunner().invoke(app, ["capture", "--config", str(config)])
+        assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
+
+
+def test_nothing_delivered_is_a_non_zero_exit(bundle, tmp_path):
+    result = CliRunner().invoke(app, ["capture", "--device", "virtual://fashion-mnist", "--bundle", str(bundle.path),
+                                      "--server", "http://127.0.0.1:9", "--camera-id", "c", "--spool",
+                                      str(tmp_path / "s"), "--frames", "3", "--drain-timeout", "0.3", "-q"])
+    assert result.exit_code == 3 and "nothing was delivered" in result.output, result.output

@@ -1,7 +1,11 @@
 """The spool is durable (a writer killed with SIGKILL loses no acknowledged-as-written frame and leaves no
-duplicates), bumps its epoch on every open, hands out frames oldest first and drops the oldest when full."""
+duplicates), keeps one random epoch and never reuses a seq across restarts, hands out frames oldest first, drops the
+oldest when full (frames or bytes, counted once), refuses frames of another identity, moves a damaged file aside, and
+migrates a version-1 spool."""
 
+import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -52,7 +56,7 @@ def test_spool_survives_sigkill_mid_write(tmp_path):
         kind, value = line.split()
         (stored.append if kind == "stored" else acked.add)(int(value))
     spool = Spool(tmp_path / "spool")
-    assert spool.epoch > epoch
+    assert spool.epoch == epoch  # the epoch belongs to the spool, not to the boot
     rows = spool.pending(10**6)
     seqs = [r.seq for r in rows]
     assert len(seqs) == len(set(seqs)), "duplicates after the crash"
@@ -67,16 +71,17 @@ def test_spool_survives_sigkill_mid_write(tmp_path):
         assert r.seq not in acked, f"acked frame {r.seq} came back"
         assert r.seq <= last + 1  # at most the one append that was in flight at the kill
         assert r.payload == b"frame-%d" % r.seq and r.ts_ms == 1000 + r.seq
-    # new frames of the new boot never collide with the old ones and queue behind them
-    assert spool.append(5, b"new") == (spool.epoch, 0)
-    assert spool.pending(10**6)[-1].epoch == spool.epoch
+    # new frames of the new boot continue the sequence: never a seq of the killed run, acked or not
+    epoch_seq = spool.append(5, b"new")
+    assert epoch_seq[0] == epoch and epoch_seq[1] > max(stored + list(acked))
+    assert spool.pending(10**6)[-1].seq == epoch_seq[1]
     spool.close()
 
 
 def test_epoch_order_ack_and_drop(tmp_path):
     with Spool(tmp_path) as s:
         e = s.epoch
-        assert e >= int(time.time()) - 60  # wall-clock based, so a wiped spool does not restart at 1
+        assert 0 <= e < 2**63
         for i in range(5):
             assert s.append(i, bytes([i])) == (e, i)
         assert [f.seq for f in s.pending(3)] == [0, 1, 2]
@@ -85,12 +90,20 @@ def test_epoch_order_ack_and_drop(tmp_path):
         assert s.ack(e, 0, 2) == 0  # a duplicate ack is harmless
         assert s.drop(e, 4, 1) == 1 and s.dropped == 1
     with Spool(tmp_path) as s:
-        e2 = s.epoch
-        assert e2 > e and s.depth() == 2 and s.dropped == 1
-        s.append(0, b"x")
-        assert [(f.epoch, f.seq) for f in s.pending(10)] == [(e, 2), (e, 3), (e2, 0)]
+        assert s.epoch == e and s.depth() == 2 and s.dropped == 1
+        assert s.append(0, b"x") == (e, 5)  # seq 4 was dropped, yet never reused
+        assert [(f.epoch, f.seq) for f in s.pending(10)] == [(e, 2), (e, 3), (e, 5)]
+        s.ack(e, 0, 6)
     with Spool(tmp_path) as s:
-        assert s.epoch > e2  # strictly increasing even within one second
+        assert s.depth() == 0 and s.append(0, b"y") == (e, 6)  # the floor is durable even with nothing left
+
+
+def test_wiped_spool_draws_a_new_random_epoch(tmp_path):
+    epochs = set()
+    for i in range(5):
+        with Spool(tmp_path / f"s{i}") as s:
+            epochs.add(s.epoch)
+    assert len(epochs) == 5 and all(0 <= e < 2**63 for e in epochs)
 
 
 def test_full_spool_drops_oldest(tmp_path):
@@ -101,13 +114,77 @@ def test_full_spool_drops_oldest(tmp_path):
         assert [f.seq for f in s.pending(10)] == [6, 7, 8, 9]
 
 
+def test_byte_bound_holds_and_drops_are_counted_once(tmp_path):
+    limit = 1 << 20
+    with Spool(tmp_path, max_frames=10**6, max_bytes=limit, sync="normal") as s:
+        for i in range(6000):
+            assert s.append(i, os.urandom(300)) is not None
+            if i % 500 == 0:
+                assert s.disk_bytes() <= limit
+        assert s.disk_bytes() <= limit
+        kept = s.depth()
+        assert 0 < kept < 6000
+        assert s.counters()["dropped_full"] == 6000 - kept == s.made_room
+        seqs = [f.seq for f in s.pending(10**6)]
+        assert seqs == list(range(6000 - kept, 6000))  # the newest frames, in order
+
+
+def test_frames_of_another_identity_are_never_relabelled(tmp_path):
+    with Spool(tmp_path, camera_id="cam-a", model_id="m1") as s:
+        s.append(1, b"a")
+    for cam, model in (("cam-b", "m1"), ("cam-a", "m2")):
+        with pytest.raises(SpoolError, match="another identity.*1 of camera 'cam-a' model m1"):
+            Spool(tmp_path, camera_id=cam, model_id=model)
+    with Spool(tmp_path, camera_id="cam-a", model_id="m1") as s:
+        assert s.depth() == 1
+        s.ack(s.epoch, 0, 1)
+    with Spool(tmp_path, camera_id="cam-b", model_id="m2") as s:  # drained: reuse is fine, seqs continue
+        assert s.append(2, b"b")[1] == 1
+
+
+def test_damaged_spool_is_moved_aside_and_counted(tmp_path, caplog):
+    with Spool(tmp_path, sync="normal") as s:
+        for i in range(2000):
+            s.append(i, os.urandom(50))  # (sync full: 9 s; normal is enough here)
+    db = tmp_path / "spool.sqlite3"
+    data = bytearray(db.read_bytes())
+    for off in range(4096 * 2, len(data), 4096 * 3):  # garble some b-tree pages, keep the header
+        data[off:off + 64] = os.urandom(64)
+    db.write_bytes(bytes(data))
+    with caplog.at_level("ERROR"), Spool(tmp_path) as s:
+        assert s.moved_aside is not None and s.moved_aside.exists()
+        assert s.counters()["damaged_spools"] == 1 and s.depth() == 0
+    assert "SPOOL DAMAGED" in caplog.text
+
+
+def test_version_1_spool_is_migrated(tmp_path):
+    db = sqlite3.connect(tmp_path / "spool.sqlite3")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    db.execute("CREATE TABLE frames (epoch INTEGER NOT NULL, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL, "
+               "payload BLOB NOT NULL, PRIMARY KEY (epoch, seq)) WITHOUT ROWID")
+    db.execute("INSERT INTO meta VALUES ('epoch', 1700000000), ('dropped', 3)")
+    db.executemany("INSERT INTO frames VALUES (1700000000, ?, ?, ?)", [(i, 1000 + i, b"old") for i in range(4)])
+    db.commit()
+    db.close()
+    with Spool(tmp_path, camera_id="cam", model_id="m") as s:
+        assert s.epoch != 1700000000 and s.dropped == 3
+        assert [(f.epoch, f.seq) for f in s.pending(10)] == [(1700000000, i) for i in range(4)]
+        s.append(5, b"new")
+    assert sqlite3.connect(tmp_path / "spool.sqlite3").execute("PRAGMA user_version").fetchone()[0] == 2
+    with pytest.raises(SpoolError, match="another identity"):
+        Spool(tmp_path, camera_id="other", model_id="m")
+
+
 def test_bad_spool_path_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SpoolError, match="cannot create spool folder"):
         Spool(blocker / "spool")
     (tmp_path / "bad.sqlite3").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(SpoolError, match="cannot open spool"):
-        Spool(tmp_path / "bad.sqlite3")
+    with Spool(tmp_path / "bad.sqlite3") as s:  # not silently emptied: moved aside, counted
+        assert s.moved_aside.read_bytes() == b"this is not a database" * 100
+        assert s.counters()["damaged_spools"] == 1
+    with pytest.raises(SpoolError, match="at least"):
+        Spool(tmp_path / "s2", max_bytes=1000)
     with pytest.raises(SpoolError, match="at least 1"):
         Spool(tmp_path / "s", max_frames=0)

@@ -7,11 +7,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import stat
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from taskcodec.bundle import Bundle, load_bundle
 from taskcodec.runtime.encoder import FrameEncoder
@@ -24,30 +30,71 @@ from taskcodec.runtime.uplink import Uplink, UplinkConfig, UplinkFatal
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class CaptureConfig:
-    device: str = "virtual://fashion-mnist"
-    server: str = "http://127.0.0.1:8000"
-    camera_id: str = "camera-1"
-    token: str = ""
-    bundle: str | None = None          # None: the embedded default bundle
-    precision: str = "fp32"
-    threads: int | None = None
-    providers: str | None = None       # e.g. "cuda,cpu"; None picks the best available
-    fps: float | None = None
-    size: tuple[int, int] | None = None
-    roi: tuple[int, int, int, int] | None = None
+class UplinkCrashed(RuntimeError):
+    """The uplink stopped on a programming error (its traceback is in the log)."""
+
+
+class CaptureConfig(BaseModel):
+    """Typed runtime settings (flags, a YAML file, or Python): an unknown or mistyped key is refused with its name.
+    ``device``, ``server`` and ``camera_id`` have no defaults: a camera never silently streams a virtual camera, or
+    to 127.0.0.1, or as camera-1."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    device: str = Field(min_length=1)
+    server: str = Field(min_length=1)
+    camera_id: str = Field(min_length=1, max_length=255)
+    token: str = Field("", repr=False)   # programmatic use; the CLI takes --token-file or $TASKCODEC_TOKEN
+    token_file: Optional[str] = None
+    bundle: Optional[str] = None          # None: the embedded default bundle
+    precision: Literal["fp32", "int8"] = "fp32"
+    threads: Optional[int] = Field(None, ge=1)
+    providers: Optional[str] = None       # e.g. "cuda,cpu"; None picks the best available
+    fps: Optional[float] = Field(None, gt=0)
+    size: Optional[tuple[int, int]] = None
+    roi: Optional[tuple[int, int, int, int]] = None
     loop: bool = False
-    max_delay: float = 0.05
-    max_batch: int = 64
-    max_in_flight: int = 8
+    max_delay: float = Field(0.05, ge=0)
+    max_batch: int = Field(64, ge=1, le=4096)
+    max_in_flight: int = Field(8, ge=1)
     spool: str = "~/.cache/taskcodec/spool"
-    spool_max_frames: int = 100_000
-    spool_sync: str = "full"           # "normal": no fsync per frame (survives kill -9, not power loss)
-    metrics_port: int | None = None
-    frames: int | None = None          # stop after this many frames (None: until the source ends or stop())
-    drain_timeout: float = 30.0        # at the end, wait this long for the spool to empty
+    spool_max_frames: int = Field(100_000, ge=1)
+    spool_max_bytes: int = Field(256 * 1024 * 1024, ge=256 * 1024)  # database + WAL on disk
+    spool_sync: Literal["full", "normal"] = "full"  # "normal": no fsync per frame (survives kill -9, not power loss)
+    metrics_port: Optional[int] = Field(None, ge=0, le=65535)
+    frames: Optional[int] = Field(None, ge=1)       # stop after this many frames (None: until the source ends)
+    drain_timeout: float = Field(30.0, ge=0)        # at the end, wait this long for the spool to empty
     quiet: bool = False
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        from taskcodec.runtime.sources import parse_size
+
+        return parse_size(v) if isinstance(v, str) else v
+
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _roi(cls, v):
+        from taskcodec.runtime.preprocess import parse_roi
+
+        return parse_roi(v) if isinstance(v, str) else v
+
+    def resolved_token(self) -> str:
+        """The camera token: the token file's content if one is set, else ``token``."""
+        if not self.token_file:
+            return self.token
+        path = Path(self.token_file).expanduser()
+        try:
+            mode = path.stat().st_mode
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("token file %s is readable by other users (mode %o): chmod 600 it", path, mode & 0o777)
+        if not token:
+            raise ValueError(f"token file {path} is empty")
+        return token
 
 
 @dataclass
@@ -72,6 +119,8 @@ class CaptureReport:
     peak_rss_mb: float
     epoch: int
     drained: bool
+    spool_bytes: int = 0
+    drops: dict = field(default_factory=dict)
     error: str | None = None
     labels: list[int | None] = field(default_factory=list)
 
@@ -91,13 +140,15 @@ class CaptureRuntime:
         """Opens everything up front so a bad bundle, source, spool or flag fails before any frame is taken."""
         self.config = config
         self.bundle = bundle or load_bundle(config.bundle)
-        self.uplink_config = UplinkConfig(config.server, config.camera_id, config.token, max_delay=config.max_delay,
+        self.uplink_config = UplinkConfig(config.server, config.camera_id, config.resolved_token(),
+                                          max_delay=config.max_delay,
                                           max_batch=config.max_batch, max_in_flight=config.max_in_flight)
         self.preprocess = Preprocessor(self.bundle.input, config.roi)
         self.encoder = FrameEncoder(self.bundle, config.precision, config.threads, config.providers)
         self.source = source or open_source(config.device, size=config.size, fps=config.fps, loop=config.loop)
         try:
-            self.spool = Spool(config.spool, config.spool_max_frames, sync=config.spool_sync)
+            self.spool = Spool(config.spool, config.spool_max_frames, max_bytes=config.spool_max_bytes,
+                               camera_id=config.camera_id, model_id=self.bundle.model_id, sync=config.spool_sync)
         except Exception:
             self.source.close()
             raise
@@ -111,8 +162,11 @@ class CaptureRuntime:
         self.spool_s = 0.0
 
     def stop(self) -> None:
-        """Ask :meth:`run` to finish (from another thread or a signal handler); unsent frames stay spooled."""
+        """Ask :meth:`run` to finish (from another thread or a signal handler); unsent frames stay spooled. A source
+        that blocks waiting for frames (the firmware socket) is closed so the loop ends at once."""
         self._stop.set()
+        if getattr(self.source, "interruptible", False):
+            self.source.close()
 
     def run(self) -> CaptureReport:
         cfg = self.config
@@ -132,16 +186,16 @@ class CaptureRuntime:
                 t1 = time.perf_counter()
                 payload = self.encoder.encode(batch)[0]
                 t2 = time.perf_counter()
-                self.spool.append(frame.ts_ms, payload)
+                self.spool.append(frame.ts_ms, payload)  # None: disk full, counted by the spool
                 t3 = time.perf_counter()
                 self.uplink.notify()
                 self.preprocess_s += t1 - t0
                 self.spool_s += t3 - t2
                 self.stats.frame(len(payload), {"preprocess": t1 - t0, "inference": self.encoder.last_inference_s,
                                                 "coding": self.encoder.last_coding_s, "spool": t3 - t2})
-                full = self.spool.full_drops - self.stats.dropped_full
-                if full > 0:
-                    self.stats.drop(full, "spool_full")
+                # count each drop once: the spool's own counters are the truth, the stats follow them
+                self.stats.drop(self.spool.made_room - self.stats.drops.get("spool_full", 0), "spool_full")
+                self.stats.drop(self.spool.unstored - self.stats.drops.get("disk_full", 0), "disk_full")
                 self.stats.set_depth(self.spool.depth())
                 if self.keep_labels:
                     labels.append(frame.label)
@@ -150,7 +204,7 @@ class CaptureRuntime:
             capture_elapsed = time.monotonic() - started
             drained = False
             if self.uplink.fatal is None and not self._stop.is_set():
-                drained = self.uplink.wait_drained(cfg.drain_timeout)
+                drained = self.uplink.wait_drained(cfg.drain_timeout, self._stop)
             else:
                 drained = self.spool.depth() == 0
         finally:
@@ -164,9 +218,12 @@ class CaptureRuntime:
                 server.server_close()
         if self.uplink.fatal is not None:
             error = str(self.uplink.fatal)
+        crashed = self.uplink.crashed
         self.stats.set_depth(self.spool.depth())
         report = self._report(capture_elapsed, drained, error, labels)
         self.spool.close()
+        if crashed is not None:
+            raise UplinkCrashed(f"the uplink crashed: {crashed!r}") from crashed
         if error is not None:
             raise UplinkFatal(error)
         return report
@@ -183,7 +240,9 @@ class CaptureRuntime:
             inference_ms_per_frame=1000 * e.inference_s / n, coding_ms_per_frame=1000 * e.coding_s / n,
             preprocess_ms_per_frame=1000 * self.preprocess_s / n, spool_ms_per_frame=1000 * self.spool_s / n,
             coding_share=e.coding_share, coding_share_of_frame=e.coding_s / frame_s if frame_s else 0.0,
-            peak_rss_mb=peak_rss_mb(), epoch=self.spool.epoch, drained=drained, error=error, labels=labels)
+            peak_rss_mb=peak_rss_mb(), epoch=self.spool.epoch, drained=drained, spool_bytes=self.spool.disk_bytes(),
+            drops={**self.spool.counters(), **{f"session_{k}": v for k, v in s.drops.items()}}, error=error,
+            labels=labels)
 
 
 def run_capture(config: CaptureConfig | None = None, **overrides) -> CaptureReport:
@@ -191,8 +250,8 @@ def run_capture(config: CaptureConfig | None = None, **overrides) -> CaptureRepo
     bundle = overrides.pop("bundle_obj", None)
     source = overrides.pop("source_obj", None)
     keep_labels = overrides.pop("keep_labels", False)
-    config = CaptureConfig(**{**(asdict(config) if config else {}), **overrides})
+    config = CaptureConfig(**{**(config.model_dump() if config else {}), **overrides})
     return CaptureRuntime(config, bundle=bundle, source=source, keep_labels=keep_labels).run()
 
 
-__all__ = ["CaptureConfig", "CaptureReport", "CaptureRuntime", "UplinkFatal", "run_capture"]
+__all__ = ["CaptureConfig", "CaptureReport", "CaptureRuntime", "UplinkCrashed", "UplinkFatal", "run_capture"]

@@ -1,26 +1,36 @@
 """`runtime capture` (also `taskcodec capture`): run a camera against an ingest server.
 
-Settings come from ``--config FILE.yaml`` (keys are the flag names, dashes or underscores) and are overridden by
-flags given on the command line. Exit codes: 0 done, 1 stopped by a fatal server refusal, 2 bad input.
+Settings come from ``--config FILE.yaml`` and are overridden by flags given on the command line. The file holds
+either one camera's settings (keys are the flag names, dashes or underscores) or, Frigate-style, shared settings
+plus a ``cameras:`` mapping of camera id -> that camera's settings (``--camera-id`` picks one; a file with one camera
+needs no flag). Every value is typed (capture.CaptureConfig): an unknown or mistyped key is refused with its name.
+``--device``, ``--server`` and ``--camera-id`` are required (flag or file). The token comes from ``--token-file``
+(or ``token_file:`` in the file) or the environment variable TASKCODEC_TOKEN; ``--token`` still works but is
+visible to every user in /proc and warns.
+
+Exit codes: 0 done; 1 stopped by a fatal server refusal; 2 bad input; 3 frames were there to deliver and none was
+acknowledged (server unreachable, frames stay spooled); 70 the uplink crashed on a bug (traceback in the log).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import fields
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+TOKEN_ENV = "TASKCODEC_TOKEN"
+EXIT_FATAL, EXIT_BAD_INPUT, EXIT_NOTHING_DELIVERED, EXIT_CRASH = 1, 2, 3, 70
 FLAG_HELP = {
-    "device": "Source: /dev/videoN, v4l2:///dev/videoN, csi://N, rtsp://..., file://PATH or PATH (video or image "
-              "folder), virtual://fashion-mnist?size=640x480&seed=0, fw://SOCKET.",
+    "device": "Source (required): /dev/videoN, v4l2:///dev/videoN, csi://N, rtsp://..., file://PATH or PATH (video "
+              "or image folder), virtual://fashion-mnist?size=640x480&seed=0, fw://SOCKET.",
 }
 
 
-def _load_config(path: Path | None) -> dict:
+def _load_config(path: Path | None, camera_id: str | None) -> dict:
     if path is None:
         return {}
     import yaml
@@ -32,56 +42,57 @@ def _load_config(path: Path | None) -> dict:
     except yaml.YAMLError as exc:
         raise typer.BadParameter(f"{path} is not valid YAML: {exc}", param_hint="--config") from None
     if not isinstance(data, dict):
-        raise typer.BadParameter(f"{path} must hold a mapping of flag names to values", param_hint="--config")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+        raise typer.BadParameter(f"{path} must hold a mapping of setting names to values", param_hint="--config")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    cameras = data.pop("cameras", None)
+    if cameras is None:
+        return data
+    if not isinstance(cameras, dict) or not cameras:
+        raise typer.BadParameter(f"'cameras' in {path} must map camera ids to their settings", param_hint="--config")
+    if camera_id is None:
+        if len(cameras) != 1:
+            raise typer.BadParameter(f"{path} describes cameras {', '.join(map(str, cameras))}: pick one with "
+                                     f"--camera-id", param_hint="--camera-id")
+        camera_id = str(next(iter(cameras)))
+    if camera_id not in {str(k) for k in cameras}:
+        raise typer.BadParameter(f"camera {camera_id!r} is not in {path} (cameras: {', '.join(map(str, cameras))})",
+                                 param_hint="--camera-id")
+    section = {str(k): v for k, v in cameras.items()}[camera_id] or {}
+    if not isinstance(section, dict):
+        raise typer.BadParameter(f"cameras.{camera_id} in {path} must be a mapping", param_hint="--config")
+    return {**data, "camera_id": camera_id, **{str(k).replace("-", "_"): v for k, v in section.items()}}
 
 
 def build_config(flags: dict, config_file: Path | None):
     """Merge config-file values and flags (flags win) into a CaptureConfig, validating every value."""
-    from taskcodec.runtime.capture import CaptureConfig
-    from taskcodec.runtime.preprocess import parse_roi
-    from taskcodec.runtime.sources import parse_size
+    from pydantic import ValidationError
 
-    known = {f.name for f in fields(CaptureConfig)}
-    merged = _load_config(config_file)
-    unknown = set(merged) - known
-    if unknown:
-        raise typer.BadParameter(f"unknown setting(s) {', '.join(sorted(unknown))} in {config_file}",
-                                 param_hint="--config")
+    from taskcodec.runtime.capture import CaptureConfig
+
+    merged = _load_config(config_file, flags.get("camera_id"))
     merged.update({k: v for k, v in flags.items() if v is not None})
+    missing = [n for n in ("device", "server", "camera_id") if not merged.get(n)]
+    if missing:
+        raise typer.BadParameter(
+            f"missing {', '.join('--' + n.replace('_', '-') for n in missing)} (a flag or a key of --config): the "
+            f"runtime has no default camera, server or camera id")
     try:
-        if merged.get("size") is not None and not isinstance(merged["size"], tuple):
-            merged["size"] = parse_size(str(merged["size"]))
-        if merged.get("roi") is not None and not isinstance(merged["roi"], tuple):
-            roi = merged["roi"]
-            merged["roi"] = parse_roi(",".join(map(str, roi)) if isinstance(roi, list) else str(roi))
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    if merged.get("precision", "fp32") not in ("fp32", "int8"):
-        raise typer.BadParameter(f"precision must be fp32 or int8, got {merged['precision']!r}", param_hint="--precision")
-    for names, kind, low in ((("fps",), float, 1e-9), (("max_delay", "drain_timeout"), float, 0.0),
-                             (("threads", "frames", "spool_max_frames", "max_batch", "max_in_flight"), int, 1),
-                             (("metrics_port",), int, 0)):
-        for name in names:
-            if merged.get(name) is None:
-                continue
-            try:
-                merged[name] = kind(merged[name])
-            except (TypeError, ValueError):
-                raise typer.BadParameter(f"--{name.replace('_', '-')} must be a number, got {merged[name]!r}") from None
-            if merged[name] < low:
-                raise typer.BadParameter(f"--{name.replace('_', '-')} must be at least {low:g}, got {merged[name]}")
-    if merged.get("token") is not None:
-        merged["token"] = str(merged["token"])
-    return CaptureConfig(**merged)
+        return CaptureConfig(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '?'}: {e['msg']}"
+                             + ("" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})")
+                             for e in exc.errors())
+        where = f" in {config_file}" if config_file else ""
+        raise typer.BadParameter(f"invalid setting(s){where}: {problems}") from None
 
 
 def capture(
     device: Optional[str] = typer.Option(None, "--device", "-d", help=FLAG_HELP["device"]),
     bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Model bundle folder (default: the embedded one)."),
-    server: Optional[str] = typer.Option(None, "--server", "-s", help="Ingest server, http://HOST:PORT or ws://HOST:PORT."),
-    camera_id: Optional[str] = typer.Option(None, "--camera-id", help="This camera's id (1..255 bytes)."),
-    token: Optional[str] = typer.Option(None, "--token", envvar="TASKCODEC_TOKEN", help="Camera token (or $TASKCODEC_TOKEN)."),
+    server: Optional[str] = typer.Option(None, "--server", "-s", help="Ingest server (required), http://HOST:PORT or ws://HOST:PORT."),
+    camera_id: Optional[str] = typer.Option(None, "--camera-id", help="This camera's id (required; 1..255 bytes)."),
+    token_file: Optional[str] = typer.Option(None, "--token-file", help="File holding the camera token (chmod 600). Or set $TASKCODEC_TOKEN."),
+    token: Optional[str] = typer.Option(None, "--token", help="Camera token on the command line: visible in /proc to every user; prefer --token-file or $TASKCODEC_TOKEN.", hidden=False),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or int8 encoder."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
     providers: Optional[str] = typer.Option(None, "--providers", help="Execution providers, e.g. cuda,cpu (default: best available)."),
@@ -92,7 +103,8 @@ def capture(
     max_delay: Optional[float] = typer.Option(None, "--max-delay", help="Seconds to wait to fill a batch (0: send each frame at once)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Frames per batch."),
     spool: Optional[str] = typer.Option(None, "--spool", help="Spool folder (durable store-and-forward)."),
-    spool_max_frames: Optional[int] = typer.Option(None, "--spool-max-frames", help="Spool bound; when full the oldest frames are dropped."),
+    spool_max_frames: Optional[int] = typer.Option(None, "--spool-max-frames", help="Spool bound in frames; when full the oldest frames are dropped."),
+    spool_max_bytes: Optional[int] = typer.Option(None, "--spool-max-bytes", help="Spool bound in bytes on disk (database + WAL; default 256 MiB); when full, or when the disk is full, the oldest frames are dropped."),
     spool_sync: Optional[str] = typer.Option(None, "--spool-sync", help="full (fsync each frame; survives power loss) or normal (survives kill -9 only)."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
     frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Stop after this many frames."),
@@ -100,14 +112,23 @@ def capture(
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", "-q", help="No live status line."),
     profile: bool = typer.Option(False, "--profile", help="Print the per-stage time breakdown at the end."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the run's report (JSON) to this file."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (flags override it)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings, one camera or a 'cameras:' mapping (flags override it)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log uplink and spool events."),
 ) -> None:
     """Capture frames, encode them with the bundle's encoder, spool them durably and stream them to the server."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in locals().items() if k not in ("config", "profile", "report", "verbose")}
-    cfg = build_config(flags, config)
-    from taskcodec.runtime.capture import CaptureRuntime, UplinkFatal
+    if token is not None:
+        typer.secho(f"warning: --token is visible to every user of this machine (ps, /proc/PID/cmdline); use "
+                    f"--token-file or ${TOKEN_ENV}", err=True, fg="yellow")
+    elif token_file is None and os.environ.get(TOKEN_ENV):
+        flags["token"] = os.environ[TOKEN_ENV]
+    try:
+        cfg = build_config(flags, config)
+    except typer.BadParameter as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    from taskcodec.runtime.capture import CaptureRuntime, UplinkCrashed, UplinkFatal
     from taskcodec.runtime.encoder import EncoderError
     from taskcodec.runtime.preprocess import PreprocessError
     from taskcodec.runtime.sources import SourceError
@@ -122,7 +143,7 @@ def capture(
         runtime = CaptureRuntime(cfg)
     except bad_input as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     import signal
     import threading
 
@@ -130,6 +151,7 @@ def capture(
     if threading.current_thread() is threading.main_thread():
         # systemd stop: finish the frame in hand and exit cleanly; unsent frames stay spooled
         previous = signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
+    pending_at_start = runtime.spool.depth()
     try:
         result = runtime.run()
     except KeyboardInterrupt:
@@ -137,10 +159,13 @@ def capture(
         raise typer.Exit(130) from None
     except UplinkFatal as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_FATAL) from None
+    except UplinkCrashed as exc:
+        typer.secho(f"error: {exc} (a bug: see the traceback above)", err=True, fg="red")
+        raise typer.Exit(EXIT_CRASH) from None
     except bad_input as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -158,6 +183,10 @@ def capture(
                    f"spool {result.spool_ms_per_frame:.3f} ms")
     if report is not None:
         report.write_text(json.dumps(summary, indent=2) + "\n")
+    if result.acked == 0 and (result.frames > 0 or pending_at_start > 0):
+        typer.secho(f"error: nothing was delivered to {cfg.server} ({result.frames} captured, "
+                    f"{result.spool_depth} waiting in the spool)", err=True, fg="red")
+        raise typer.Exit(EXIT_NOTHING_DELIVERED)
 
 
 def fw_listen(

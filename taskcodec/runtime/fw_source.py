@@ -40,6 +40,7 @@ class FrameSocketSource(Source):
     """
 
     live = True
+    interruptible = True  # close() from a signal handler or another thread ends a blocked iteration within poll_s
 
     def __init__(self, path: str | os.PathLike, *, size: tuple[int, int] | None = None, fps: float | None = None,
                  loop: bool = False, idle_timeout: float | None = None, max_frames: int | None = None,

@@ -10,6 +10,8 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from taskcodec.runtime.clock import now_ms
+
 
 class SourceError(RuntimeError):
     """A source that cannot be opened or stopped delivering frames."""
@@ -69,7 +71,7 @@ class Source:
             image, label = item
             if self.size is not None and (image.shape[1], image.shape[0]) != self.size:
                 image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
-            yield CapturedFrame(image, int(time.time() * 1000), index, label)
+            yield CapturedFrame(image, now_ms(), index, label)
             index += 1
 
     def __repr__(self) -> str:

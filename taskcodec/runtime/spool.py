@@ -1,33 +1,55 @@
 """Durable store-and-forward spool: every encoded frame is on disk before it is sent, and leaves only when acked.
 
 SQLite in WAL mode with ``synchronous=FULL`` makes each append durable when it returns (it survives kill -9 and
-power loss); frames are keyed by (boot epoch, seq). The epoch is persisted and increases at each open, so sequence
-numbers can restart from 0 on every boot without ever colliding with frames of an earlier boot still in the spool.
-A new epoch is ``max(last epoch + 1, Unix seconds now)``: a camera whose spool was wiped (new SD card, reinstall)
-does not restart at epoch 1 and have its new frames taken for duplicates of old ones by the server.
-Frames are handed out oldest epoch first, then by seq.
+power loss). Frames are keyed by (epoch, seq):
 
-Policy when full (``max_frames``): the *oldest* frames are deleted to make room and counted as dropped (with a
-warning): a camera that cannot reach its server for long keeps its newest view of the world.
+- **epoch** is a random 63-bit id drawn (``secrets``) once, when the spool is created, and stored in it. It never
+  depends on the camera's clock: a camera whose spool is wiped draws a new one, so frames of its new life can never
+  be taken by the server for duplicates of frames it sent before (wire format v2, docs/wire-format.md).
+- **seq** counts 0, 1, 2, ... within the epoch and continues across restarts. Every seq ever handed out is either
+  still in ``frames`` or below the durable floor ``meta.seq_floor`` (raised in the same transaction that deletes
+  rows), so a restart never reuses one.
+
+Every row is tagged with the identity it was captured under (camera id, model id). A spool that still holds unsent
+frames of another camera id or model refuses to open (``SpoolError`` naming them): it never relabels frames.
+
+Bounds: ``max_frames`` rows and ``max_bytes`` on disk (database + write-ahead log + shared memory file). The byte
+bound is enforced by SQLite itself (``PRAGMA max_page_count``) plus a checkpoint policy that bounds the WAL
+(``wal_autocheckpoint``, ``journal_size_limit``, a PASSIVE checkpoint after acks once the WAL passes its budget and
+a TRUNCATE checkpoint when the disk is full and at close). When either bound is reached, or the filesystem itself is
+full (SQLite "database or disk is full"), the *oldest* frames are deleted to make room and counted as dropped (in
+the same transaction, so each frame is counted exactly once): a camera that cannot reach its server for long keeps
+its newest view of the world, and never exits because its disk filled.
+
+Damage: at open the database gets ``PRAGMA quick_check``; a damaged spool is moved aside
+(``spool.sqlite3.damaged-<UTC time>``, with its -wal/-shm), logged as an error and counted (``damaged_spools`` in the
+new spool's counters), never silently emptied. Schema: ``PRAGMA user_version`` = 2; a version-1 spool (no
+user_version, clock-based epochs) is migrated in place, its rows attributed to the identity that opens it (logged).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "spool.sqlite3"
-MAX_EPOCH = 2**32  # the wire format's limit
+SCHEMA_VERSION = 2
+MAX_EPOCH = 2**63 - 1  # the wire format's limit
+MIN_MAX_BYTES = 256 * 1024
+COUNTERS = ("dropped_full", "dropped_rejected", "dropped_disk_full", "damaged_spools")
 
 
 class SpoolError(RuntimeError):
-    """The spool cannot be opened or written (bad path, full disk, corrupt file)."""
+    """The spool cannot be opened or written (bad path, locked, foreign frames, newer schema)."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +60,14 @@ class SpooledFrame:
     payload: bytes
 
 
+def _is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == 13 or "database or disk is full" in str(exc)  # SQLITE_FULL
+
+
 class Spool:
-    def __init__(self, path: str | Path, max_frames: int = 100_000, start_epoch: bool = True, sync: str = "full"):
+    def __init__(self, path: str | Path, max_frames: int = 100_000, *, max_bytes: int | None = None,
+                 camera_id: str = "", model_id: str = "", sync: str = "full"):
         """``path`` is a folder (the database file is created inside) or a ``.sqlite3`` file. ``sync="normal"``
         skips the per-frame fsync: still safe against a killed process, but the last frames may be lost on power
         loss (for benchmarks of many simulated cameras on one disk)."""
@@ -47,6 +75,8 @@ class Spool:
             raise SpoolError(f"spool sync must be full or normal, got {sync!r}")
         if max_frames < 1:
             raise SpoolError(f"spool max frames must be at least 1, got {max_frames}")
+        if max_bytes is not None and max_bytes < MIN_MAX_BYTES:
+            raise SpoolError(f"spool max bytes must be at least {MIN_MAX_BYTES}, got {max_bytes}")
         path = Path(path).expanduser()
         if path.suffix not in (".sqlite3", ".db", ".sqlite"):
             try:
@@ -56,29 +86,142 @@ class Spool:
             path = path / DB_NAME
         self.path = path
         self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.camera_id, self.model_id = camera_id, model_id
         self._lock = threading.Lock()
-        self.full_drops = 0  # frames this instance dropped because the spool was full
+        self.moved_aside: Path | None = None
+        self.unstored = 0          # frames that could not be stored at all (disk full even after dropping)
+        self._last_full_log = 0.0
+        if path.exists() and path.stat().st_size > 0:
+            reason = self._damage(path)
+            if reason is not None:
+                self.moved_aside = self._move_aside(path, reason)
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={sync.upper()}")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS frames (epoch INTEGER NOT NULL, seq INTEGER NOT NULL, "
-                             "ts_ms INTEGER NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (epoch, seq)) WITHOUT ROWID")
+            self._configure(sync)
             with self._tx():
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', 0), ('dropped', 0)")
-                if start_epoch:
-                    new_epoch = max(self._meta("epoch") + 1, min(int(time.time()), MAX_EPOCH))
-                    if new_epoch > MAX_EPOCH:
-                        raise SpoolError(f"spool {path} has used up its boot epochs (max {MAX_EPOCH})")
-                    self._db.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (new_epoch,))
-                self.epoch = self._meta("epoch")
+                self._schema()
+                self._identity = self._ident_id()
+                if self.moved_aside is not None:
+                    self._bump("damaged_spools", 1)
+                self.epoch = int(self._meta("epoch"))
                 self._count = self._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
                 row = self._db.execute("SELECT MAX(seq) FROM frames WHERE epoch = ?", (self.epoch,)).fetchone()
+                self.next_seq = max(int(self._meta("seq_floor")), 0 if row[0] is None else row[0] + 1)
+                self._foreign_check()
         except sqlite3.DatabaseError as exc:
             raise SpoolError(f"cannot open spool {path}: {exc}") from exc
-        self.next_seq = 0 if row[0] is None else row[0] + 1
+        self.made_room = 0
+        self._acked_since_ckpt = 0
 
+    # -- opening ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _damage(path: Path) -> str | None:
+        """None if the file passes PRAGMA quick_check, else what is wrong (locked/busy is not damage: raises)."""
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+        try:
+            rows = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+            return None if rows == ["ok"] else "; ".join(map(str, rows[:5]))
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise SpoolError(f"spool {path} is in use by another process: {exc}") from exc
+            return str(exc)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+            return str(exc)
+        finally:
+            db.close()
+
+    @staticmethod
+    def _move_aside(path: Path, reason: str) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = path.with_name(f"{path.name}.damaged-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(target) + suffix))
+        log.error("SPOOL DAMAGED: %s fails its integrity check (%s); moved it aside to %s and started an empty "
+                  "spool. Its unsent frames were NOT sent; recover them with sqlite3 .recover if needed.",
+                  path, reason, target)
+        return target
+
+    def _configure(self, sync: str) -> None:
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={sync.upper()}")
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        if self.max_bytes is None:
+            ckpt_pages = 1000
+            self.wal_budget = 2 * ckpt_pages * (page + 24)
+        else:
+            ckpt_pages = max(16, min(1000, self.max_bytes // 8 // page))
+            self.wal_budget = 2 * ckpt_pages * (page + 24)
+            data_pages = (self.max_bytes - self.wal_budget - 64 * 1024) // page
+            if data_pages < 16:
+                raise SpoolError(f"spool max bytes {self.max_bytes} leaves no room for data")
+            db.execute(f"PRAGMA max_page_count={data_pages}")
+        db.execute(f"PRAGMA wal_autocheckpoint={ckpt_pages}")
+        db.execute(f"PRAGMA journal_size_limit={self.wal_budget}")
+
+    def _schema(self) -> None:
+        db = self._db
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version > SCHEMA_VERSION:
+            raise SpoolError(f"spool {self.path} has schema version {version}, newer than this runtime's "
+                             f"{SCHEMA_VERSION}; use a newer runtime or another --spool")
+        if version == 0 and "frames" in tables:
+            self._migrate_v1()
+        elif version == 0:
+            db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value NOT NULL)")
+            db.execute("CREATE TABLE identities (id INTEGER PRIMARY KEY, camera_id TEXT NOT NULL, "
+                       "model_id TEXT NOT NULL, UNIQUE (camera_id, model_id))")
+            db.execute("CREATE TABLE frames (epoch INTEGER NOT NULL, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL, "
+                       "ident INTEGER NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (epoch, seq)) WITHOUT ROWID")
+            db.execute("INSERT INTO meta VALUES ('epoch', ?), ('seq_floor', 0)", (secrets.randbits(63),))
+            db.executemany("INSERT INTO meta VALUES (?, 0)", [(k,) for k in COUNTERS])
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _migrate_v1(self) -> None:
+        """Version 1: meta(epoch = clock seconds, dropped), frames without identity. Old rows keep their epochs
+        (<= 2^32, so they cannot collide with new random ones under the same camera) and get the opener's identity."""
+        db = self._db
+        old_dropped = int(self._meta("dropped") or 0) if self._has_meta("dropped") else 0
+        db.execute("CREATE TABLE identities (id INTEGER PRIMARY KEY, camera_id TEXT NOT NULL, "
+                   "model_id TEXT NOT NULL, UNIQUE (camera_id, model_id))")
+        db.execute("INSERT INTO identities (camera_id, model_id) VALUES (?, ?)", (self.camera_id, self.model_id))
+        db.execute("ALTER TABLE frames ADD COLUMN ident INTEGER NOT NULL DEFAULT 1")
+        n = db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
+        db.execute("DELETE FROM meta")
+        db.execute("INSERT INTO meta VALUES ('epoch', ?), ('seq_floor', 0)", (secrets.randbits(63),))
+        db.executemany("INSERT INTO meta VALUES (?, 0)", [(k,) for k in COUNTERS])
+        db.execute("UPDATE meta SET value = ? WHERE key = 'dropped_full'", (old_dropped,))
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        log.warning("migrated spool %s from schema 1 to %d: %d unsent frame(s) attributed to camera %r, model %r",
+                    self.path, SCHEMA_VERSION, n, self.camera_id, self.model_id)
+
+    def _ident_id(self) -> int:
+        db = self._db
+        db.execute("INSERT OR IGNORE INTO identities (camera_id, model_id) VALUES (?, ?)",
+                   (self.camera_id, self.model_id))
+        return int(db.execute("SELECT id FROM identities WHERE camera_id = ? AND model_id = ?",
+                              (self.camera_id, self.model_id)).fetchone()[0])
+
+    def _foreign_check(self) -> None:
+        rows = self._db.execute(
+            "SELECT i.camera_id, i.model_id, COUNT(*) FROM frames f JOIN identities i ON i.id = f.ident "
+            "WHERE f.ident != ? GROUP BY f.ident", (self._identity,)).fetchall()
+        if rows:
+            what = "; ".join(f"{n} of camera {c!r} model {m[:16] or '?'}" for c, m, n in rows)
+            raise SpoolError(
+                f"spool {self.path} holds unsent frames captured under another identity ({what}); this run is camera "
+                f"{self.camera_id!r} model {self.model_id[:16] or '?'}. Frames are never relabelled: run once more "
+                f"with that camera id and bundle to send them, or move the spool folder aside (or pass another "
+                f"--spool) to start a new one.")
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
     def _tx(self):
         db = self._db
 
@@ -87,46 +230,138 @@ class Spool:
                 db.execute("BEGIN IMMEDIATE")
 
             def __exit__(self_, kind, exc, tb):
-                db.execute("COMMIT" if kind is None else "ROLLBACK")
+                if kind is None:
+                    db.execute("COMMIT")
+                elif db.in_transaction:  # SQLite may already have rolled back (e.g. on SQLITE_FULL)
+                    db.execute("ROLLBACK")
 
         return _Tx()
 
-    def _meta(self, key: str) -> int:
-        return int(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+    def _has_meta(self, key: str) -> bool:
+        return self._db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone() is not None
+
+    def _meta(self, key: str):
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return 0 if row is None else row[0]
+
+    def _bump(self, key: str, n: int) -> None:
+        self._db.execute("UPDATE meta SET value = value + ? WHERE key = ?", (n, key))
+
+    def _raise_floor(self, epoch: int, upto: int) -> None:
+        if epoch == self.epoch:
+            self._db.execute("UPDATE meta SET value = MAX(value, ?) WHERE key = 'seq_floor'", (upto,))
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """Durable drop counters (across restarts): dropped_full (max frames / max bytes / disk full while
+        appending), dropped_rejected (the server refused them), dropped_disk_full (could not be stored at all,
+        this process only), damaged_spools (spools found damaged and moved aside)."""
+        with self._lock:
+            out = {k: int(self._meta(k)) for k in COUNTERS}
+        out["dropped_disk_full"] += self.unstored
+        return out
 
     @property
     def dropped(self) -> int:
-        """Frames ever dropped by this spool (full spool or rejected by the server), across restarts."""
-        with self._lock:
-            return self._meta("dropped")
+        """Frames ever dropped by this spool (full, rejected, unstorable), across restarts."""
+        c = self.counters()
+        return c["dropped_full"] + c["dropped_rejected"] + c["dropped_disk_full"]
+
+    @property
+    def full_drops(self) -> int:
+        """Frames this instance dropped to make room (plus frames it could not store at all)."""
+        return self.made_room + self.unstored
 
     def depth(self) -> int:
         """Frames waiting for an ack."""
         return self._count
 
-    def append(self, ts_ms: int, payload: bytes) -> tuple[int, int]:
-        """Store one frame durably; returns its (epoch, seq). Makes room by dropping the oldest frames if full."""
+    def disk_bytes(self) -> int:
+        """Bytes the spool occupies on disk now (database, WAL, shared-memory index)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.stat(str(self.path) + suffix).st_size
+            except OSError:
+                pass
+        return total
+
+    # -- writing ---------------------------------------------------------------------------------------------------
+    def append(self, ts_ms: int, payload: bytes) -> tuple[int, int] | None:
+        """Store one frame durably; returns its (epoch, seq), or None if it could not be stored at all (the disk is
+        full even after dropping old frames; counted as dropped_disk_full). Makes room by dropping the oldest
+        frames when a bound or the disk is full; never raises for a full disk."""
+        dropped = 0
         with self._lock:
             seq = self.next_seq
+            excess = self._count + 1 - self.max_frames
+            for attempt in range(12):
+                try:
+                    with self._tx():
+                        n = self._drop_oldest(excess) if excess > 0 else 0
+                        self._db.execute("INSERT INTO frames VALUES (?, ?, ?, ?, ?)",
+                                         (self.epoch, seq, int(ts_ms), self._identity, payload))
+                    self._count += 1 - n
+                    dropped += n
+                    break
+                except sqlite3.Error as exc:
+                    if not _is_full(exc):
+                        raise SpoolError(f"cannot write to spool {self.path}: {exc}") from exc
+                    # full: drop ~1 % of the backlog (at least 8 frames) in its own transaction, then retry
+                    dropped += self._make_room(max(8, self._count // 100) * (attempt + 1))
+                    excess = self._count + 1 - self.max_frames
+            else:
+                self.unstored += 1
+                self.made_room += dropped
+                self._log_full(dropped, unstored=True)
+                return None
+            self.next_seq = seq + 1
+            self.made_room += dropped
+        if dropped:
+            self._log_full(dropped)
+        return self.epoch, seq
+
+    def _drop_oldest(self, k: int) -> int:
+        rows = self._db.execute("SELECT epoch, seq FROM frames ORDER BY epoch, seq LIMIT ?", (k,)).fetchall()
+        if not rows:
+            return 0
+        n = self._db.execute("DELETE FROM frames WHERE (epoch, seq) IN (SELECT epoch, seq FROM frames "
+                             "ORDER BY epoch, seq LIMIT ?)", (k,)).rowcount
+        for epoch in {e for e, _ in rows}:
+            self._raise_floor(epoch, max(s for e, s in rows if e == epoch) + 1)
+        self._bump("dropped_full", n)
+        return n
+
+    def _make_room(self, k: int) -> int:
+        """Called on SQLITE_FULL (outside a transaction): delete the k oldest frames; if even that cannot be written,
+        truncate the WAL (gives its space back to the filesystem) and try once more."""
+        for _ in range(2):
             try:
                 with self._tx():
-                    excess = self._count + 1 - self.max_frames
-                    if excess > 0:
-                        n = self._db.execute(
-                            "DELETE FROM frames WHERE (epoch, seq) IN (SELECT epoch, seq FROM frames "
-                            "ORDER BY epoch, seq LIMIT ?)", (excess,)).rowcount
-                        self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (n,))
-                    else:
-                        n = 0
-                    self._db.execute("INSERT INTO frames VALUES (?, ?, ?, ?)", (self.epoch, seq, int(ts_ms), payload))
+                    n = self._drop_oldest(k)
+                self._count -= n
+                self._checkpoint("PASSIVE")
+                return n
             except sqlite3.Error as exc:
-                raise SpoolError(f"cannot write to spool {self.path}: {exc}") from exc
-            self._count += 1 - n
-            self.full_drops += n
-            self.next_seq = seq + 1
-        if n:
-            log.warning("spool full (%d frames): dropped the %d oldest unsent frame(s)", self.max_frames, n)
-        return self.epoch, seq
+                if not _is_full(exc):
+                    raise SpoolError(f"cannot write to spool {self.path}: {exc}") from exc
+                self._checkpoint("TRUNCATE")
+        return 0
+
+    def _checkpoint(self, mode: str) -> None:
+        try:
+            self._db.execute(f"PRAGMA wal_checkpoint({mode})")
+        except sqlite3.Error as exc:
+            log.debug("checkpoint %s failed: %s", mode, exc)
+
+    def _log_full(self, n: int, unstored: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last_full_log < 10:
+            return
+        self._last_full_log = now
+        limit = f"max {self.max_frames} frames" + (f", max {self.max_bytes} bytes" if self.max_bytes else "")
+        log.warning("spool full (%s; %d bytes on disk): dropped the %d oldest unsent frame(s)%s", limit,
+                    self.disk_bytes(), n, "; the disk is full: a new frame could not be stored" if unstored else "")
 
     def pending(self, limit: int, after: tuple[int, int] | None = None) -> list[SpooledFrame]:
         """Up to ``limit`` unacked frames in (epoch, seq) order, strictly after ``after`` if given."""
@@ -141,29 +376,51 @@ class Spool:
 
     def ack(self, epoch: int, first_seq: int, count: int) -> int:
         """The server stored these frames: delete them. Returns how many were still here."""
-        return self._delete(epoch, first_seq, count, dropped=False)
+        return self._delete(epoch, first_seq, count, counter=None)
 
-    def drop(self, epoch: int, first_seq: int, count: int) -> int:
-        """The server will never accept these frames: delete them and count them as dropped."""
-        n = self._delete(epoch, first_seq, count, dropped=True)
+    def drop(self, epoch: int, first_seq: int, count: int, reason: str = "") -> int:
+        """The server will never accept these frames: delete them and count them as dropped (rejected)."""
+        n = self._delete(epoch, first_seq, count, counter="dropped_rejected")
         if n:
-            log.warning("server rejected %d frame(s) (epoch %d, seq %d..%d): dropped", n, epoch, first_seq,
-                        first_seq + count - 1)
+            log.warning("server rejected %d frame(s) (epoch %d, seq %d..%d)%s: dropped", n, epoch, first_seq,
+                        first_seq + count - 1, f": {reason}" if reason else "")
         return n
 
-    def _delete(self, epoch: int, first_seq: int, count: int, dropped: bool) -> int:
+    def _delete(self, epoch: int, first_seq: int, count: int, counter: str | None) -> int:
         with self._lock:
-            with self._tx():
-                n = self._db.execute("DELETE FROM frames WHERE epoch = ? AND seq >= ? AND seq < ?",
-                                     (epoch, first_seq, first_seq + count)).rowcount
-                if dropped and n:
-                    self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (n,))
+            for attempt in range(2):
+                try:
+                    with self._tx():
+                        n = self._db.execute("DELETE FROM frames WHERE epoch = ? AND seq >= ? AND seq < ?",
+                                             (epoch, first_seq, first_seq + count)).rowcount
+                        if n:
+                            self._raise_floor(epoch, first_seq + count)
+                        if counter and n:
+                            self._bump(counter, n)
+                    break
+                except sqlite3.Error as exc:
+                    if not _is_full(exc) or attempt:
+                        raise SpoolError(f"cannot write to spool {self.path}: {exc}") from exc
+                    self._checkpoint("TRUNCATE")
             self._count -= n
+            self._acked_since_ckpt += n
+            if self._acked_since_ckpt >= 256:  # explicit PASSIVE checkpoint: deletions reach the database file
+                self._acked_since_ckpt = 0
+                self._checkpoint("PASSIVE")
+            if self._wal_bytes() > self.wal_budget:  # a long transaction grew the WAL past its budget
+                self._checkpoint("TRUNCATE")
         return n
+
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(str(self.path) + "-wal").st_size
+        except OSError:
+            return 0
 
     def close(self) -> None:
         with self._lock:
             try:
+                self._checkpoint("TRUNCATE")
                 self._db.close()
             except sqlite3.Error:
                 pass

@@ -29,12 +29,13 @@ class RuntimeStats:
     spool_depth: int = 0
     started: float = field(default_factory=time.monotonic)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    drops: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         r = self.registry
         self.m_captured = Counter("taskcodec_runtime_frames_captured", "Frames captured and encoded", registry=r)
         self.m_acked = Counter("taskcodec_runtime_frames_acked", "Frames the server acknowledged", registry=r)
-        self.m_dropped = Counter("taskcodec_runtime_frames_dropped", "Frames dropped (spool full or rejected)",
+        self.m_dropped = Counter("taskcodec_runtime_frames_dropped", "Frames dropped, by reason",
                                  ["reason"], registry=r)
         self.m_bytes = Counter("taskcodec_runtime_payload_bytes", "Encoded payload bytes", registry=r)
         self.m_reconnects = Counter("taskcodec_runtime_reconnects", "Uplink connection attempts after a failure",
@@ -63,10 +64,15 @@ class RuntimeStats:
             self.m_rtt.observe(rtt)
 
     def drop(self, n: int, reason: str) -> None:
-        if reason == "rejected":
-            self.rejected += n
-        else:
+        """Count ``n`` dropped frames once, by reason: spool_full, disk_full (the spool made room or could not store),
+        rejected_<code> (the server refused them), malformed, unencodable."""
+        if n <= 0:
+            return
+        if reason in ("spool_full", "disk_full"):
             self.dropped_full += n
+        else:
+            self.rejected += n
+        self.drops[reason] = self.drops.get(reason, 0) + n
         self.m_dropped.labels(reason).inc(n)
 
     def set_connected(self, up: bool) -> None:

@@ -3,9 +3,20 @@
 Protocol (taskcodec.wire): HELLO -> WELCOME | ERROR, then BATCH -> ACK | REJECT. Frames are sent in batches of
 consecutive seqs (``max_batch`` frames, or whatever arrived within ``max_delay`` seconds; 0 sends each frame at once)
 with up to ``max_in_flight`` batches unacknowledged. Frames leave the spool only when acked (or rejected: those are
-dropped and counted). On any disconnect the client retries with exponential backoff and full jitter and re-sends
-everything still in the spool — the server deduplicates by (epoch, seq). UNAUTHORIZED and UNKNOWN_MODEL are fatal:
-retrying cannot fix them, so the uplink stops with the server's reason instead of hammering it.
+dropped and counted by reason).
+
+Failures, by kind:
+- retryable (network errors, timeouts, the server closing, ERROR BUSY): reconnect after an exponential backoff with
+  jitter and re-send everything still in the spool (the server deduplicates by (epoch, seq)). The backoff grows with
+  every failed connection and resets only when the server ACKs frames — not on a successful handshake, so a server
+  that answers every batch with BUSY (disk full) sees this camera back at most a few times a minute;
+- fatal (HELLO refused: UNAUTHORIZED, UNKNOWN_MODEL, BAD_MESSAGE such as a wire version the server does not speak;
+  HTTP 401/403): the uplink stops with the server's reason (``fatal``) instead of hammering it;
+- a batch refused as malformed (ERROR BAD_MESSAGE after WELCOME): the oldest batch in flight is split in halves and
+  re-sent; a single frame still refused is dropped and counted (reason ``malformed``), so one bad frame can never
+  wedge the camera; frames this runtime cannot even encode are dropped the same way (``unencodable``);
+- anything else is a programming error: logged with its traceback, kept in ``crashed`` and the uplink stops, so the
+  runtime exits non-zero instead of retrying a bug forever.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ log = logging.getLogger(__name__)
 
 STREAM_PATH = "/v1/stream"
 FATAL_CODES = {wire.Code.UNAUTHORIZED: "unauthorized", wire.Code.UNKNOWN_MODEL: "unknown model",
-               wire.Code.BAD_MESSAGE: "protocol mismatch"}
+               wire.Code.BAD_MESSAGE: "protocol mismatch"}   # fatal when they answer the HELLO
 MAX_BATCH_BYTES = 512 * 1024
 
 
@@ -36,6 +47,10 @@ class UplinkFatal(RuntimeError):
 
 class _Retry(Exception):
     """Drop this connection and reconnect after a backoff."""
+
+
+class _Malformed(_Retry):
+    """The server refused a batch as malformed (ERROR BAD_MESSAGE after WELCOME)."""
 
 
 def stream_url(server: str) -> str:
@@ -115,7 +130,12 @@ class Uplink:
         self.fatal: UplinkFatal | None = None
         self.attempts = 0          # connection attempts made
         self.sessions = 0          # HELLOs answered with WELCOME
+        self.crashed: BaseException | None = None  # a programming error stopped the uplink
         self.last_error: str | None = None
+        self.failures = 0          # consecutive connections without an ACK (drives the backoff)
+        self._acked_in_connection = 0
+        self._split: tuple[int, int, int, int] | None = None  # (epoch, first_seq, count, batch limit) of a suspect
+        self._in_flight_order: list[tuple[int, int, int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
@@ -124,6 +144,7 @@ class Uplink:
         self._active = False
         self._stop_requested = False
         self._ready = threading.Event()
+        self._idle = False
         self._rng = random.Random()
 
     # -- thread-side API -------------------------------------------------------------------------------------------
@@ -134,21 +155,22 @@ class Uplink:
         return self
 
     def notify(self) -> None:
-        """A frame was appended to the spool: wake the sender."""
+        """A frame was appended to the spool: wake the sender if it is idle (a no-op while it is busy or batching,
+        which saves a loop wake-up per frame)."""
         loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None and not loop.is_closed():
+        if self._idle and loop is not None and wake is not None and not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(wake.set)
             except RuntimeError:  # the loop closed meanwhile
                 pass
 
-    def wait_drained(self, timeout: float) -> bool:
-        """Block until the spool is empty (everything acked or dropped), a fatal error, or the timeout."""
+    def wait_drained(self, timeout: float, stop: threading.Event | None = None) -> bool:
+        """Block until the spool is empty (everything acked or dropped), a fatal error, ``stop``, or the timeout."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if self.spool.depth() == 0:
                 return True
-            if self.fatal is not None or not self.running:
+            if self.fatal is not None or self.crashed is not None or not self.running:
                 return False
             time.sleep(0.02)
         return self.spool.depth() == 0
@@ -205,36 +227,62 @@ class Uplink:
     _main = run_async  # the name the fleet benchmark first used
 
     async def _run(self) -> None:
-        failures = 0
+        from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketException
+
+        retryable = (OSError, asyncio.TimeoutError, wire.WireError, _Retry, WebSocketException, EOFError)
         while True:
-            sessions_before = self.sessions
             self.attempts += 1
             if self.attempts > 1:
                 self.stats.reconnect()
+            self._acked_in_connection = 0
             try:
                 await self._connection()
-                failures = 0  # a session that ended cleanly (server closed) retries soon
+                raise _Retry("session ended")
             except UplinkFatal as exc:
                 self.fatal = exc
                 log.error("uplink stopped: %s", exc)
                 return
-            except (OSError, asyncio.TimeoutError, wire.WireError, _Retry, Exception) as exc:  # noqa: BLE001
-                repeated = self.last_error == f"{type(exc).__name__}: {exc}"
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                if _is_fatal_handshake(exc):
+            except retryable as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                repeated = self.last_error == error
+                self.last_error = error
+                if isinstance(exc, (InvalidURI, InvalidHandshake)) and _is_fatal_handshake(exc):
                     self.fatal = UplinkFatal(f"server {self.config.url} refused the connection: {exc}")
                     log.error("uplink stopped: %s", self.fatal)
                     return
+                if isinstance(exc, _Malformed):
+                    self._split_suspect(str(exc))
                 # one warning per new error (and every 20th repeat), not a log line per retry of a long outage
-                log.log(logging.DEBUG if repeated and failures % 20 else logging.WARNING,
-                        "uplink to %s: %s; retrying (attempt %d)", self.config.url, self.last_error, self.attempts)
+                log.log(logging.DEBUG if repeated and self.failures % 20 else logging.WARNING,
+                        "uplink to %s: %s; retrying (attempt %d)", self.config.url, error, self.attempts)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a programming error: crash loudly, never retry it forever
+                self.crashed = exc
+                log.critical("uplink crashed (a bug, not a network problem): %r", exc, exc_info=True)
+                return
             finally:
                 self.stats.set_connected(False)
-            if self.sessions > sessions_before:
-                failures = 0  # the link worked until it broke: come back quickly, not after the last long backoff
-            delay = backoff_delay(failures, self.config.backoff_initial, self.config.backoff_max, self._rng)
-            failures += 1
+            if self._acked_in_connection:
+                self.failures = 0  # only frames the server stored prove the link works
+            delay = backoff_delay(self.failures, self.config.backoff_initial, self.config.backoff_max, self._rng)
+            self.failures += 1
             await asyncio.sleep(delay)
+
+    def _split_suspect(self, reason: str) -> None:
+        """The server refused a batch as malformed: halve the oldest batch in flight, or drop it if a single frame."""
+        if not self._in_flight_order:
+            return
+        epoch, first, count = self._in_flight_order[0]
+        if count <= 1:
+            n = self.spool.drop(epoch, first, 1, reason=f"malformed: {reason}")
+            self.stats.drop(n, "malformed")
+            log.error("server refuses frame epoch %d seq %d as malformed (%s): dropped", epoch, first, reason)
+            self._split = None
+        else:
+            self._split = (epoch, first, count, max(1, count // 2))
+            log.warning("server refused a batch as malformed (%s): re-sending epoch %d seq %d+%d in halves",
+                        reason, epoch, first, count)
 
     async def _connection(self) -> None:
         from websockets.asyncio.client import connect
@@ -260,47 +308,45 @@ class Uplink:
                 self._ws = None
 
     async def _session(self, ws) -> None:
-        outstanding: dict[tuple[int, int], tuple[set[int], float]] = {}
+        cfg = self.config
+        # (epoch, first_seq) -> (seqs not yet acked, send time, count), in send order
+        outstanding: dict[tuple[int, int], tuple[set[int], float, int]] = {}
         window = asyncio.Event()
         window.set()
         progress = [time.monotonic()]
 
         async def sender() -> None:
             sent_upto: tuple[int, int] | None = None
-            first_seen: float | None = None
             while True:
-                while len(outstanding) >= self.config.max_in_flight:
+                while len(outstanding) >= cfg.max_in_flight:
                     window.clear()
                     await window.wait()
-                self._wake.clear()
-                rows = self.spool.pending(self.config.max_batch, after=sent_upto)
-                self.stats.set_depth(self.spool.depth())
+                rows = self.spool.pending(cfg.max_batch, after=sent_upto)
                 if not rows:
-                    first_seen = None
-                    await self._wake.wait()
-                    continue
-                if len(rows) < self.config.max_batch and self.config.max_delay > 0:
-                    now = time.monotonic()
-                    first_seen = first_seen or now
-                    if now - first_seen < self.config.max_delay:
-                        try:
-                            await asyncio.wait_for(self._wake.wait(), self.config.max_delay - (now - first_seen))
-                        except asyncio.TimeoutError:
-                            pass
+                    # Idle: notify() wakes us (it only pokes the loop while we wait here, not once per frame).
+                    self._wake.clear()
+                    self._idle = True
+                    try:
+                        rows = self.spool.pending(cfg.max_batch, after=sent_upto)  # no lost wake-up
+                        if not rows:
+                            self.stats.set_depth(self.spool.depth())
+                            await self._wake.wait()
+                    finally:
+                        self._idle = False
+                    if not rows:
+                        if cfg.max_delay > 0:
+                            await asyncio.sleep(cfg.max_delay)  # let the batch fill instead of a wake per frame
                         continue
-                first_seen = None
-                run, size = [], 0
-                for f in _runs(rows)[0]:
-                    if run and size + len(f.payload) > MAX_BATCH_BYTES:
-                        break
-                    run.append(f)
-                    size += len(f.payload) + 8
-                batch = wire.Batch(run[0].epoch, [wire.Frame(f.seq, f.ts_ms, f.payload) for f in run])
+                run = self._next_run(rows)
+                if run is None:
+                    continue  # unencodable frames were dropped
+                batch, data = run
+                key = (batch.epoch, batch.frames[0].seq)
                 if not outstanding:
                     progress[0] = time.monotonic()
-                outstanding[(run[0].epoch, run[0].seq)] = ({f.seq for f in run}, time.monotonic())
-                sent_upto = (run[-1].epoch, run[-1].seq)
-                await ws.send(batch.encode())
+                outstanding[key] = ({f.seq for f in batch.frames}, time.monotonic(), len(batch.frames))
+                sent_upto = (batch.epoch, batch.frames[-1].seq)
+                await ws.send(data)
 
         async def receiver() -> None:
             async for raw in ws:
@@ -313,15 +359,20 @@ class Uplink:
                     if isinstance(msg, wire.Ack):
                         self.spool.ack(msg.epoch, msg.first_seq, msg.count)
                         self.stats.ack(msg.count, rtt)
+                        self._acked_in_connection += msg.count
+                        self.failures = 0
                     else:
-                        n = self.spool.drop(msg.epoch, msg.first_seq, msg.count)
-                        self.stats.drop(n, "rejected")
-                        log.warning("server rejected frames epoch %d seq %d+%d (code %d): %s", msg.epoch,
-                                    msg.first_seq, msg.count, msg.code, msg.reason)
-                    self.stats.set_depth(self.spool.depth())
+                        name = wire.CODE_NAMES.get(msg.code, f"code_{msg.code}")
+                        n = self.spool.drop(msg.epoch, msg.first_seq, msg.count, reason=f"{name}: {msg.reason}")
+                        self.stats.drop(n, f"rejected_{name}")
+                        log.log(logging.ERROR if msg.code == wire.Code.CONFLICT else logging.WARNING,
+                                "server rejected frames epoch %d seq %d+%d (%s): %s", msg.epoch, msg.first_seq,
+                                msg.count, name, msg.reason)
                     window.set()
                 elif isinstance(msg, wire.Error):
-                    _raise_error(msg, self.config.url)
+                    if msg.code == wire.Code.BAD_MESSAGE:
+                        raise _Malformed(msg.reason)
+                    _raise_error(msg, cfg.url)
                 else:
                     raise _Retry(f"unexpected {type(msg).__name__} from the server")
             raise _Retry(f"server closed the connection ({ws.close_code} {ws.close_reason or ''})".strip())
@@ -329,8 +380,8 @@ class Uplink:
         async def watchdog() -> None:
             while True:
                 await asyncio.sleep(1.0)
-                if outstanding and time.monotonic() - progress[0] > self.config.ack_timeout:
-                    raise _Retry(f"no ack for {self.config.ack_timeout:.0f} s")
+                if outstanding and time.monotonic() - progress[0] > cfg.ack_timeout:
+                    raise _Retry(f"no ack for {cfg.ack_timeout:.0f} s")
 
         tasks = [asyncio.create_task(c()) for c in (sender, receiver, watchdog)]
         try:
@@ -339,6 +390,7 @@ class Uplink:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._in_flight_order = [(e, f, n) for (e, f), (_, _, n) in outstanding.items()]
         for t in done:
             if t.exception() is not None:
                 exc = t.exception()
@@ -346,16 +398,46 @@ class Uplink:
                     raise _Retry(f"connection lost: {exc}") from exc
                 raise exc
 
+    def _next_run(self, rows: list[SpooledFrame]) -> tuple[wire.Batch, bytes] | None:
+        """The next BATCH from pending rows: one run of consecutive seqs, within the byte cap, halved around a batch
+        the server refused as malformed. Frames that cannot be encoded at all are dropped (None)."""
+        run, size = [], 0
+        limit = self.config.max_batch
+        if self._split is not None:
+            epoch, first, count, split_limit = self._split
+            head = rows[0]
+            if (head.epoch, head.seq) >= (epoch, first + count):
+                self._split = None  # past the suspect range
+            elif head.epoch == epoch and first <= head.seq < first + count:
+                limit = split_limit
+        for f in _runs(rows)[0][:limit]:
+            if run and size + len(f.payload) > MAX_BATCH_BYTES:
+                break
+            run.append(f)
+            size += len(f.payload) + 8
+        batch = wire.Batch(run[0].epoch, [wire.Frame(f.seq, f.ts_ms, f.payload) for f in run])
+        try:
+            return batch, batch.encode()
+        except ValueError:
+            for f in run:
+                try:
+                    wire.Batch(f.epoch, [wire.Frame(f.seq, f.ts_ms, f.payload)]).encode()
+                except ValueError as exc:
+                    n = self.spool.drop(f.epoch, f.seq, 1, reason=f"unencodable: {exc}")
+                    self.stats.drop(n, "unencodable")
+            return None
+
     @staticmethod
     def _settle(outstanding: dict, msg) -> float | None:
         """Remove acked/rejected seqs from the in-flight batches; returns the send->ack time of a completed batch."""
         rtt = None
-        seqs = set(range(msg.first_seq, msg.first_seq + msg.count))
+        lo, hi = msg.first_seq, msg.first_seq + msg.count
         for key in list(outstanding):
             if key[0] != msg.epoch:
                 continue
-            remaining, sent = outstanding[key]
-            remaining -= seqs
+            remaining, sent, _ = outstanding[key]
+            for s in range(max(lo, key[1]), min(hi, key[1] + outstanding[key][2])):
+                remaining.discard(s)
             if not remaining:
                 del outstanding[key]
                 rtt = time.monotonic() - sent

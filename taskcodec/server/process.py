@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable
@@ -24,10 +25,10 @@ class ServerError(RuntimeError):
     """The server subprocess did not start or died."""
 
 
-def spawn(cmd: list[str], log_path: Path) -> tuple[subprocess.Popen, object]:
+def spawn(cmd: list[str], log_path: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, object]:
     """Start a server-like subprocess with stdout+stderr appended to ``log_path`` and one BLAS/OpenMP thread;
     returns (process, open log file) — the caller closes the file when it is done."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(extra_env or {}))
     log = open(log_path, "ab")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
 
@@ -62,7 +63,15 @@ def wait_for_port(proc: subprocess.Popen, port_file: Path, ready: Callable[[int]
 
 class LocalServer:
     def __init__(self, bundle_path: str | Path | None, db_path: str | Path, *extra_args: str,
-                 startup_timeout: float = 60.0, host: str = "127.0.0.1"):
+                 startup_timeout: float = 60.0, host: str = "127.0.0.1", tls_ca: str | Path | None = None,
+                 env: dict[str, str] | None = None):
+        """``tls_ca``: the server runs with TLS (pass --tls-cert/--tls-key in ``extra_args``); the harness trusts
+        this CA file and uses https://. ``env``: extra environment variables for the server process."""
+        import ssl
+
+        self.ssl_context = ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else None
+        self.scheme = "https" if tls_ca else "http"
+        self.env = dict(env or {})
         self.bundle_path = bundle_path
         self.db_path = Path(db_path)
         self.extra_args = list(extra_args)
@@ -78,18 +87,23 @@ class LocalServer:
     def url(self) -> str:
         if self.port is None:
             raise ServerError("server is not started")
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self) -> "LocalServer":
         if self.operator_key is None:
-            self.operator_key = self.add_operator(f"local-{os.getpid()}-{id(self):x}", "admin")
+            from taskcodec.server.storage import StorageError
+
+            try:
+                self.operator_key = self.add_operator(f"local-{os.getpid()}-{id(self):x}", "admin")
+            except StorageError:
+                pass  # a database the server cannot open either: let the server say why
         port_file = Path(self._tmp.name) / "port"
         port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "taskcodec.server", "serve", "--db", str(self.db_path), "--host", self.host,
                "--port", "0", "--port-file", str(port_file), *self.extra_args]
         if self.bundle_path is not None:
             cmd += ["--bundle", str(self.bundle_path)]
-        self.proc, self._log = spawn(cmd, self.log_path)
+        self.proc, self._log = spawn(cmd, self.log_path, self.env)
         try:
             wait_for_port(self.proc, port_file, self._answers_on, self.startup_timeout, "server (port file, /healthz)",
                           self.log)
@@ -109,8 +123,16 @@ class LocalServer:
             return False
 
     def health(self) -> dict:
-        with urllib.request.urlopen(self.url + "/healthz", timeout=10) as r:
-            return json.loads(r.read())
+        """/healthz's JSON (also when it answers 503)."""
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=10, context=self.ssl_context) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            try:
+                return dict(json.loads(body), http_status=exc.code)
+            except ValueError:
+                raise exc from None
 
     def request(self, path: str, key: str | None = "default") -> urllib.request.Request:
         """A GET of ``path`` with ``Authorization: Bearer`` (this harness's admin key by default; None: no header)."""
@@ -118,11 +140,11 @@ class LocalServer:
         return urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {key}"} if key else {})
 
     def get_json(self, path: str, key: str | None = "default"):
-        with urllib.request.urlopen(self.request(path, key), timeout=30) as r:
+        with urllib.request.urlopen(self.request(path, key), timeout=30, context=self.ssl_context) as r:
             return json.loads(r.read())
 
     def get_text(self, path: str, key: str | None = "default") -> str:
-        with urllib.request.urlopen(self.request(path, key), timeout=30) as r:
+        with urllib.request.urlopen(self.request(path, key), timeout=30, context=self.ssl_context) as r:
             return r.read().decode()
 
     def add_operator(self, name: str, scope: str) -> str:

@@ -17,7 +17,7 @@ class ServerProcess(LocalServer):
     """A LocalServer with the protocol clients tests use."""
 
     def stream(self, timeout: float = 30.0) -> StreamClient:
-        return StreamClient(self.url, timeout)
+        return StreamClient(self.url, timeout, ssl_context=self.ssl_context)
 
     def http(self, timeout: float = 30.0) -> HttpIngestClient:
-        return HttpIngestClient(self.url, timeout)
+        return HttpIngestClient(self.url, timeout, ssl_context=self.ssl_context)

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 C_DIR = Path(__file__).resolve().parent / "c"
+# The entropy coder's one C source (also compiled into the Python extension taskcodec.coding._tcc by setup.py).
+CODER_DIR = Path(__file__).resolve().parents[1] / "coding" / "c"
 
 # target -> sources (the library sources first)
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -21,9 +23,17 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "test_wire": ("taskcodec_wire.c", "test_wire.c"),
     "fuzz_wire": ("taskcodec_wire.c", "fuzz_wire.c"),
     "tcw_tool": ("taskcodec_wire.c", "tcw_tool.c"),
+    "test_coder": ("taskcodec_coder.c", "test_coder.c"),
+    "tcc_tool": ("taskcodec_coder.c", "tcc_tool.c"),
 }
-LIBRARY_SOURCES = ("taskcodec_wire.c", "taskcodec_frames.c")
-HEADERS = ("taskcodec_wire.h", "taskcodec_frames.h")
+LIBRARY_SOURCES = ("taskcodec_wire.c", "taskcodec_frames.c", "taskcodec_coder.c")
+HEADERS = ("taskcodec_wire.h", "taskcodec_frames.h", "taskcodec_coder.h")
+
+
+def source(name: str) -> Path:
+    """A C file by name: the firmware folder, else the coder folder."""
+    path = C_DIR / name
+    return path if path.is_file() else CODER_DIR / name
 
 BASE_FLAGS = ["-std=c99", "-Wall", "-Wextra", "-pedantic"]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g", "-O1"]
@@ -67,7 +77,7 @@ def _flags(sanitize: bool, werror: bool, extra: list[str]) -> list[str]:
 def _key(cc: str, flags: list[str], sources: tuple[str, ...]) -> str:
     h = hashlib.sha256(cc.encode() + b"\0" + " ".join(flags).encode())
     for name in sources + HEADERS:
-        h.update(name.encode() + b"\0" + (C_DIR / name).read_bytes())
+        h.update(name.encode() + b"\0" + source(name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -98,7 +108,7 @@ def build(target: str, *, sanitize: bool = False, werror: bool = False, cc: str 
     fd, tmp = tempfile.mkstemp(prefix=f".{target}-", dir=out)
     os.close(fd)
     try:
-        _run([compiler, *flags, "-I", str(C_DIR), *(str(C_DIR / s) for s in sources), "-o", tmp],
+        _run([compiler, *flags, "-I", str(C_DIR), "-I", str(CODER_DIR), *(str(source(s)) for s in sources), "-o", tmp],
              f"compiling {target}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, exe)
@@ -109,7 +119,8 @@ def build(target: str, *, sanitize: bool = False, werror: bool = False, cc: str 
 
 
 def build_library(*, cc: str | None = None, out_dir: str | os.PathLike | None = None) -> Path:
-    """libtaskcodec_fw.a: the wire and frame-socket code for linking into firmware (with the two headers)."""
+    """libtaskcodec_fw.a: the wire, frame-socket and entropy-coder code for linking into firmware (with the three
+    headers)."""
     compiler = find_cc(cc)
     ar = shutil.which("ar")
     if ar is None:
@@ -124,7 +135,8 @@ def build_library(*, cc: str | None = None, out_dir: str | os.PathLike | None = 
         objects = []
         for src in LIBRARY_SOURCES:
             obj = Path(tmp) / (Path(src).stem + ".o")
-            _run([compiler, *flags, "-c", "-I", str(C_DIR), str(C_DIR / src), "-o", str(obj)], f"compiling {src}")
+            _run([compiler, *flags, "-c", "-I", str(C_DIR), "-I", str(CODER_DIR), str(source(src)), "-o", str(obj)],
+                 f"compiling {src}")
             objects.append(str(obj))
         archive = Path(tmp) / "lib.a"
         _run([ar, "rcs", str(archive), *objects], "archiving the library")

@@ -36,8 +36,26 @@ def register(app: typer.Typer) -> None:
         except build.BuildError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1)
-        table.add_row("headers", ", ".join(str(build.C_DIR / h) for h in build.HEADERS))
+        table.add_row("headers", ", ".join(str(build.source(h)) for h in build.HEADERS))
         console.print(table)
+
+    @fw.command("tables")
+    def tables_cmd(
+        bundle: Optional[Path] = typer.Argument(None, help="bundle folder (default: the embedded one)"),
+        out: Path = typer.Option(..., "--out", help="file for the tables blob (tcc_blob_load in taskcodec_coder.h)"),
+    ) -> None:
+        """Write a bundle's integer entropy tables as the blob firmware loads to encode and decode payloads in C."""
+        from taskcodec.bundle import BundleError, load_bundle
+
+        try:
+            b = load_bundle(bundle)
+        except BundleError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        blob = b.tables.to_blob()
+        out.write_bytes(blob)
+        typer.echo(f"{out}: {len(blob)} bytes, {b.tables.dim} dimensions, {b.tables.precision}-bit CDF, "
+                   f"model tag {b.model_id}")
 
     @fw.command("example", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def example_cmd(

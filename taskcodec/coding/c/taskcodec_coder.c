@@ -61,11 +61,22 @@ typedef struct {
     int has_cache;    /* 0 until the first byte leaves the window (the virtual byte before it is never written) */
     uint8_t *out;
     size_t cap, len;
+    size_t zeros; /* zero bytes not written yet: written before the next non-zero byte, dropped at the end */
     int err;
 } enc_state;
 
 static void put(enc_state *e, uint8_t b)
 {
+    if (b == 0) {
+        e->zeros++;
+        return;
+    }
+    for (; e->zeros; e->zeros--) {
+        if (e->len < e->cap)
+            e->out[e->len++] = 0;
+        else
+            e->err = TCC_E_NOSPACE;
+    }
     if (e->len < e->cap)
         e->out[e->len++] = b;
     else
@@ -149,9 +160,7 @@ int tcc_encode(const tcc_tables *t, const int32_t *symbols, uint8_t *out, size_t
         shift_low(&e);
     if (e.err)
         return e.err;
-    while (e.len && e.out[e.len - 1] == 0) /* a decoder pads with zeros: trailing zeros are implied */
-        e.len--;
-    *out_len = e.len;
+    *out_len = e.len; /* without the trailing zeros (e.zeros): a decoder pads with zeros */
     return TCC_OK;
 }
 

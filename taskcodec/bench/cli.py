@@ -74,6 +74,10 @@ from taskcodec.bench.tasks import tasks_cmd as _tasks  # noqa: E402  (light: num
 
 bench_app.command("tasks")(_tasks)
 
+from taskcodec.bench.ood import ood_cmd as _ood  # noqa: E402  (issue 16: out-of-domain flag)
+
+bench_app.command("ood")(_ood)
+
 
 def register(app: typer.Typer) -> None:
     import taskcodec.bench.transfer_cli  # noqa: F401  (adds its commands to the `frozen` group)

@@ -16,7 +16,7 @@ from taskcodec.export.golden import GOLDEN_FILE, make_golden, run_encoder
 from taskcodec.export.onnx_export import export_onnx
 from taskcodec.bundle import Bundle, add_file, write_bundle
 from taskcodec.providers import ort_session, run_batched
-from taskcodec.data import CLASSES, load_fashion_mnist
+from taskcodec.data import CLASSES, load_frames
 
 REPORT_FILE = "export_report.json"
 
@@ -41,7 +41,8 @@ def export_run(run: Path, out: Path, data_dir: Path | None = None, parity: bool 
         bundle = write_bundle(out, files={"encoder": tmp / "encoder.onnx", "tables": run / "tables.npz",
                                           "classifier": tmp / "classifier.onnx"},
                               manifest=_manifest(config, info, name or run.name))
-    test_images, test_labels = load_fashion_mnist("test", data_dir)
+    test = load_frames(data_dir or info["data"]["data"], "test", height, width, channels)  # the run's own data
+    test_images, test_labels = test.frames, test.labels
     frames = test_images[..., None] if test_images.ndim == 3 else test_images
     bundle = add_file(bundle, "golden", make_golden(bundle, frames[:golden_frames], out / GOLDEN_FILE))
     if parity:
@@ -77,8 +78,8 @@ def _manifest(config: dict[str, Any], info: dict[str, Any], name: str) -> dict[s
         "invariances": {"name": config.get("augmentations"), "description": get_augmentation(config["augmentations"]).description},
         "objective": config.get("objective"),
         "beta": config.get("beta"),
-        "classes": list(CLASSES),
-        "training": {"config": config, "metrics": info.get("metrics", {})},
+        "classes": list(info.get("classes") or CLASSES),
+        "training": {"config": config, "metrics": info.get("metrics", {}), "data": info.get("data", {})},
     }
 
 

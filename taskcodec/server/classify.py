@@ -11,6 +11,7 @@ import numpy as np
 
 from taskcodec.bundle import Bundle, BundleError
 from taskcodec.providers import ort_session
+from taskcodec.server.ood import UNKNOWN, UNKNOWN_NAME, OutOfDomain
 
 
 class Classifier:
@@ -23,6 +24,7 @@ class Classifier:
         self.input_name = self.session.get_inputs()[0].name
         self.latent_dim = bundle.latent_dim
         self.classes = bundle.classes
+        self.ood = OutOfDomain.from_bundle(bundle)  # None: the bundle sets no out-of-domain threshold
 
     def logits(self, symbols: np.ndarray) -> np.ndarray:
         symbols = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1, self.latent_dim)
@@ -37,7 +39,12 @@ class Classifier:
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
         pred = p.argmax(axis=1)
-        return pred, p[np.arange(len(pred)), pred]
+        conf = p[np.arange(len(pred)), pred]
+        if self.ood is not None:  # out-of-domain frames are stored as UNKNOWN (-1), not as a class
+            pred = np.where(self.ood.flags(symbols), UNKNOWN, pred)
+        return pred, conf
 
     def class_name(self, index: int) -> str | None:
+        if index == UNKNOWN:
+            return UNKNOWN_NAME
         return self.classes[index] if 0 <= index < len(self.classes) else None

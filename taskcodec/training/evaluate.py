@@ -13,7 +13,7 @@ import numpy as np
 
 from taskcodec.coding import RangeCoder, compress, decompress
 from taskcodec.coding.stream import CHECK_BYTES
-from taskcodec.data import load_fashion_mnist
+from taskcodec.data import load_frames
 
 
 def evaluate_run(run: str | Path, data_dir: str | Path | None = None, test_limit: int | None = None,
@@ -30,7 +30,9 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, test_limit
     model, probe, info = load_run(run)
     torch.set_num_threads(max(1, int(info["config"].threads)))
     tables = info["tables"]
-    images, labels = load_fashion_mnist("test", data_dir)
+    channels, height, width = info["config"].image_shape
+    test = load_frames(data_dir or info["data"]["data"], "test", height, width, channels)
+    images, labels = test.frames, test.labels
     if test_limit:
         images, labels = images[:test_limit], labels[:test_limit]
     symbols = encode_symbols(model, images)

@@ -8,6 +8,7 @@ and ``train.log``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -16,13 +17,16 @@ import numpy as np
 import torch
 
 from taskcodec.coding import EntropyTables, RangeCoder, compress
-from taskcodec.data import load_fashion_mnist
+from taskcodec.data import load_frames, parse_data
 from taskcodec.training.augmentations import get_augmentation
 from taskcodec.training.models import Compressor, CompressorConfig, SymbolEncoder
 from taskcodec.training.objectives import compute_loss
 from taskcodec.training.probes import StandardisedClassifier, accuracy, fit_probe
 
+from taskcodec.report import machine_info
+
 RUN_DIR = Path("runs/default")
+DATA_FILE = "data.json"  # the run's dataset (--data spec) and class names; export and evaluate read it
 DENSITY_LR_FACTOR = 10.0
 
 
@@ -87,8 +91,9 @@ def beta_at(cfg: CompressorConfig, step: int, total: int) -> float:
 
 
 def train_model(cfg: CompressorConfig, images: np.ndarray, labels: np.ndarray, progress: bool = True,
-                log=None) -> Compressor:
-    """Optimise a fresh compressor on uint8 images [N, H, W] (no evaluation, no files)."""
+                log=None, monitor=None) -> Compressor:
+    """Optimise a fresh compressor on uint8 images [N, H, W(, C)] (no evaluation, no files); ``monitor(model)``, if
+    given, returns a held-out accuracy that each epoch's log line reports."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = Compressor(cfg)
@@ -127,8 +132,10 @@ def train_model(cfg: CompressorConfig, images: np.ndarray, labels: np.ndarray, p
                             bits=f"{parts.rate_bits.item():.1f}")
         if log:
             m = sums / max(1, steps_per_epoch)
+            acc = f" accuracy {monitor(model):.4f}" if monitor else ""
+            model.train()
             log(f"epoch {epoch + 1}/{cfg.epochs}: loss {m[0]:.4f} distortion {m[1]:.4f} rate {m[2]:.2f} bits "
-                f"aux {m[3]:.1f} ({time.perf_counter() - t_start:.0f} s)")
+                f"aux {m[3]:.1f}{acc} ({time.perf_counter() - t_start:.0f} s)")
     bar.close()
     return model.eval()
 
@@ -138,16 +145,38 @@ def train(config: CompressorConfig, data_dir: str | Path | None = None, out: str
     """Train, freeze tables, fit probes on the integer symbols, measure real coded sizes; returns the run folder."""
     torch.set_num_threads(max(1, int(config.threads)))
     cfg = config
-    xtr, ytr = load_fashion_mnist("train", data_dir)  # data errors surface before anything is written
-    xte, yte = load_fashion_mnist("test", data_dir)
+    spec = parse_data(data_dir)
+    channels, height, width = cfg.image_shape
+    train_set = load_frames(spec, "train", height, width, channels)  # data errors surface before anything is written
+    test_set = load_frames(spec, "test", height, width, channels)
+    (xtr, ytr), (xte, yte) = (train_set.frames, train_set.labels), (test_set.frames, test_set.labels)
+    if not spec.is_fashion:  # the operator's own pixel statistics; batches no larger than the data
+        pixels = xtr.astype(np.float32) / 255.0
+        cfg = dataclasses.replace(cfg, mean=round(float(pixels.mean()), 4), std=round(float(pixels.std()) or 1.0, 4),
+                                  batch_size=max(2, min(cfg.batch_size, len(xtr))))
+        del pixels
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train.log"
     log_path.write_text("")
+    (out / DATA_FILE).write_text(json.dumps({"data": str(spec), "classes": list(train_set.classes),
+                                             "n_train": len(xtr), "n_test": len(xte)}, indent=2) + "\n")
 
     def log(msg: str) -> None:
         with open(log_path, "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        if progress and msg.startswith("epoch"):  # live progress on the console, above the bar
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg)
+
+    def monitor(model: Compressor, n: int = 1000) -> float:
+        """Nearest-class-mean accuracy on the symbols of up to 1000 test images (class means from 2000 train)."""
+        s_tr, s_te = encode_symbols(model, xtr[:2 * n]).astype(np.float64), encode_symbols(model, xte[:n])
+        classes = np.unique(ytr[:2 * n])
+        means = np.stack([s_tr[ytr[:2 * n] == c].mean(0) for c in classes])
+        d = ((s_te[:, None, :] - means[None]) ** 2).sum(-1)
+        return float((classes[d.argmin(1)] == yte[:n]).mean()) if len(s_te) else 0.0
 
     xprobe, yprobe = xtr, ytr
     if cfg.train_subset:
@@ -160,7 +189,7 @@ def train(config: CompressorConfig, data_dir: str | Path | None = None, out: str
     log(f"config {json.dumps(cfg.to_dict())}; train {len(xtr)} test {len(xte)}; threads {torch.get_num_threads()}")
 
     t0 = time.perf_counter()
-    model = train_model(cfg, xtr, ytr, progress=progress, log=log)
+    model = train_model(cfg, xtr, ytr, progress=progress, log=log, monitor=monitor)
     train_time = time.perf_counter() - t0
     aux = model.bottleneck.fit_quantiles(cfg.quantile_steps)
     tables = model.bottleneck.tables()
@@ -192,7 +221,7 @@ def train(config: CompressorConfig, data_dir: str | Path | None = None, out: str
         "coded_bits_max": int(coded.max()) if len(coded) else 0,
         "active_dims": int((tables.length > 1).sum()),
         "train_time_s": train_time, "total_time_s": time.perf_counter() - t0,
-        "threads": torch.get_num_threads(), "machine": "2-core CPU (shared)",
+        "threads": torch.get_num_threads(), "machine": machine_info(),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log("metrics " + json.dumps(metrics))
@@ -224,5 +253,8 @@ def load_run(path: str | Path) -> tuple[Compressor, StandardisedClassifier, dict
     info = {
         "path": path, "config": cfg, "tables": EntropyTables.load(path / "tables.npz"),
         "metrics": json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
+        # runs from before --data existed were trained on Fashion-MNIST
+        "data": json.loads((path / DATA_FILE).read_text()) if (path / DATA_FILE).is_file() else {"data": "fashion-mnist"},
     }
+    info["classes"] = info["data"].get("classes")
     return model, probe, info

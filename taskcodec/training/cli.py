@@ -8,6 +8,11 @@ from typing import List, Optional
 import typer
 
 
+DATA_HELP = ("training data: fashion-mnist[:DIR] (default), folder:PATH (one sub-folder per class, ImageFolder "
+             "layout; PATH/train + PATH/test if split) or csv:FILE (rows path,label[,split]).")
+FOLDER_IMAGE_SIZE = 64
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -33,6 +38,7 @@ def _betas(text: str) -> list[float]:
 def _options(items: Optional[List[str]]) -> dict:
     """KEY=VALUE config overrides (values parsed as JSON where they parse: numbers, true/false, lists)."""
     import json
+
     from dataclasses import fields
 
     from taskcodec.training.models import CompressorConfig
@@ -61,20 +67,34 @@ def train_cmd(
     seed: Optional[int] = typer.Option(None, "--seed"),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", min=2, help="use the first N train images."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="evaluate on the first N test images."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Fashion-MNIST folder (default: system dataset)."),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", min=8, max=512, help="square input side in pixels (default: 28 for Fashion-MNIST, "
+        f"{FOLDER_IMAGE_SIZE} for folder:/csv: data); every image is resized to it, as the runtime resizes frames."),
+    channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3,
+                                           help="1 (gray) or 3 (RGB); default: RGB if any training image has colour."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="training batch size (default 256)."),
     out: Path = typer.Option(Path("runs/default"), "--out", help="run folder to write."),
 ) -> None:
     """Train a compressor (default: BINCE with label-preserving invariances) and write a run folder."""
     try:
+        from taskcodec.data import detect_channels, parse_data
         from taskcodec.training.defaults import default_config
         from taskcodec.training.trainer import train
 
         if augmentations is None and objective in ("vic", "vc"):
             augmentations = "fashion"
+        if channels not in (None, 1, 3):
+            raise typer.BadParameter("--channels is 1 (gray) or 3 (RGB)")
+        spec = parse_data(data)
+        shape = None
+        if not spec.is_fashion or image_size or channels:
+            side = image_size or (28 if spec.is_fashion else FOLDER_IMAGE_SIZE)
+            shape = (channels or detect_channels(spec), side, side)
         cfg = default_config(objective=objective, beta=beta, epochs=epochs, augmentations=augmentations,
                              latent_dim=latent_dim, threads=threads, seed=seed, train_subset=train_limit,
-                             test_subset=test_limit)
-        run = train(cfg, data_dir=data, out=out, progress=True)
+                             test_subset=test_limit, image_shape=shape, batch_size=batch_size)
+        run = train(cfg, data_dir=spec, out=out, progress=True)
     except _errors() as exc:
         _fail(exc)
     import json
@@ -87,7 +107,7 @@ def train_cmd(
 
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="run folder written by `taskcodec train`."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Fashion-MNIST folder (default: system dataset)."),
+    data: Optional[str] = typer.Option(None, "--data", help=DATA_HELP + " Default: the run's own data."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="only the first N test images."),
 ) -> None:
     """Range-code, decode and check every test image; write RUN/evaluation.json and RUN/evaluation.md."""

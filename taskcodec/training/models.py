@@ -73,14 +73,31 @@ def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
+MAX_FINAL_SIDE = 5  # the last feature map is at most 5x5 whatever the input size
+
+
+def stage_channels(cfg: CompressorConfig) -> list[int]:
+    """Output channels of the stride-2 stages for this input size: ``cfg.channels``, preceded by as many extra
+    ``channels[0]``-wide stem stages as it takes to bring the longer side down to <= MAX_FINAL_SIDE
+    (28 -> 14 -> 7 -> 4 keeps the original three; 64 px: four stages, 96-160 px: five)."""
+    side = max(cfg.image_shape[1:])
+    stages = 0
+    while side > MAX_FINAL_SIDE:
+        side = (side + 1) // 2
+        stages += 1
+    extra = max(0, stages - len(cfg.channels))
+    return [cfg.channels[0]] * extra + list(cfg.channels)
+
+
 class Encoder(nn.Module):
-    """Conv stack, each 3x3 stride 2 + BatchNorm + ReLU (28 -> 14 -> 7 -> 4: cheap on a 2-core CPU) -> linear to D."""
+    """Conv stack, each 3x3 stride 2 + BatchNorm + ReLU (28 -> 14 -> 7 -> 4: cheap on a 2-core CPU) -> linear to D.
+    Larger (camera-like) inputs get extra stride-2 stem stages first (:func:`stage_channels`), gray or RGB."""
 
     def __init__(self, cfg: CompressorConfig):
         super().__init__()
         c, h, w = cfg.image_shape
         layers: list[nn.Module] = []
-        for i, cout in enumerate(cfg.channels):
+        for i, cout in enumerate(stage_channels(cfg)):
             layers += _conv(c, cout, 2)
             c = cout
             h, w = (h + 1) // 2, (w + 1) // 2

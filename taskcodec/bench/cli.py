@@ -65,6 +65,10 @@ from taskcodec.bench.fleet_cli import fleet as _fleet  # noqa: E402  (light: typ
 
 bench_app.command("fleet")(_fleet)
 
+from taskcodec.bench.faults import faults_cmd as _faults  # noqa: E402  (issue 11: fault injection, light)
+
+bench_app.command("faults")(_faults)
+
 from taskcodec.bench.perf_cli import runtime as _runtime, server as _server  # noqa: E402  (light: typer only)
 
 bench_app.command("server")(_server)

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import sqlite3
+import time
 import urllib.error
 import urllib.parse
 from collections import Counter
@@ -217,3 +218,34 @@ def test_per_camera_metrics_agree_across_two_workers(tmp_path):
                 assert _metric(text, "taskcodec_server_camera_uplink_payload_bytes_per_second", cam) == \
                     pytest.approx(sum(r[7] for r in mine) / 60.0)
         assert "taskcodec_server_camera_last_seen_timestamp_seconds" in answers[0]
+
+
+def test_refusals_and_disconnects_are_logged_with_camera_model_and_reason(tmp_path):
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    with ServerProcess(bundle.path, tmp_path / "frames.db", "--log-level", "info") as srv:
+        token = srv.add_camera("cam-log")
+        tag = bundle.model_tag.hex()
+        with srv.stream() as c:  # wrong token
+            assert isinstance(c.hello(wire.Hello(bundle.model_tag, "cam-log", b"wrong")), wire.Error)
+        with srv.stream() as c:  # a model the server does not accept
+            assert isinstance(c.hello(wire.Hello(b"\x01" * 8, "cam-log", token)), wire.Error)
+        with srv.stream() as c:  # authenticated, then a malformed message
+            assert c.hello(wire.Hello(bundle.model_tag, "cam-log", token)) == wire.Welcome()
+            assert isinstance(c.send_raw(b"\xff\x00garbage")[0], wire.Error)
+        with srv.stream() as c:  # a normal session, closed by the camera
+            assert c.hello(wire.Hello(bundle.model_tag, "cam-log", token)) == wire.Welcome()
+
+        def lines(event):
+            return [line for line in srv.log().splitlines() if f"event={event} " in line]
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(lines("disconnect")) < 4:
+            time.sleep(0.1)
+        refused, gone = lines("refused"), lines("disconnect")
+    assert any("camera=cam-log" in r and f"model={tag}" in r and "code=unauthorized" in r and "reason=" in r
+               for r in refused), refused
+    assert any("camera=cam-log" in r and "model=0101010101010101" in r and "code=unknown_model" in r
+               and f"server expects model {bundle.model_id}" in r for r in refused), refused
+    assert any("camera=cam-log" in r and "code=bad_message" in r and "malformed" in r for r in refused), refused
+    assert len(gone) == 4 and all("camera=cam-log" in g and "model=" in g and "reason=" in g for g in gone), gone
+    assert sum("reason=\"normal close\"" in g for g in gone) == 1, gone

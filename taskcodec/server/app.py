@@ -22,7 +22,7 @@ from starlette.websockets import WebSocketDisconnect
 from taskcodec.server.auth import RateLimitedLog, require_operator
 from taskcodec.server import dashboard, events, query
 from taskcodec.server.config import ServerConfig
-from taskcodec.server.ingest import IngestService, Session
+from taskcodec.server.ingest import IngestService, Session, connection, kv
 from taskcodec.server.limits import ConnectionGate, raise_max_size
 from taskcodec.server.storage import SQLiteStorage
 from taskcodec import __version__, wire
@@ -95,18 +95,27 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
 
         await ws.accept()
         metrics.connections.inc()
+        who, closed_by = {"peer": peer}, "server"
+        connection.set(who)
         try:
             await _serve_stream(ws, service, config, peer, authenticated)
-        except (WebSocketDisconnect, OSError):  # the camera went away (uvicorn's ClientDisconnected is an OSError)
-            pass
+        except WebSocketDisconnect as exc:  # the camera closed the connection
+            closed_by = f"camera (close code {exc.code})"
+        except OSError as exc:  # the camera went away (uvicorn's ClientDisconnected is an OSError)
+            closed_by = f"connection lost ({type(exc).__name__})"
         finally:
             metrics.connections.dec()
+            normal = closed_by in ("camera (close code 1000)", "camera (close code 1001)") and "refused" not in who
+            log.log(logging.INFO if normal else logging.WARNING, "event=disconnect " + kv(
+                camera=who.get("camera"), model=who.get("model"), peer=peer, closed_by=closed_by,
+                reason=who.get("refused") or ("normal close" if normal else None)))
             if pending:
                 gate.release(peer)
 
     @app.post("/v1/ingest")
     async def ingest(request: Request) -> Response:
         peer = request.client.host if request.client else "?"
+        connection.set({"peer": peer})
         try:
             async with asyncio.timeout(limits.http_body_timeout_s):
                 return await _ingest_http(request, service, config, peer)

@@ -20,7 +20,9 @@ answered BUSY at once (no batch is read), and a small probe write every few seco
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
+import json
 import logging
 import threading
 import time
@@ -40,6 +42,20 @@ from taskcodec.bundle import Bundle
 from taskcodec.coding import RangeCoder, StreamError, decompress
 
 log = logging.getLogger("taskcodec.server.ingest")
+# Who the current connection is ({peer, camera, model, refused}), set by app.py per WebSocket / HTTP request, so that
+# every refusal and disconnect is logged as one key=value line naming camera, model and reason.
+connection: contextvars.ContextVar[dict | None] = contextvars.ContextVar("taskcodec_connection", default=None)
+
+
+def kv(**fields) -> str:
+    """key=value log fields; values with spaces, quotes or = are JSON-quoted, absent ones are '-'."""
+    parts = []
+    for key, value in fields.items():
+        text = "-" if value is None else str(value)
+        if not text or not text.isprintable() or any(c in text for c in ' "='):
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 HTTP_STATUS = {wire.Code.BAD_MESSAGE: 400, wire.Code.UNAUTHORIZED: 401, wire.Code.UNKNOWN_MODEL: 409,
                wire.Code.BAD_PAYLOAD: 422, wire.Code.BUSY: 503, wire.Code.CONFLICT: 409}
@@ -139,6 +155,7 @@ class IngestService:
         self.state = StorageState(self.metrics, str(getattr(storage, "path", "?")))
         self.failed_logins = RateLimitedLog(log)
         self.conflicts_log = RateLimitedLog(log)
+        self.refusals_log = RateLimitedLog(log, interval=1.0)  # one line per camera and reason per second at most
         # One thread: decode holds the GIL anyway, and a single writer keeps SQLite transactions simple.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest")
         self._queue: asyncio.Queue[_Job] | None = None
@@ -150,6 +167,9 @@ class IngestService:
     # handshake ---------------------------------------------------------------------------------------------------
     def open_session(self, hello: wire.Hello, peer: str = "?") -> tuple[Session | None, wire.Error | None]:
         """(session, None) when the camera may upload on this connection, else (None, the Error to send)."""
+        who = connection.get()
+        if who is not None:
+            who.update(camera=hello.camera_id, model=hello.model_tag.hex())
         camera = authenticate_camera(self.storage, hello.camera_id, hello.token)
         if camera is None:
             self.metrics.auth_failures.labels("camera").inc()
@@ -182,6 +202,11 @@ class IngestService:
 
     def refuse(self, code: int, reason: str) -> wire.Error:
         self.metrics.messages_refused.labels(REASON_NAMES.get(code, str(code))).inc()
+        who = connection.get() or {}
+        who["refused"] = reason
+        name = REASON_NAMES.get(code, str(code))
+        self.refusals_log.warning(f"{who.get('camera') or who.get('peer')}:{name}", "event=refused " + kv(
+            camera=who.get("camera"), model=who.get("model"), peer=who.get("peer"), code=name, reason=reason))
         return wire.Error(code, reason)
 
     def busy(self) -> wire.Error:

@@ -6,6 +6,7 @@ must be stored exactly once."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -51,9 +52,10 @@ def test_kills_of_a_jetstream_node_gateway_worker_and_a_postgres_restart_lose_an
         cmd = [sys.executable, "-m", "taskcodec.runtime.cli", "capture",
                "--device", f"virtual://fashion-mnist?size=64x64&count={FRAMES}", "--fps", "40",
                "--bundle", str(bundle.path), "--server", cluster.gateway_url(0), "--camera-id", "cam-1",
-               "--token", token, "--spool", str(tmp_path / "spool"), "--max-delay", "0.1", "--quiet",
+               "--spool", str(tmp_path / "spool"), "--max-delay", "0.1", "--quiet",
                "--drain-timeout", "120", "--report", str(report)]
-        camera = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        camera = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=dict(os.environ, TASKCODEC_TOKEN=token))
         try:
             _wait(lambda: _counts(cluster.pg_dsn)[0] > 20, 60, "the first frames stored")
             cluster.kill_nats(1)                      # a JetStream node dies: R3 keeps a quorum

@@ -10,17 +10,19 @@ workers, so a gateway's CPU per frame is the wire handling alone.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
 import nats
+import psycopg
 import websockets
 from nats.js.errors import NoStreamResponseError
 from websockets.asyncio.server import ServerConnection, serve
 
 from taskcodec import wire
 from taskcodec.server.auth import verify_token
-from taskcodec.server.cluster.pgstore import PgStore
+from taskcodec.server.cluster.pgstore import PgStore, PgStoreError
 
 log = logging.getLogger("taskcodec.gateway")
 
@@ -74,7 +76,13 @@ class Gateway:
         cached = self._auth.get(camera_id)
         if cached and time.monotonic() - cached[1] < AUTH_CACHE_S:
             return cached[0]
-        stored = self.pg.token_hash(camera_id)
+        try:
+            stored = self.pg.token_hash(camera_id)
+        except psycopg.Error:
+            # PostgreSQL restarted under us: one fresh connection, else the caller answers BUSY
+            self.pg.close()
+            self.pg = PgStore(self.pg_dsn)
+            stored = self.pg.token_hash(camera_id)
         if stored is not None:
             self._auth[camera_id] = (stored, time.monotonic())
         return stored
@@ -96,7 +104,12 @@ class Gateway:
         if not isinstance(hello, wire.Hello):
             await self._refuse(ws, wire.Code.BAD_MESSAGE, "the first message must be HELLO")
             return
-        stored = await asyncio.to_thread(self._token_hash, hello.camera_id)
+        try:
+            stored = await asyncio.to_thread(self._token_hash, hello.camera_id)
+        except (psycopg.Error, PgStoreError) as exc:
+            log.warning("busy camera=%s reason=camera-store-unavailable error=%s", hello.camera_id, exc)
+            await self._refuse(ws, wire.Code.BUSY, "camera store unavailable, retry later")
+            return
         if stored is None or not verify_token(hello.token, stored):
             log.warning("refused camera=%s reason=unauthorized address=%s", hello.camera_id, ws.remote_address)
             await self._refuse(ws, wire.Code.UNAUTHORIZED, "unknown camera or wrong token")
@@ -121,7 +134,8 @@ class Gateway:
                     await self._refuse(ws, wire.Code.BAD_MESSAGE, "expected BATCH")
                     return
                 first_seq, count = batch.frames[0].seq, len(batch.frames)
-                msg_id = f"{hello.camera_id}/{batch.epoch}/{first_seq}/{count}"
+                digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
+                msg_id = f"{hello.camera_id}/{batch.epoch}/{first_seq}/{count}/{digest}"
                 try:
                     await self.js.publish(SUBJECT, raw, headers={**headers_base, "Nats-Msg-Id": msg_id})
                 except (nats.errors.TimeoutError, NoStreamResponseError, nats.errors.ConnectionClosedError) as exc:

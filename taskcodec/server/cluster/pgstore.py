@@ -2,7 +2,7 @@
 
 Why this shape: frames are append-only and queried by camera and time, so native RANGE partitions on the capture time
 keep every index small and make retention a `DROP TABLE` of old partitions instead of a slow DELETE. The unique key
-(camera, epoch, seq, capture time) includes the partition key, as PostgreSQL requires; a frame's capture time is part
+(camera, capture time, epoch, seq) includes the partition key and doubles as the per-camera time index, as PostgreSQL requires; a frame's capture time is part
 of its wire record, so a re-sent frame carries the same key and `ON CONFLICT DO NOTHING` makes every insert
 idempotent. Counts by class over time come from the rollup, never from a scan of the frames.
 """
@@ -35,9 +35,8 @@ MIGRATIONS: list[str] = [
         payload BYTEA NOT NULL,
         prediction SMALLINT NOT NULL,
         confidence SMALLINT NOT NULL,
-        UNIQUE (camera_id, epoch, seq, ts_capture)
+        UNIQUE (camera_id, ts_capture, epoch, seq)  -- also the index of per-camera time-range queries
     ) PARTITION BY RANGE (ts_capture);
-    CREATE INDEX frames_by_camera_time ON frames (camera_id, ts_capture);
     CREATE TABLE class_counts (
         camera_id TEXT NOT NULL,
         hour TIMESTAMPTZ NOT NULL,
@@ -88,6 +87,7 @@ class PgStore:
         except psycopg.OperationalError as exc:
             raise PgStoreError(f"cannot connect to PostgreSQL ({dsn}): {exc}") from exc
         self._partitions: set[dt.date] = set()
+        self.conflicts = 0  # frames refused because their key is stored with another payload
 
     def close(self) -> None:
         self.conn.close()
@@ -124,6 +124,8 @@ class PgStore:
                 (list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), list(cols[4]), list(cols[5]),
                  list(cols[6]), list(cols[7]), [int(round(c * 10000)) for c in cols[8]]))
             new = cur.fetchall()
+            if len(new) < len(rows):
+                self.conflicts += self._count_conflicts(rows)
             if new:
                 counts: dict[tuple, int] = {}
                 for key in new:
@@ -133,6 +135,15 @@ class PgStore:
                        ON CONFLICT (camera_id, hour, prediction) DO UPDATE SET n = class_counts.n + EXCLUDED.n""",
                     [(*k, v) for k, v in counts.items()])
         return len(new)
+
+    def _count_conflicts(self, rows: Sequence[FrameRow]) -> int:
+        """Frames whose key is stored with a different payload (a re-sent frame has the same bytes)."""
+        cols = list(zip(*rows))
+        cur = self.conn.execute(
+            """SELECT count(*) FROM frames f JOIN unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bytea[])
+                   AS u(c, e, s, p) ON f.camera_id = u.c AND f.epoch = u.e AND f.seq = u.s
+               WHERE f.payload <> u.p""", (list(cols[0]), list(cols[1]), list(cols[2]), list(cols[6])))
+        return int(cur.fetchone()[0])
 
     def frame_keys(self) -> list[tuple[str, int, int]]:
         with self.conn.transaction():

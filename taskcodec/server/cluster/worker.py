@@ -116,6 +116,9 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
             continue
         for msg in messages:
             await msg.ack()
+        if store.conflicts:
+            log.error("refused frames=%d reason=conflict (key already stored with another payload)", store.conflicts)
+            store.conflicts = 0
         if refused:
             log.warning("refused frames=%d reason=undecodable-or-unknown-model", refused)
     if store is not None:

@@ -82,6 +82,30 @@ from taskcodec.bench.ood import ood_cmd as _ood  # noqa: E402  (issue 16: out-of
 
 bench_app.command("ood")(_ood)
 
+from taskcodec.bench.natural import natural_cmd as _natural  # noqa: E402  (issue 16: natural-image example)
+
+bench_app.command("natural")(_natural)
+
+
+@bench_app.command("cluster")
+def cluster(
+    bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Model bundle (default: the embedded one)."),
+    cameras: List[int] = typer.Option([2000], "--cameras", help="Simulated one-fps cameras (repeatable)."),
+    gateways: List[int] = typer.Option([1], "--gateways", help="Gateway counts to measure (repeatable)."),
+    workers: List[int] = typer.Option([1], "--workers", help="Worker counts to measure (repeatable)."),
+    seconds: float = typer.Option(30.0, "--seconds", min=5.0, help="Measured window per configuration."),
+    load_procs: int = typer.Option(2, "--load-procs", min=1, help="Load-generator processes."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for cluster.{json,md,png}."),
+    query_rows: int = typer.Option(0, "--query-rows", min=0, help="Also time the queries at this many stored frames."),
+) -> None:
+    """Scale-out mode (local 3-node JetStream + PostgreSQL): frames/s and server CPU per frame vs gateways/workers."""
+    from taskcodec.bench.cluster import run
+
+    result = run(bundle, cameras, gateways, workers, seconds, load_procs, out, query_rows, log=typer.echo)
+    from taskcodec.bench.cluster import markdown
+
+    typer.echo(markdown(result))
+
 
 def register(app: typer.Typer) -> None:
     import taskcodec.bench.transfer_cli  # noqa: F401  (adds its commands to the `frozen` group)

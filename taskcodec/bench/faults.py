@@ -193,6 +193,42 @@ def runtime_kill9(rig: Rig, rounds: int, rng: random.Random) -> dict:
             "stored": len(rig.stored(life.camera))}
 
 
+@scenario("server_kill9")
+def server_kill9(rig: Rig, rounds: int, rng: random.Random) -> dict:
+    """SIGKILL the server at a random moment (0.5..4 s into each stretch) while a camera streams at 40 fps, restart
+    it on the same port and database, ``rounds`` times; then stop the camera with SIGTERM and drain."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rig.server.stop()
+    rig.server.extra_args += ["--port", str(port)]  # the last --port wins: restarts keep the camera's URL valid
+    rig.server.start()
+    life = Lifetime("srvkill9", rig.root / "spool-srvkill9")
+    proc = rig.start(rig.command(life.camera, life.spool, frames=10**6, fps=40))
+    kills = []
+    for _ in range(rounds):
+        delay = rng.uniform(0.5, 4.0)
+        time.sleep(delay)
+        rig.server.kill()
+        kills.append(round(delay, 2))
+        rig.server.start()
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+        sigterm_ok = True
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        sigterm_ok = False
+    wedged = 0 if _final_drain(rig, life) else 1
+    result = audit(rig, [life])
+    return {**result, "wedged": wedged + int(not sigterm_ok), "rounds": rounds, "kill_after_s": kills,
+            "frames_handed_out": life.next_seq, "stored": len(rig.stored(life.camera))}
+
+
 @scenario("reboot_wiped_spool_1970")
 def reboot_wiped_spool_1970(rig: Rig, rounds: int, rng: random.Random) -> dict:
     """Each round: a camera boots with its clock at 1970-01-01 00:00:00 (no real-time clock) and an empty spool

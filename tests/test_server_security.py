@@ -76,3 +76,107 @@ def test_operators_cli_prints_key_once_and_stores_only_a_hash(tmp_path):
     assert "alice\tread" in listed.stdout and key not in listed.stdout
     assert runner.invoke(cli, ["operators", "remove", "alice", "--db", str(db)]).exit_code == 0
     assert runner.invoke(cli, ["operators", "remove", "alice", "--db", str(db)]).exit_code == 2
+
+
+def _private_ca(folder):
+    """A CA made here, and a server certificate it signs for 127.0.0.1 / localhost (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "taskcodec test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (folder / "server.pem").write_bytes(cert.public_bytes(pem))
+    password = b"correct horse"
+    (folder / "server.key").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(password)))
+    (folder / "server.key").chmod(0o600)
+    return folder / "ca.pem", folder / "server.pem", folder / "server.key", password.decode()
+
+
+def test_tls_round_trip_with_a_private_ca(tmp_path):
+    import ssl
+
+    from taskcodec import wire
+    from taskcodec.coding import RangeCoder, compress
+    import numpy as np
+
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    ca, cert, key, password = _private_ca(tmp_path)
+    secret = tmp_path / "key-password"
+    secret.write_text(password)
+    secret.chmod(0o600)
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text(f"tls:\n  cert: {cert}\n  key: {key}\n  key_password_file: {secret}\n")
+    with ServerProcess(bundle.path, tmp_path / "frames.db", "--config", str(cfg), tls_ca=ca) as srv:
+        assert srv.url.startswith("https://") and srv.health()["status"] == "ok"
+        token = srv.add_camera("cam-tls")
+        coder = RangeCoder(bundle.tables)
+        sym = np.zeros((3, bundle.latent_dim), np.int32)
+        frames = [wire.Frame(i, 1_700_000_000_000 + i, compress(s, coder, bundle.model_tag)) for i, s in enumerate(sym)]
+        with srv.stream() as c:  # wss:// verified against the private CA
+            assert c.ws.socket.version().startswith("TLS")
+            assert c.hello(wire.Hello(bundle.model_tag, "cam-tls", token)) == wire.Welcome()
+            assert c.send(wire.Batch(9, frames)) == [wire.Ack(9, 0, 3)]
+        with srv.http() as h:  # https:// ingest too
+            r = h.post(wire.Hello(bundle.model_tag, "cam-tls", token), wire.Batch(9, frames))
+            assert r.status == 200 and r.replies == [wire.Ack(9, 0, 3)]
+        assert [f["seq"] for f in srv.get_json("/v1/cameras/cam-tls/frames")["frames"]] == [0, 1, 2]
+        # a client that does not trust the CA is refused; plain ws:// on the TLS port does not work
+        from taskcodec.server.client import StreamClient
+
+        with pytest.raises(ssl.SSLError):
+            StreamClient(srv.url, 10, ssl_context=ssl.create_default_context())
+        with pytest.raises(Exception):
+            StreamClient(srv.url.replace("https://", "http://"), 10)
+    assert password not in (tmp_path / "server.yaml").read_text()
+
+
+def test_config_file_refuses_unknown_and_mistyped_keys_by_name(tmp_path):
+    make_tiny_bundle(tmp_path / "b")
+    runner = CliRunner()
+    cases = [("limits:\n  max_hello_byte: 512\n", "limits.max_hello_byte: unknown key"),
+             ("port: eighty\n", "port:"),
+             ("storage:\n  checkpoint_interval_s: -1\n", "storage.checkpoint_interval_s"),
+             ("tls:\n  cert: /nonexistent.pem\n  key: /nonexistent.key\n", "tls.cert: no file"),
+             ("- a list\n", "expected a mapping")]
+    for text, expected in cases:
+        cfg = tmp_path / "server.yaml"
+        cfg.write_text(text)
+        out = runner.invoke(cli, ["serve", "--config", str(cfg), "--bundle", str(tmp_path / "b"),
+                                  "--db", str(tmp_path / "x.db")])
+        assert out.exit_code == 2 and expected in out.output, (text, out.output)
+    out = runner.invoke(cli, ["serve", "--tls-cert", str(tmp_path / "c.pem")])
+    assert out.exit_code == 2 and "go together" in out.output
+    from taskcodec.server.config import build_config
+
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text("port: 9000\nlimits:\n  max_pending: 8\n")
+    config = build_config(cfg, {"port": 9100, "host": None})
+    assert config.port == 9100 and config.limits.max_pending == 8 and config.host == "127.0.0.1"

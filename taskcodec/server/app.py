@@ -22,6 +22,7 @@ from starlette.websockets import WebSocketDisconnect
 from taskcodec.server.auth import RateLimitedLog, require_operator
 from taskcodec.server import dashboard, events, query
 from taskcodec.server.config import ServerConfig
+from taskcodec.server.heads import attach_heads
 from taskcodec.server.ingest import IngestService, Session, connection, kv
 from taskcodec.server.limits import ConnectionGate, raise_max_size
 from taskcodec.server.storage import SQLiteStorage
@@ -52,6 +53,7 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
                             journal_size_limit=store_cfg.journal_size_limit_bytes,
                             wal_autocheckpoint=store_cfg.wal_autocheckpoint_pages)
     service = IngestService(bundle, storage, microbatch=config.microbatch, storage_config=store_cfg)
+    attach_heads(service, config.db)  # heads trained on stored latents label new frames (server/heads.py)
     if store_cfg.integrity_check_at_start:
         service.state.integrity_result([])  # the open above ran quick_check and refuses a damaged file
     metrics = service.metrics

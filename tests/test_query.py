@@ -232,6 +232,11 @@ def test_refusals_and_disconnects_are_logged_with_camera_model_and_reason(tmp_pa
         with srv.stream() as c:  # authenticated, then a malformed message
             assert c.hello(wire.Hello(bundle.model_tag, "cam-log", token)) == wire.Welcome()
             assert isinstance(c.send_raw(b"\xff\x00garbage")[0], wire.Error)
+        with srv.stream() as c:  # a frame whose payload does not decode is rejected (the others stored)
+            assert c.hello(wire.Hello(bundle.model_tag, "cam-log", token)) == wire.Welcome()
+            good = compress(np.zeros(bundle.latent_dim, np.int32), RangeCoder(bundle.tables), bundle.model_tag)
+            replies = c.send(wire.Batch(9, [wire.Frame(0, T0, good), wire.Frame(1, T0 + 1, b"\x00\x01junk")]))
+            assert any(isinstance(r, wire.Reject) for r in replies)
         with srv.stream() as c:  # a normal session, closed by the camera
             assert c.hello(wire.Hello(bundle.model_tag, "cam-log", token)) == wire.Welcome()
 
@@ -239,13 +244,15 @@ def test_refusals_and_disconnects_are_logged_with_camera_model_and_reason(tmp_pa
             return [line for line in srv.log().splitlines() if f"event={event} " in line]
 
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(lines("disconnect")) < 4:
+        while time.monotonic() < deadline and len(lines("disconnect")) < 5:
             time.sleep(0.1)
-        refused, gone = lines("refused"), lines("disconnect")
+        refused, gone, srv_log_rejected = lines("refused"), lines("disconnect"), lines("rejected")
     assert any("camera=cam-log" in r and f"model={tag}" in r and "code=unauthorized" in r and "reason=" in r
                for r in refused), refused
     assert any("camera=cam-log" in r and "model=0101010101010101" in r and "code=unknown_model" in r
                and f"server expects model {bundle.model_id}" in r for r in refused), refused
     assert any("camera=cam-log" in r and "code=bad_message" in r and "malformed" in r for r in refused), refused
-    assert len(gone) == 4 and all("camera=cam-log" in g and "model=" in g and "reason=" in g for g in gone), gone
-    assert sum("reason=\"normal close\"" in g for g in gone) == 1, gone
+    assert len(gone) == 5 and all("camera=cam-log" in g and "model=" in g and "reason=" in g for g in gone), gone
+    assert sum("reason=\"normal close\"" in g for g in gone) == 2, gone
+    assert any("camera=cam-log" in r and f"model={bundle.model_id}" in r and "code=bad_payload" in r and
+               "frames=1" in r for r in srv_log_rejected), srv_log_rejected

@@ -327,6 +327,12 @@ class IngestService:
                     f"already stored with a different payload (epoch {batch.epoch}, seq {conflicts[0]}"
                     f"{'..' + str(conflicts[-1]) if len(conflicts) > 1 else ''}): refused, not acked; the stored "
                     f"frames are kept (a reused epoch? a camera that lost its spool must draw a new one)")
+            rejected = [o for o in outcome if not o[0]]
+            if rejected:  # frames refused (undecodable, conflicting): one key=value line per batch
+                name = REASON_NAMES.get(rejected[0][2], str(rejected[0][2]))
+                self.refusals_log.warning(f"{session.camera_id}:frames:{name}", "event=rejected " + kv(
+                    camera=session.camera_id, model=model_id, peer=session.peer, epoch=batch.epoch,
+                    frames=len(rejected), code=name, reason=rejected[0][1]))
             replies.append(self._replies(batch, outcome))
         if new_rows:
             m.frames_stored.inc(len(new_rows))

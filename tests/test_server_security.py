@@ -120,7 +120,7 @@ def _private_ca(folder):
     return folder / "ca.pem", folder / "server.pem", folder / "server.key", password.decode()
 
 
-def test_tls_round_trip_with_a_private_ca(tmp_path):
+def test_tls_round_trip_with_a_private_ca(tmp_path, monkeypatch):
     import ssl
 
     from taskcodec import wire
@@ -148,6 +148,17 @@ def test_tls_round_trip_with_a_private_ca(tmp_path):
             r = h.post(wire.Hello(bundle.model_tag, "cam-tls", token), wire.Batch(9, frames))
             assert r.status == 200 and r.replies == [wire.Ack(9, 0, 3)]
         assert [f["seq"] for f in srv.get_json("/v1/cameras/cam-tls/frames")["frames"]] == [0, 1, 2]
+        # the camera runtime over wss://, trusting the private CA through OpenSSL's SSL_CERT_FILE
+        from taskcodec.runtime.capture import CaptureConfig, run_capture
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+        rt_token = srv.add_camera("cam-rt").decode()
+        report = run_capture(CaptureConfig(
+            device="virtual://fashion-mnist?seed=1", bundle=str(bundle.path), server=srv.url, camera_id="cam-rt",
+            token=rt_token, spool=str(tmp_path / "spool"), frames=8, quiet=True, drain_timeout=60, threads=1))
+        assert report.acked == 8
+        assert len(srv.get_json("/v1/cameras/cam-rt/frames")["frames"]) == 8
+        monkeypatch.delenv("SSL_CERT_FILE")
         # a client that does not trust the CA is refused; plain ws:// on the TLS port does not work
         from taskcodec.server.client import StreamClient
 

@@ -2,6 +2,8 @@
 free loopback port with its own config) and to a webhook; a real paho-mqtt subscriber receives them, and they say
 what the database says. A webhook that hangs never holds up ingest."""
 
+import hashlib
+import hmac
 import json
 import shutil
 import socket
@@ -84,13 +86,14 @@ class Webhook:
     """An HTTP receiver that answers 500 to the first ``fail_first`` POSTs (to exercise retries), then 204."""
 
     def __init__(self, fail_first=0):
-        self.received, self.attempts = [], 0
+        self.received, self.attempts, self.signatures = [], 0, []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.attempts += 1
+                outer.signatures.append((body, self.headers.get("X-Taskcodec-Signature")))
                 if outer.attempts <= fail_first:
                     self.send_response(500)
                 else:
@@ -135,6 +138,7 @@ def test_every_frame_reaches_mqtt_and_the_webhook(broker, tmp_path, monkeypatch)
     monkeypatch.setenv("TASKCODEC_EVENTS_MODE", "frame")
     monkeypatch.setenv("TASKCODEC_EVENTS_WEBHOOK", hook.url)
     monkeypatch.setenv("TASKCODEC_EVENTS_WEBHOOK_BACKOFF_S", "0.05")
+    monkeypatch.setenv("TASKCODEC_EVENTS_WEBHOOK_SECRET", "s3cret")
     try:
         with ServerProcess(bundle.path, tmp_path / "frames.db") as srv:
             tokens = {cam: srv.add_camera(cam) for cam in ("cam-a", "cam-b")}
@@ -156,6 +160,8 @@ def test_every_frame_reaches_mqtt_and_the_webhook(broker, tmp_path, monkeypatch)
         assert all(scores[(c, s)] == pytest.approx(conf, abs=1e-6) for c, s, _, conf, _, _ in rows)
         assert sorted((e["camera"], e["seq"]) for e in hook.received) == [(c, s) for c, s, *_ in rows]
         assert hook.attempts == 82  # two 500s retried
+        assert all(sig == "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+                   for body, sig in hook.signatures)
         assert ("taskcodec/available", "online") in [(t, p) for t, p, _ in sub.messages]
         late = Subscriber(broker)  # the server has stopped: a later subscriber gets the retained "offline"
         _wait_for(lambda: late.messages, 10, "retained availability")

@@ -14,6 +14,7 @@ named by TASKCODEC_EVENTS_CONFIG):
     TASKCODEC_EVENTS_MQTT=mqtt://[user:password@]host:1883   TASKCODEC_EVENTS_TOPIC_PREFIX=taskcodec
     TASKCODEC_EVENTS_WEBHOOK=https://ha.local/api/webhook/ID TASKCODEC_EVENTS_MODE=change|frame
     TASKCODEC_EVENTS_MIN_SCORE=0.0  TASKCODEC_EVENTS_QUEUE=10000  TASKCODEC_EVENTS_WEBHOOK_RETRIES=3 ...
+    TASKCODEC_EVENTS_WEBHOOK_SECRET=...  (then each POST carries X-Taskcodec-Signature: sha256=<HMAC of the body>)
 
 Ingest is never blocked: the hook after a commit only builds small dicts and puts them on bounded queues; a sender
 thread per sink publishes them. A full queue drops the newest event and counts it
@@ -24,6 +25,8 @@ reconnects to another worker may produce one extra "change" event.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -54,6 +57,8 @@ class EventsConfig(BaseModel):
     webhook_timeout_s: float = Field(5.0, gt=0)
     webhook_retries: int = Field(3, ge=0, description="retries after the first attempt, with doubling back-off")
     webhook_backoff_s: float = Field(0.5, ge=0)
+    webhook_secret: str | None = Field(None, repr=False, description="if set, each POST carries "
+                                       "X-Taskcodec-Signature: sha256=<hex HMAC-SHA256 of the body with this key>")
     mode: Literal["change", "frame"] = "change"
     min_score: float = Field(0.0, ge=0.0, le=1.0, description="frames below this confidence produce no event")
     queue: int = Field(10000, ge=1, description="events waiting per sink before new ones are dropped")
@@ -221,11 +226,13 @@ class EventPublisher:
     # webhook --------------------------------------------------------------------------------------------------------
     def _send_webhook(self, topic: str, event: dict) -> bool:
         body = json.dumps({**event, "topic": topic}).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "taskcodec-server"}
+        if self.config.webhook_secret:
+            digest = hmac.new(self.config.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+            headers["X-Taskcodec-Signature"] = f"sha256={digest}"
         delay = self.config.webhook_backoff_s
         for attempt in range(self.config.webhook_retries + 1):
-            request = urllib.request.Request(self.config.webhook, body, method="POST",
-                                             headers={"Content-Type": "application/json",
-                                                      "User-Agent": "taskcodec-server"})
+            request = urllib.request.Request(self.config.webhook, body, method="POST", headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.config.webhook_timeout_s) as r:
                     if 200 <= r.status < 300:

@@ -15,12 +15,11 @@ import pytest
 from taskcodec import wire
 from taskcodec.coding import RangeCoder, compress
 from taskcodec.testing import ServerProcess
+from taskcodec.testing.flood import UPGRADE, flood
 from tiny_bundle import make_tiny_bundle
 
 FLOODERS = 200
 FLOOD_BYTES = 60 << 20
-UPGRADE = (b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 
 @pytest.fixture(scope="module")
@@ -33,48 +32,8 @@ def env(tmp_path_factory):
         yield bundle, srv
 
 
-async def _flood_one(port: int, i: int, stats: dict) -> None:
-    """One unauthenticated peer pushing FLOOD_BYTES: even i over WebSocket (a 60 MiB first message), odd i as an HTTP
-    ingest body behind a HELLO with a wrong token (declared, or chunked). Half of them from 127.0.0.1, half from their own address."""
-    source = "127.0.0.1" if i % 4 < 2 else f"127.1.{i // 250}.{i % 250 + 1}"
-    sent = 0
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-    except OSError:
-        stats["connect_failed"] += 1
-        return
-    try:
-        if i % 2 == 0:
-            writer.write(UPGRADE)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
-            if not head.startswith(b"HTTP/1.1 101"):
-                stats["refused_before_upgrade"] += 1
-                return
-            header = bytes([0x82, 0x80 | 127]) + FLOOD_BYTES.to_bytes(8, "big") + b"mask"
-            writer.write(header)
-        else:  # a declared 60 MiB body (refused from its header) or a chunked one (refused after its HELLO)
-            hello = wire.Hello(b"\0" * 8, f"flood-{i}", b"not-a-token").encode()
-            length = (f"Content-Length: {FLOOD_BYTES}\r\n\r\n" if i % 4 == 1 else
-                      f"Transfer-Encoding: chunked\r\n\r\n{FLOOD_BYTES:x}\r\n")
-            writer.write(b"POST /v1/ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-                         + length.encode() + hello)
-        chunk = bytes(256 << 10)
-        while sent < FLOOD_BYTES:
-            writer.write(chunk)
-            await asyncio.wait_for(writer.drain(), 20)
-            sent += len(chunk)
-        stats["sent_everything"] += 1
-    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-        stats["cut_off"] += 1
-    finally:
-        stats["bytes"] += sent
-        writer.close()
-
-
 async def _flood(port: int) -> dict:
-    stats = dict(connect_failed=0, refused_before_upgrade=0, sent_everything=0, cut_off=0, bytes=0)
-    await asyncio.gather(*(_flood_one(port, i, stats) for i in range(FLOODERS)))
-    return stats
+    return await flood(port, FLOODERS, FLOOD_BYTES)
 
 
 def test_200_unauthenticated_60mib_senders_cost_little_and_a_camera_loses_nothing(env):

@@ -12,7 +12,7 @@ from taskcodec.bench.tasks import ATTRIBUTES, COARSE, attributes, residual_targe
 from taskcodec.bundle import DEFAULT_BUNDLE
 from taskcodec.training.augmentations import get_augmentation
 from taskcodec.training.models import Compressor, CompressorConfig
-from taskcodec.training.sweep import bits_at_accuracy, collect, gains, parse_series
+from taskcodec.training.sweep import bits_at_accuracy, collect, gains, parse_series, run_name
 from taskcodec.training.trainer import beta_at, train
 
 torch.set_num_threads(1)
@@ -60,6 +60,10 @@ def test_bits_at_equal_accuracy_interpolates_on_the_vc_curve():
     assert g["ratio_to_vc"] == pytest.approx(0.4) and g["series"] == "BINCE (views)"
     assert parse_series(["bince:views", "vc", "bince"]) == [("bince", "views"), ("vc", "fashion"),
                                                             ("bince", "fashion+label")]
+    (spec,) = parse_series(["bince:views head_layers=0 betas=0.001,0.01"])
+    assert spec == ("bince", "views", {"head_layers": 0}, [0.001, 0.01])
+    assert run_name("bince", 0.01, "views", {"head_layers": 0}) == "bince-views-head_layers0_beta0.01"
+    assert run_name("bince", 0.01) == "bince_beta0.01"
 
 
 def test_sweep_collects_rows_and_writes_gain_table(tmp_path):

@@ -141,6 +141,7 @@ def sweep_cmd(
     bundle: Optional[List[Path]] = typer.Option(None, "--bundle", help="repeatable: also measure a shipped bundle."),
     option: Optional[List[str]] = typer.Option(None, "--set", help="repeatable KEY=VALUE config override, e.g. "
                                                "batch_size=512 beta_warmup=0.3 probe_full_train=true."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="where the runs are trained (default: --out)."),
 ) -> None:
     """Rate-accuracy sweep (coded bits vs MLP accuracy per objective), or `--runs R1 R2 ...` to only collect."""
     try:
@@ -153,7 +154,7 @@ def sweep_cmd(
             result = collect(list(runs), out, extra)
         else:
             result = sweep(parse_series(series) if series else objective, _betas(betas), out, data_dir=data,
-                           bundles=bundle, epochs=epochs, augmentations=augmentations, threads=threads,
+                           bundles=bundle, runs_dir=runs_dir, epochs=epochs, augmentations=augmentations, threads=threads,
                            train_subset=train_limit, test_subset=test_limit, **_options(option))
     except _errors() as exc:
         _fail(exc)

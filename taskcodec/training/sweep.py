@@ -26,22 +26,42 @@ GAIN_COLUMNS = [("series", "series"), ("beta", "beta"), ("coded_bits_mean", "cod
 RAW_CNN_ACCURACY = 0.9212  # supervised CNN on raw pixels, full data (bench/results/classical.json "baseline")
 
 
-def run_name(objective: str, beta: float, augmentations: str | None = None) -> str:
+def run_name(objective: str, beta: float, augmentations: str | None = None, options: dict | None = None) -> str:
     if augmentations is None:
         return f"{objective}_beta{beta:g}"
-    return f"{objective}-{augmentations.replace('+', '_')}_beta{beta:g}"
+    extra = "".join(f"-{k}{v:g}" if isinstance(v, (int, float)) else f"-{k}{v}" for k, v in sorted((options or {}).items()))
+    return f"{objective}-{augmentations.replace('+', '_')}{extra}_beta{beta:g}"
 
 
 def series_label(row: dict) -> str:
     return f"{row['objective'].upper()} ({row['augmentations']})"
 
 
-def parse_series(specs: list[str]) -> list[tuple[str, str]]:
-    """'bince:views' -> ('bince', 'views'); a bare objective gets fashion+label (bince) or fashion (vic, vc)."""
+def parse_series(specs: list[str]) -> list[tuple]:
+    """'bince:views' -> ('bince', 'views'); a bare objective gets fashion+label (bince) or fashion (vic, vc).
+
+    A spec may add space-separated KEY=VALUE config overrides for that series only, and its own rate weights:
+    'bince:views head_layers=0 betas=0.001,0.003' -> ('bince', 'views', {'head_layers': 0}, [0.001, 0.003]).
+    Specs without extras stay (objective, augmentations) pairs.
+    """
     out = []
     for spec in specs:
-        obj, _, aug = spec.partition(":")
-        out.append((obj, aug or ("fashion+label" if obj == "bince" else "fashion")))
+        head, *extras = spec.split()
+        obj, _, aug = head.partition(":")
+        aug = aug or ("fashion+label" if obj == "bince" else "fashion")
+        options, betas = {}, None
+        for item in extras:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"series option {item!r} is not KEY=VALUE")
+            if key == "betas":
+                betas = [float(b) for b in value.split(",") if b]
+            else:
+                try:
+                    options[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    options[key] = value
+        out.append((obj, aug) if not extras else (obj, aug, options, betas))
     return out
 
 
@@ -203,33 +223,39 @@ def plot(rows: list[dict], path: Path, caption: str = "") -> None:
     plt.close(fig)
 
 
-def sweep(objectives: list[str] | list[tuple[str, str]], betas: list[float], out: str | Path,
+def sweep(objectives: list[str] | list[tuple], betas: list[float], out: str | Path,
           data_dir: str | Path | None = None, progress: bool = True, bundles: list[str | Path] | None = None,
-          note: str = "", **overrides) -> dict:
-    """Train one run per (series, beta) into out/<name>/ (reusing finished ones), measure bundles, then collect.
+          note: str = "", runs_dir: str | Path | None = None, **overrides) -> dict:
+    """Train one run per (series, beta) into runs_dir/<name>/ (default: out; reusing finished ones), measure bundles,
+    then collect into out.
 
     ``objectives``: plain objective names (with ``overrides['augmentations']`` or the per-objective default), or
-    (objective, augmentations) pairs for several invariance sets in one sweep.
+    series from :func:`parse_series`: (objective, augmentations[, options, betas]) for several invariance sets and
+    recipes in one sweep.
     """
     from taskcodec.training.defaults import default_config
     from taskcodec.training.trainer import train
 
     out = Path(out)
+    runs_dir = Path(runs_dir) if runs_dir else out
     series = []
     for item in objectives:
         if isinstance(item, tuple):
-            series.append((item[0], item[1], True))
+            obj, aug, options, own_betas = (tuple(item) + ({}, None))[:4]
+            series.append((obj, aug, True, options or {}, own_betas or betas))
         else:
             aug = overrides.get("augmentations")
             if aug is None and item != "bince":
                 aug = "fashion"  # reconstruction objectives have no label positives
-            series.append((item, aug, False))
+            series.append((item, aug, False, {}, betas))
     runs = []
-    for objective, aug, named in series:
-        for beta in betas:
-            run = out / (run_name(objective, beta, aug) if named else run_name(objective, beta))
+    for objective, aug, named, options, series_betas in series:
+        for beta in series_betas:
+            name = run_name(objective, beta, aug, options) if named else run_name(objective, beta)
+            run = runs_dir / name
             if not (run / "metrics.json").is_file():
-                cfg = default_config(**{**overrides, "objective": objective, "beta": beta, "augmentations": aug})
+                cfg = default_config(**{**overrides, **options, "objective": objective, "beta": beta,
+                                        "augmentations": aug})
                 train(cfg, data_dir=data_dir, out=run, progress=progress)
             runs.append(run)
     extra = [bundle_row(b, data_dir, cache=out / f"bundle_{Path(b).name}.json") for b in (bundles or [])]

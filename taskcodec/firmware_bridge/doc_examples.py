@@ -1,5 +1,7 @@
 """The byte examples in docs/wire-format.md, produced by the reference encoders so the document cannot drift:
-``python -m taskcodec.firmware_bridge.doc_examples`` prints the hex dumps, and a test checks the document against them."""
+``python -m taskcodec.firmware_bridge.doc_examples`` prints the hex dumps (and the payload examples' integer tables),
+and tests check the document against them and decode the payload examples from the document's own bytes and
+tables (tests/test_coder_doc.py)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,55 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
 TAG = bytes.fromhex("0123456789abcdef")
 
 
-def _stream(symbols: list[int]) -> bytes:
-    """A real per-frame payload: 8 latent symbols range-coded with small Gaussian-shaped tables over -4..4."""
+def example_tables() -> EntropyTables:
+    """The payload examples' tables: 8 dimensions over -4..4 plus the escape, 16-bit integer CDF; dimensions 0-3
+    Gaussian-shaped, 4-7 Laplacian-shaped."""
     support = np.arange(-4, 5)
-    tables = EntropyTables.from_pmfs(np.full(8, -4, np.int32), [np.exp(-0.25 * support**2) for _ in range(8)])
-    return compress(np.array(symbols, np.int32), tables, TAG)
+    pmfs = [np.exp(-0.25 * support**2)] * 4 + [np.exp(-0.7 * np.abs(support))] * 4
+    return EntropyTables.from_pmfs(np.full(8, -4, np.int32), pmfs, escape_mass=1e-3)
+
+
+def _stream(symbols: list[int]) -> bytes:
+    """A real per-frame payload: 8 latent symbols range-coded with the example tables."""
+    return compress(np.array(symbols, np.int32), example_tables(), TAG)
+
+
+# payload examples decoded by tests from the document alone: name -> symbols
+PAYLOAD_EXAMPLES: dict[str, list[int]] = {
+    "stream": [0, 1, -1, 0, 2, 0, 0, -1],
+    "stream_escape": [0, 0, 7, 0, -1, 0, 0, -300],   # 7 and -300 lie outside -4..4: escapes
+}
+
+
+def tables_text(tables: EntropyTables) -> str:
+    lines = [f"precision_bits {tables.precision}", "lower " + " ".join(map(str, tables.lower)),
+             "length " + " ".join(map(str, tables.length))]
+    lines += [f"cdf[{d}] " + " ".join(map(str, tables.cdf[d, : tables.length[d] + 2])) for d in range(tables.dim)]
+    return "\n".join(lines)
+
+
+def parse_tables(text: str) -> EntropyTables:
+    """The inverse of tables_text: lower, length and the integer CDF rows as the document prints them."""
+    rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in text.strip().splitlines()}
+    precision, lower, length = rows["precision_bits"][0], rows["lower"], rows["length"]
+    width = max(length) + 2
+    cdf = np.full((len(lower), width), 1 << precision, np.int64)
+    for d in range(len(lower)):
+        cdf[d, : length[d] + 2] = rows[f"cdf[{d}]"]
+    pmf = np.diff(cdf, axis=1)[:, : width - 1].astype(np.float32)  # only for the estimate; coders use the CDF
+    return EntropyTables(np.array(lower), np.array(length), pmf, cdf, precision)
+
+
+def parse_payload_examples(text: str) -> tuple[EntropyTables, dict[str, tuple[list[int], bytes]]]:
+    """From the document: the example tables and each payload example's stated symbols and hex bytes."""
+    tables = parse_tables(re.search(r"<!-- tables: payload -->\s*```text\n(.*?)```", text, re.S).group(1))
+    found = {}
+    for name, symbols, block in re.findall(
+            r"<!-- payload: (\w+) symbols=\[([^\]]*)\] -->\s*(?:<!-- example: \w+ -->\s*)?```text\n(.*?)```",
+            text, re.S):
+        found[name] = ([int(v) for v in symbols.split(",")],
+                       bytes.fromhex("".join(line.split(":", 1)[1] for line in block.strip().splitlines())))
+    return tables, found
 
 
 EPOCH = 0x2C5E9B1D4A7F3E61  # an example of the random 63-bit id a camera draws when its spool is created
@@ -69,6 +115,10 @@ def parse_doc(text: str) -> dict[str, bytes]:
 def main() -> None:
     for name, make in EXAMPLES.items():
         print(f"<!-- example: {name} -->\n```text\n{hexdump(make())}\n```\n")
+    print(f"<!-- tables: payload -->\n```text\n{tables_text(example_tables())}\n```\n")
+    for name, symbols in PAYLOAD_EXAMPLES.items():
+        print(f"<!-- payload: {name} symbols=[{', '.join(map(str, symbols))}] -->\n```text\n"
+              f"{hexdump(_stream(symbols))}\n```\n")
 
 
 if __name__ == "__main__":

@@ -256,3 +256,19 @@ def test_refusals_and_disconnects_are_logged_with_camera_model_and_reason(tmp_pa
     assert sum("reason=\"normal close\"" in g for g in gone) == 2, gone
     assert any("camera=cam-log" in r and f"model={bundle.model_id}" in r and "code=bad_payload" in r and
                "frames=1" in r for r in srv_log_rejected), srv_log_rejected
+
+
+def test_a_database_from_before_the_query_api_gets_the_index_on_open(tmp_path):
+    from taskcodec.server.storage import MIGRATIONS, SQLiteStorage
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:  # the original schema, no frames_by_time, user_version 0
+        conn.executescript(MIGRATIONS[0])
+        conn.execute("INSERT INTO frames VALUES ('cam-x', 1, 0, 5, 6, 'm', x'00', 1, 0.5)")
+    SQLiteStorage(db).close()
+    with sqlite3.connect(db) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "frames_by_time" in names
+        plan = [r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + frames_sql(FrameQuery(), Reader(db))[0],
+                                            [1000])]
+        assert any("frames_by_time" in p for p in plan), plan

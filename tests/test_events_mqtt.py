@@ -19,7 +19,7 @@ import pytest
 
 from taskcodec import wire
 from taskcodec.coding import RangeCoder, compress
-from taskcodec.testing import ServerProcess
+from taskcodec.testing import ServerError, ServerProcess
 from tiny_bundle import make_tiny_bundle
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -209,3 +209,16 @@ def test_change_mode_and_a_hanging_webhook_never_blocks_ingest(broker, tmp_path,
     finally:
         sub.close()
         hang.close()
+
+
+def test_a_bad_events_configuration_stops_the_server_with_the_key_named(tmp_path, monkeypatch):
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    monkeypatch.setenv("TASKCODEC_EVENTS_MODE", "sometimes")
+    with pytest.raises(ServerError, match="mode"):
+        ServerProcess(bundle.path, tmp_path / "frames.db").start()
+    config = tmp_path / "events.yaml"
+    config.write_text("mqtt: mqtt://127.0.0.1:1\nwebhok: http://x\n")
+    monkeypatch.delenv("TASKCODEC_EVENTS_MODE")
+    monkeypatch.setenv("TASKCODEC_EVENTS_CONFIG", str(config))
+    with pytest.raises(ServerError, match="webhok: unknown key"):
+        ServerProcess(bundle.path, tmp_path / "frames.db").start()

@@ -197,6 +197,7 @@ def run_server(config) -> None:
     import uvicorn
 
     from taskcodec.server.app import create_app
+    from taskcodec.server.config import ConfigError
     from taskcodec.server.limits import GuardedH11Protocol, GuardedWebSocketProtocol
     from taskcodec.server.storage import StorageError
     from taskcodec.bundle import BundleError, load_bundle
@@ -207,7 +208,7 @@ def run_server(config) -> None:
         loaded = load_bundle(config.bundle)
         # fails early, in this process, on a bad db path, a damaged or too new database; migrates an old one
         app = create_app(loaded, config=config)
-    except (BundleError, StorageError) as exc:
+    except (BundleError, StorageError, ConfigError) as exc:  # ConfigError: e.g. TASKCODEC_EVENTS_* (events.py)
         _fail(str(exc))
     tls = {}
     if config.tls is not None:

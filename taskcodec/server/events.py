@@ -262,10 +262,16 @@ class EventPublisher:
 
 def install(app) -> EventPublisher | None:
     """The hook create_app calls: publish events after every commit when TASKCODEC_EVENTS_* configure a sink."""
+    from taskcodec.server.config import ConfigError
+
     try:
         config = EventsConfig.from_env()
-    except (ValidationError, ValueError, OSError) as exc:
-        raise ValueError(f"events configuration (TASKCODEC_EVENTS_*): {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: "
+                             f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in exc.errors())
+        raise ConfigError(f"events configuration (TASKCODEC_EVENTS_* / TASKCODEC_EVENTS_CONFIG): {problems}") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"events configuration (TASKCODEC_EVENTS_CONFIG): {exc}") from None
     app.state.events = None
     if not config.enabled:
         return None

@@ -42,7 +42,12 @@ def _run_until_signal(coro_factory) -> None:
             loop.add_signal_handler(sig, stop.set)
         await coro_factory(stop)
 
-    asyncio.run(main())
+    try:  # uvloop (libuv) where installed: a cheaper event loop for many small messages
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
 
 @cluster_app.command()

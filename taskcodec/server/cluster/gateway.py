@@ -161,7 +161,9 @@ async def run_gateway(nats_urls: list[str], pg_dsn: str, model_tags: set[bytes],
     gw = Gateway(nats_urls, pg_dsn, model_tags)
     await gw.start()
     await ensure_stream(gw.js)
-    async with serve(gw.handle, host, port, max_size=wire.MAX_FRAMES_PER_BATCH * (wire.MAX_FRAME_BYTES + 16)) as server:
+    # No permessage-deflate: payloads are a few bytes of range-coded data, compressing them only costs CPU.
+    async with serve(gw.handle, host, port, max_size=wire.MAX_FRAMES_PER_BATCH * (wire.MAX_FRAME_BYTES + 16),
+                     compression=None) as server:
         bound = server.sockets[0].getsockname()[1]
         if port_file:
             from pathlib import Path

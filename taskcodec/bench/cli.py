@@ -69,6 +69,10 @@ from taskcodec.bench.faults import faults_cmd as _faults  # noqa: E402  (issue 1
 
 bench_app.command("faults")(_faults)
 
+from taskcodec.bench.server_faults import server_faults_cmd as _server_faults  # noqa: E402  (issue 11, server side)
+
+bench_app.command("server-faults")(_server_faults)
+
 from taskcodec.bench.perf_cli import runtime as _runtime, server as _server  # noqa: E402  (light: typer only)
 
 bench_app.command("server")(_server)
@@ -85,6 +89,11 @@ bench_app.command("ood")(_ood)
 from taskcodec.bench.natural import natural_cmd as _natural  # noqa: E402  (issue 16: natural-image example)
 
 bench_app.command("natural")(_natural)
+
+
+from taskcodec.bench.coder import coder_cmd as _coder  # noqa: E402  (issue 10: entropy coder, light)
+
+bench_app.command("coder")(_coder)
 
 
 @bench_app.command("cluster")

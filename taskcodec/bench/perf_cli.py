@@ -3,6 +3,7 @@ on this machine. Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -57,6 +58,8 @@ def runtime(
     cpu: bool = typer.Option(False, "--cpu/--no-cpu", help="Also paced runs: process CPU per frame (runtime_cpu.{json,md})."),
     fps: float = typer.Option(30.0, "--fps", min=1.0, help="Frame rate of the CPU runs."),
     cpu_frames: int = typer.Option(900, "--cpu-frames", min=100, help="Frames per CPU run (the first 60 are warm-up)."),
+    capture_args: str = typer.Option("", "--capture-args", help="Extra `runtime capture` flags for the CPU runs, "
+                                                                  "e.g. '--max-delay 0.2'."),
 ) -> None:
     """Measure per-stage time per frame, the range-coding share and peak RSS of `runtime capture` on this machine,
     and its process CPU per frame at a camera's frame rate (640x480 virtual camera, rendering excluded)."""
@@ -77,7 +80,7 @@ def runtime(
             from taskcodec.bench.runtime_profile import cpu_markdown, cpu_profile
 
             result = cpu_profile(bundle, out, frames=cpu_frames, fps=fps, precisions=precision, spool_syncs=spool_sync,
-                                 threads=threads, note=note)
+                                 threads=threads, note=note, capture_args=shlex.split(capture_args))
             typer.echo(cpu_markdown(result))
             typer.echo(f"wrote {out / 'runtime_cpu.json'} and {out / 'runtime_cpu.md'}")
     except (BundleError, RuntimeError) as exc:

@@ -194,6 +194,8 @@ def tasks_cmd(
     threads: int = typer.Option(1, "--threads", min=1),
     data: Path = typer.Option(None, "--data", help="Fashion-MNIST folder (default: system dataset)."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="folder for tasks.{json,md}."),
+    label_counts: list[int] = typer.Option(None, "--label-curve", help="repeatable n: instead, accuracy of a "
+                                           "logistic head trained on n labels (heads_curve.{json,md})."),
 ) -> None:
     """The 10-class label, a coarse grouping and within-class attributes from raw pixels, JPEG, WebP and bundles."""
     from taskcodec.bundle import DEFAULT_BUNDLE
@@ -201,7 +203,54 @@ def tasks_cmd(
     if not bundle:
         agnostic = Path(__file__).resolve().parents[1] / "bundles" / "task_agnostic"
         bundle = [DEFAULT_BUNDLE] + ([agnostic] if (agnostic / "manifest.json").is_file() else [])
+    if label_counts:
+        label_curve(bundle, out, sorted(label_counts), data_dir=data,
+                    log=lambda r: typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                      for k, v in r.items() if not k.startswith("seconds"))))
+        typer.echo(f"wrote {out / 'heads_curve.json'}, {out / 'heads_curve.md'}")
+        return
     result = run_tasks(bundle, out, jpeg, webp, train_limit, epochs, threads, data,
                        log=lambda r: typer.echo(f"{r['representation']}: label {r['label']:.4f} coarse "
                                                 f"{r['coarse']:.4f} mean R² {r['attributes_mean_r2']:.3f}"))
     typer.echo(f"wrote {out / 'tasks.json'}, {out / 'tasks.md'} ({len(result['rows'])} representations)")
+
+
+def label_curve(bundles: Sequence[str | Path], out: str | Path = "bench/results", ns: Sequence[int] = (100, 1000, 10000),
+                kind: str = "logistic", data_dir: str | Path | None = None, log=print) -> dict:
+    """A head (the product's `taskcodec heads train` fit: training.heads.fit_head) trained on the first n labelled
+    training images, from each bundle's symbols and from raw pixels of the same images; 10-class accuracy on the 10k
+    test images. Writes heads_curve.{json,md}."""
+    from taskcodec.data import load_fashion_mnist
+    from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
+    from taskcodec.training.heads import fit_head
+
+    x_tr, y_tr = load_fashion_mnist("train", data_dir)
+    x_te, y_te = load_fashion_mnist("test", data_dir)
+    n_max = max(ns)
+    x_tr, y_tr = x_tr[:n_max], y_tr[:n_max]
+    reps = [("raw pixels", x_tr.reshape(n_max, -1), x_te.reshape(len(x_te), -1), 784.0)]
+    for b in bundles:
+        name, s_tr, s_te, nbytes, _ = bundle_features(b, x_tr, x_te)
+        reps.append((name, s_tr, s_te, nbytes))
+    rows = []
+    for name, f_tr, f_te, nbytes in reps:
+        row = {"representation": name, "bytes_per_image": nbytes}
+        for n in ns:
+            t0 = time.perf_counter()
+            head = fit_head("label", "-", f_tr[:n], y_tr[:n].astype(str), kind)
+            idx, _ = head.predict(f_te)
+            row[f"acc_{n}"] = float((np.array(head.classes)[idx] == y_te.astype(str)).mean())
+            row[f"seconds_{n}"] = time.perf_counter() - t0
+        rows.append(row)
+        log(row)
+    result = {"benchmark": "heads_curve", "measured_at": utc_now(), "machine": machine_info(), "kind": kind,
+              "protocol": f"{kind} head (training.heads.fit_head: standardised features, scikit-learn) on the first n "
+                          "training images' features; 10-class accuracy on the 10k test images", "rows": rows}
+    out = Path(out)
+    write_json(out / "heads_curve.json", result)
+    cols = [("representation", "representation"), ("bytes_per_image", "bytes/img")] + [(f"acc_{n}", f"{n} labels")
+                                                                                       for n in ns]
+    write_text(out / "heads_curve.md", "# Accuracy against the number of labels\n\n" + result["protocol"] + ".\n\n"
+               + markdown_table(rows, cols, {"bytes_per_image": ".1f", **{f"acc_{n}": ".4f" for n in ns}})
+               + f"\n{machine_line(result['machine'])}\n")
+    return result

@@ -84,3 +84,27 @@ def test_kills_of_a_jetstream_node_gateway_worker_and_a_postgres_restart_lose_an
             seqs = [r[0] for r in conn.execute("SELECT seq FROM frames ORDER BY seq")]
         assert rolled_up == acked  # the rollup counts each frame once, redeliveries included
         assert seqs == list(range(seqs[0], seqs[0] + acked))
+
+
+def test_store_is_idempotent_partitioned_by_day_and_retention_drops_old_days(tmp_path):
+    from typer.testing import CliRunner
+
+    from taskcodec.server.cluster.cli import cluster_app
+    from taskcodec.server.cluster.pgstore import PgStore
+
+    day_ms = 86_400_000
+    now = int(time.time() * 1000)
+    rows = [("cam-a", 7, seq, now - (5 - seq) * day_ms, now, "m", bytes([seq]), seq % 3, 0.5) for seq in range(6)]
+    with LocalCluster([], gateways=0, workers=0, nats_nodes=0) as cluster:
+        store = PgStore(cluster.pg_dsn)
+        assert store.store_frames(rows) == 6
+        assert store.store_frames(rows[2:]) == 0                      # a re-delivery stores nothing twice
+        changed = [rows[3][:6] + (b"other",) + rows[3][7:]]
+        assert store.store_frames(changed) == 0 and store.conflicts == 1  # same key, other payload: counted
+        counts = store.class_counts("cam-a", now - 10 * day_ms, now + 1)
+        assert counts == {0: 2, 1: 2, 2: 2}
+        result = CliRunner().invoke(cluster_app, ["retention", "--days", "2", "--pg", cluster.pg_dsn])
+        assert result.exit_code == 0, result.output
+        assert "dropped 3 partition(s)" in result.output
+        assert sorted(k[2] for k in store.frame_keys()) == [3, 4, 5]
+        store.close()

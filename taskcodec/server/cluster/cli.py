@@ -83,6 +83,23 @@ def migrate(pg: str = PG) -> None:
         _fail(str(exc))
 
 
+@cluster_app.command()
+def retention(days: int = typer.Option(..., "--days", min=1, help="keep this many days of frames"), pg: str = PG) -> None:
+    """Drop whole day partitions of frames older than --days (the hourly class counts are kept)."""
+    import datetime as dt
+
+    from taskcodec.server.cluster.pgstore import PgStore, PgStoreError
+
+    try:
+        store = PgStore(pg)
+    except PgStoreError as exc:
+        _fail(str(exc))
+    cutoff = dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=days)
+    dropped = store.drop_partitions_before(cutoff)
+    store.close()
+    typer.echo(f"dropped {len(dropped)} partition(s) before {cutoff}: {', '.join(dropped) or '-'}")
+
+
 @cluster_app.command("add-camera")
 def add_camera(camera_id: str, pg: str = PG) -> None:
     """Register a camera in the cluster's PostgreSQL; prints its token once."""

@@ -5,6 +5,9 @@
  *   enc TAG_HEX|- S0 S1 ... S(D-1)   -> ok PAYLOAD_HEX   (with TAG: check || bytes; with -: the coded bytes only)
  *   dec TAG_HEX|- DATA_HEX           -> ok S0 S1 ... S(D-1)
  *   fuzz N SEED                      -> ok TRIED REFUSED   (decodes N random and mutated inputs; must not crash)
+ *   load S0 S1 ... S(D-1)            -> ok COUNT           (keeps a symbol vector for `time`)
+ *   time REPS TAG_HEX                -> ok ENC_NS DEC_NS   (payload encode / decode of every kept vector, REPS
+ *                                       times; nanoseconds per vector, best of the REPS passes)
  * Buffers are allocated with exact sizes so that AddressSanitizer catches any access past them. */
 #define _POSIX_C_SOURCE 200809L
 #include "taskcodec_coder.h"
@@ -13,6 +16,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+
+static double now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
 
 static int unhex(const char *s, uint8_t **out, size_t *len)
 {
@@ -50,7 +61,8 @@ int main(int argc, char **argv)
     long got;
     FILE *f;
     tcc_tables t;
-    int32_t *sym;
+    int32_t *sym, *kept = NULL;
+    size_t n_kept = 0;
     uint8_t *out;
     int rc;
     if (argc != 2 || !(f = fopen(argv[1], "rb"))) {
@@ -118,6 +130,53 @@ int main(int argc, char **argv)
             fflush(stdout);
             continue;
         }
+        if (strcmp(cmd, "load") == 0) {
+            int32_t *grown = realloc(kept, (n_kept + 1) * t.dim * sizeof *kept);
+            char *tok = tag_hex;
+            if (!grown)
+                return 2;
+            kept = grown;
+            for (i = 0; i < t.dim; i++) {
+                kept[n_kept * t.dim + i] = tok ? (int32_t)strtoll(tok, NULL, 10) : 0;
+                tok = strtok(NULL, " \n");
+            }
+            printf("ok %zu\n", ++n_kept);
+            fflush(stdout);
+            continue;
+        }
+        if (strcmp(cmd, "time") == 0) {
+            unsigned long reps = strtoul(tag_hex, NULL, 10), r;
+            char *th = strtok(NULL, " \n");
+            uint8_t *payloads = malloc(n_kept * cap + 1);
+            size_t *lens = malloc((n_kept + 1) * sizeof *lens), j;
+            double best_enc = 1e300, best_dec = 1e300, t0;
+            unsigned long bad = 0;
+            if (!th || unhex(th, &tag, &tag_len) || !payloads || !lens || !n_kept) {
+                printf("err bad-time\n");
+                continue;
+            }
+            for (r = 0; r < reps; r++) {
+                t0 = now_ns();
+                for (j = 0; j < n_kept; j++)
+                    bad += tcc_payload_encode(&t, kept + j * t.dim, tag, tag_len, payloads + j * cap, cap, lens + j) != 0;
+                if (now_ns() - t0 < best_enc)
+                    best_enc = now_ns() - t0;
+                t0 = now_ns();
+                for (j = 0; j < n_kept; j++)
+                    bad += tcc_payload_decode(&t, payloads + j * cap, lens[j], tag, tag_len, sym) != 0;
+                if (now_ns() - t0 < best_dec)
+                    best_dec = now_ns() - t0;
+            }
+            if (bad)
+                printf("err %lu\n", bad);
+            else
+                printf("ok %.1f %.1f\n", best_enc / (double)n_kept, best_dec / (double)n_kept);
+            fflush(stdout);
+            free(payloads);
+            free(lens);
+            free(tag);
+            continue;
+        }
         if (unhex(tag_hex, &tag, &tag_len)) {
             printf("err bad-hex\n");
             continue;
@@ -163,6 +222,7 @@ int main(int argc, char **argv)
         fflush(stdout);
     }
     free(sym);
+    free(kept);
     free(out);
     free(work);
     free(blob);

@@ -177,7 +177,7 @@ def test_bundle_round_trip(trained, encoder, tmp_path):
     classifier_onnx(tmp_path / "cls.onnx", probe, model.latent_dim)
     bundle = write_bundle(tmp_path / "bundle", files={"encoder": tmp_path / "enc.onnx", "tables": run / "tables.npz",
                                                       "classifier": tmp_path / "cls.onnx"},
-                          manifest={"name": "frozen-test", "latent_dim": 1280, "classes": list(range(10)),
+                          manifest={"name": "frozen-test", "latent_dim": 1280, "classes": [str(c) for c in range(10)],
                                     "input": {"height": SIZE, "width": SIZE, "channels": 3, "color_order": "rgb"}})
     bundle = load_bundle(bundle.path)
     frames = render(load_dataset("fashion_mnist").images[:8], SIZE)

@@ -42,30 +42,33 @@ def bundle(tmp_path_factory):
         model.bottleneck.tables().save(tmp / "tables.npz")
         return write_bundle(tmp / "bundle", files={"encoder": tmp / "enc.onnx", "tables": tmp / "tables.npz",
                                                    "classifier": tmp / "cls.onnx"},
-                            manifest={"name": "frozen-int8-test", "latent_dim": 32, "classes": list(range(10)),
+                            manifest={"name": "frozen-int8-test", "latent_dim": 32, "classes": [str(c) for c in range(10)],
                                       "input": {"height": SIZE, "width": SIZE, "channels": 3, "color_order": "rgb"}})
     finally:
         torch.set_num_threads(threads)
 
 
 def test_scheme_validation():
-    from taskcodec.calibration.frozen_int8 import DEFAULT_SCHEME, Int8Scheme
+    from taskcodec.calibration.frozen_int8 import CALIB_FRAMES, DEFAULT_SCHEME
+    from taskcodec.calibration.measure import FROZEN_BUDGET_POINTS
+    from taskcodec.calibration.schemes import Scheme
 
-    assert DEFAULT_SCHEME.fp32_first_convs >= 1 and not DEFAULT_SCHEME.fp32_depthwise and DEFAULT_SCHEME.quantize_clip
+    assert DEFAULT_SCHEME.fp32_first_convs >= 1 and not DEFAULT_SCHEME.fp32_depthwise and "Clip" in DEFAULT_SCHEME.ops
     with pytest.raises(ValueError, match="calibration method"):
-        Int8Scheme(method="kl")
+        Scheme(method="kl")
     with pytest.raises(ValueError, match="format"):
-        Int8Scheme(fmt="qlinear")
-    # `frozen export` uses DEFAULT_SCHEME; `frozen int8` with no flags must try the very same scheme
+        Scheme(fmt="qlinear")
+    # `frozen export` uses DEFAULT_SCHEME; `frozen int8` with no flags must try the very same scheme, frames and gate
     from taskcodec.calibration import frozen_cli as c
 
-    defaults = [o.default for o in (c.CALIB, c.METHOD, c.PERCENTILE, c.PCT_LINEAR, c.FP32_FIRST, c.KEEP_FP32, c.FP32_DW,
+    defaults = [o.default for o in (c.METHOD, c.PERCENTILE, c.PCT_LINEAR, c.FP32_FIRST, c.KEEP_FP32, c.FP32_DW,
                                     c.QUANT_CLIP, c.QUANT_ADD, c.FMT, c.ACTS, c.REDUCE, c.LATCORR)]
     assert c._scheme(*defaults) == DEFAULT_SCHEME
+    assert c.CALIB.default == CALIB_FRAMES and c.BUDGET.default == FROZEN_BUDGET_POINTS
 
 
 def test_histogram_range_rules():
-    from taskcodec.calibration.frozen_int8 import _mse_range, _percentile_range
+    from taskcodec.calibration.quantize import _mse_range, _percentile_range
 
     x = np.concatenate([np.linspace(-1, 1, 9998), [-50.0, 50.0]])  # two outliers in 10000 values
     t = np.abs(x).max()
@@ -83,7 +86,9 @@ def test_histogram_range_rules():
 
 def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tmp_path):
     from taskcodec.providers import ort_session as session, run_batched as run
-    from taskcodec.calibration.frozen_int8 import DEFAULT_SCHEME, Int8Scheme, fp32_nodes, graph_check, quantize_encoder
+    from taskcodec.calibration.frozen_int8 import DEFAULT_SCHEME
+    from taskcodec.calibration.quantize import fp32_nodes, graph_check, quantize
+    from taskcodec.calibration.schemes import Scheme
 
     import onnx
 
@@ -94,7 +99,7 @@ def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tm
     first = DEFAULT_SCHEME.fp32_first_convs
     assert sum(n.op_type == "Conv" for n in nodes if n.name in kept) == first  # one fp32 prefix
     calib = render(load_dataset("fashion_mnist_train").images[64:128], SIZE)
-    path = quantize_encoder(bundle.encoder_path(), tmp_path / "int8.onnx", calib)
+    path = quantize(bundle.encoder_path(), tmp_path / "int8.onnx", calib)
     check = graph_check(path)
     assert check["ops"]["com.microsoft:QLinearConv"] == n_conv - first
     assert check["ops"].get("com.microsoft:QLinearAdd", 0) == 10
@@ -106,18 +111,29 @@ def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tm
     assert np.corrcoef(s8.ravel(), s32.ravel())[0, 1] > 0.9
     np.testing.assert_array_equal(run(session(path), frames), s8)  # deterministic
     # a ReLU6 left in fp32 costs a DQ -> Clip -> Q round trip between two int8 convs: graph_check sees each one
-    clip = quantize_encoder(bundle.encoder_path(), tmp_path / "clip.onnx", calib,
-                            Int8Scheme(quantize_clip=False, fp32_first_convs=1))
+    clip = quantize(bundle.encoder_path(), tmp_path / "clip.onnx", calib, Scheme(ops=("Conv", "Add"), fp32_first_convs=1))
     assert graph_check(clip)["dq_to_q_round_trips"] == 33  # 35 ReLU6: the first conv's is fp32, the last ends it
-    assert DEFAULT_SCHEME.to_dict()["calibration_set"] == "fashion_mnist_train"
+    assert DEFAULT_SCHEME.to_dict()["ops"] == ["Conv", "Clip", "Add"]
 
 
-def test_report_adds_the_int8_encoder_to_the_bundle(bundle):
+def test_the_accuracy_gate_refuses_a_broken_quantizer_and_adds_the_default_one(bundle):
+    """The gate the runtime relies on, with the frozen bundles' own budget (1 point): a broken quantizer (activation
+    ranges cut to the 1st percentile of |x|) loses far more than 1 % of the frames and is refused, the bundle left
+    without an int8 encoder; the default scheme keeps the classifier within the budget on 256 test frames (here it
+    gains 2 frames: a 4-frame margin for CPUs whose int8 kernels round differently) and is added."""
     from taskcodec.bundle import load_bundle
-    from taskcodec.calibration.frozen_int8 import Int8Scheme, int8_report
+    from taskcodec.calibration.frozen_int8 import DEFAULT_SCHEME, int8_report
+    from taskcodec.calibration.measure import FROZEN_BUDGET_POINTS
+    from taskcodec.calibration.schemes import Scheme
 
-    result = int8_report(bundle, Int8Scheme(calib=32), n_eval=64, latency_rounds=0, budget_points=100.0,
-                         progress=lambda _: None)
+    broken = int8_report(bundle, Scheme(percentile=1.0, percentile_linear=1.0), calib=32, n_eval=64,
+                         latency_rounds=0, progress=lambda _: None)
+    assert broken["frames_allowed"] == 0 and broken["frames_lost"] > 5 and not broken["accuracy_passed"]
+    assert not load_bundle(bundle.path).has("encoder_int8")
+    result = int8_report(bundle, DEFAULT_SCHEME, calib=32, n_eval=256, latency_rounds=0, progress=lambda _: None)
+    assert result["targets"]["accuracy_drop_points_max"] == FROZEN_BUDGET_POINTS and result["frames_allowed"] == 2
+    assert result["frames_lost"] <= result["frames_allowed"]
+    assert result["int8"]["correct"] == result["fp32"]["correct"] - result["frames_lost"]
     assert 0 <= result["symbol_agreement"] <= result["symbols_within_1"] <= 1
     assert result["accuracy_passed"] and not result["passed"]  # no latency measured: the target is not claimed
     assert result["int8"]["bytes_per_image"] > 0 and result["graph"]["dq_to_q_round_trips"] == 0
@@ -136,12 +152,12 @@ def test_bundle_transfer_runs_both_encoders_on_unseen_data(bundle, tmp_path, mon
 
     from taskcodec.bench.transfer import bundle_transfer, write_bundle_outputs
     from taskcodec.bundle import load_bundle
-    from taskcodec.calibration.frozen_int8 import Int8Scheme, int8_report
+    from taskcodec.calibration.frozen_int8 import int8_report
     from taskcodec.training.transfer_datasets import DATASETS, TransferSet
 
     if not load_bundle(bundle.path).has("encoder_int8"):
-        int8_report(bundle, Int8Scheme(calib=32), n_eval=64, latency_rounds=0, budget_points=100.0,
-                    progress=lambda _: None)
+        int8_report(bundle, calib=32, n_eval=64, latency_rounds=0, progress=lambda _: None)
+    assert load_bundle(bundle.path).has("encoder_int8")
     mnist = load_dataset("mnist")
     idx = np.random.default_rng(0).permutation(len(mnist))[:100]
     monkeypatch.setitem(DATASETS, "mnist_100", lambda: TransferSet("mnist_100", mnist.images[idx], mnist.labels[idx],

@@ -1,56 +1,37 @@
-"""`taskcodec calibrate`: an int8 encoder as explicit Q/DQ ONNX from real calibration frames, with an accuracy gate.
+"""`taskcodec calibrate`: the int8 encoder of a trained bundle as explicit Q/DQ ONNX, chosen from a grid of schemes
+by the accuracy gate.
 
-Every scheme is calibrated on the same frames, then measured on held-out frames against the fp32 encoder: symbol
-agreement, actual coded bits per image, downstream accuracy with the bundle's classifier, and latency at batch 1 and
-32. The scheme that keeps accuracy within the budget and is fastest is written into the bundle as ``encoder_int8``.
+Every scheme (``schemes.all_schemes``) is quantized (``quantize.quantize``) on the same calibration frames, then
+measured on held-out frames against the fp32 encoder (``measure.Comparison``): symbol agreement, actual coded bits
+per image, downstream accuracy with the bundle's classifier, and latency at batch 1 and 32 (all encoders interleaved,
+one thread). Of the schemes within the budget (``measure.AccuracyGate``) the fastest at batch 1 is written into the
+bundle as ``encoder_int8``; latencies within ``LATENCY_TIE`` of the fastest count as a tie, won by the scheme tried
+first (the grid's order: minmax, entropy, percentile; u8 before s8; without reduce_range first), so a re-run on a
+noisy machine picks the same scheme.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from taskcodec.calibration.schemes import Scheme
 from taskcodec.bundle import Bundle, add_file
-from taskcodec.coding import RangeCoder, compress
-from taskcodec.providers import ort_session as session, run_batched as run
+from taskcodec.calibration.measure import TRAINED_BUDGET_POINTS, AccuracyGate, Comparison, interleaved_latency
+from taskcodec.calibration.quantize import quantize
+from taskcodec.calibration.schemes import Scheme
 
 INT8_FILE = "encoder_int8.onnx"
 REPORT_FILE = "calibration_report.json"
+LATENCY_TIE = 0.25  # these encoders' latencies vary +-50 % between runs on a shared CPU (README)
 
 
 class CalibrationGateError(RuntimeError):
     """No scheme kept accuracy within the budget."""
-
-
-class FrameReader(CalibrationDataReader):
-    def __init__(self, input_name: str, frames: np.ndarray, batch: int = 32):
-        self._batches = iter([{input_name: frames[i: i + batch]} for i in range(0, len(frames), batch)])
-
-    def get_next(self):
-        return next(self._batches, None)
-
-
-def latency_ms(sess, frames: np.ndarray, batch: int, repeats: int = 30) -> float:
-    """Median per-frame latency over ``repeats`` calls at this batch size (after warm-up)."""
-    name = sess.get_inputs()[0].name
-    x = frames[:batch]
-    for _ in range(3):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1000 / batch
 
 
 @dataclass
@@ -60,68 +41,67 @@ class SchemeResult:
     bits_per_image: float
     accuracy: float
     accuracy_drop: float
+    frames_lost: int
+    frames_allowed: int
     latency_b1_ms: float
     latency_b32_ms: float
     passed: bool
     tensorrt_compatible: bool
 
 
-def quantize(fp32: Path, out: Path, scheme: Scheme, frames: np.ndarray) -> Path:
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        name = session(pre).get_inputs()[0].name
-        quantize_static(str(pre), str(out), FrameReader(name, frames), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], **scheme.quantize_kwargs())
-    return out
-
-
-def mean_coded_bits(bundle: Bundle, symbols: np.ndarray) -> float:
-    coder = RangeCoder(bundle.tables)
-    return float(np.mean([8 * len(compress(s, coder, bundle.model_tag)) for s in symbols]))
+def pick(results: list[SchemeResult]) -> SchemeResult | None:
+    """The fastest passing scheme at batch 1, ties (within LATENCY_TIE) to the one tried first."""
+    passing = [r for r in results if r.passed]
+    if not passing:
+        return None
+    fastest = min(r.latency_b1_ms for r in passing)
+    return next(r for r in passing if r.latency_b1_ms <= fastest * (1 + LATENCY_TIE))
 
 
 def calibrate(bundle: Bundle, calib_frames: np.ndarray, eval_frames: np.ndarray, eval_labels: np.ndarray,
-              schemes: list[Scheme], budget_points: float = 0.5, write: bool = True,
-              progress: Callable[[str], None] = print) -> dict:
-    """Try each scheme; write the fastest passing one into the bundle; raise CalibrationGateError if none passes."""
-    fp32 = session(bundle.encoder_path())
-    classifier = session(bundle.file("classifier"))
-    ref = run(fp32, eval_frames)
-    ref_acc = float((run(classifier, ref).argmax(1) == eval_labels).mean())
+              schemes: list[Scheme], budget_points: float = TRAINED_BUDGET_POINTS, write: bool = True,
+              progress: Callable[[str], None] = print, latency_rounds: int = 10) -> dict:
+    """Try each scheme; write the picked one into the bundle; raise CalibrationGateError if none passes."""
+    gate = AccuracyGate(budget_points)
+    ref = Comparison(bundle, eval_frames, eval_labels)
+    n = len(eval_labels)
     report = {
         "model_id": bundle.model_id,
         "calibration_frames": int(len(calib_frames)),
-        "eval_frames": int(len(eval_frames)),
+        "eval_frames": int(n),
         "budget_points": budget_points,
-        "fp32": {"accuracy": ref_acc, "bits_per_image": mean_coded_bits(bundle, ref),
-                 "latency_b1_ms": latency_ms(fp32, eval_frames, 1), "latency_b32_ms": latency_ms(fp32, eval_frames, 32)},
+        "frames_allowed": gate.allowed_frames(n),
+        "fp32": {"accuracy": ref.fp32["accuracy"], "bits_per_image": 8 * ref.fp32["bytes_per_image"]},
         "schemes": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
-        best: tuple[SchemeResult, Path] | None = None
+        sessions, measured, paths = {"fp32": ref.fp32_session}, {}, {}
         for scheme in schemes:
-            path = quantize(bundle.encoder_path(), Path(tmp) / f"{scheme.name}.onnx", scheme, calib_frames)
-            sess = session(path)
-            sym = run(sess, eval_frames)
-            acc = float((run(classifier, sym).argmax(1) == eval_labels).mean())
-            drop = 100 * (ref_acc - acc)
-            result = SchemeResult(scheme.name, float((sym == ref).mean()), mean_coded_bits(bundle, sym), acc, drop,
-                                  latency_ms(sess, eval_frames, 1), latency_ms(sess, eval_frames, 32),
-                                  drop <= budget_points, scheme.tensorrt_compatible)
+            paths[scheme.name] = quantize(bundle.encoder_path(), Path(tmp) / f"{scheme.name}.onnx", calib_frames, scheme)
+            measured[scheme.name], sessions[scheme.name] = ref.compare(paths[scheme.name], gate)
+        latency = {b: interleaved_latency(sessions, eval_frames, b, rounds=latency_rounds) for b in (1, 32)}
+        report["fp32"].update(latency_b1_ms=latency[1]["fp32"], latency_b32_ms=latency[32]["fp32"])
+        results = []
+        for scheme in schemes:
+            m = measured[scheme.name]
+            result = SchemeResult(scheme.name, m["symbol_agreement"], 8 * m["int8"]["bytes_per_image"],
+                                  m["int8"]["accuracy"], m["accuracy_drop_points"], m["frames_lost"],
+                                  m["frames_allowed"], latency[1][scheme.name], latency[32][scheme.name], m["passed"],
+                                  scheme.tensorrt_compatible)
+            results.append(result)
             report["schemes"].append(asdict(result))
-            progress(f"{scheme.name:>22}: agreement {result.symbol_agreement:.4f}  accuracy {acc:.4f} "
-                     f"(drop {drop:+.2f} pt)  bits {result.bits_per_image:.1f}  "
-                     f"b1 {result.latency_b1_ms:.3f} ms  b32 {result.latency_b32_ms:.3f} ms  {'PASS' if result.passed else 'fail'}")
-            if result.passed and (best is None or result.latency_b1_ms < best[0].latency_b1_ms):
-                best = (result, path)
+            progress(f"{scheme.name:>22}: agreement {result.symbol_agreement:.4f}  accuracy {result.accuracy:.4f} "
+                     f"(drop {result.accuracy_drop:+.2f} pt, {result.frames_lost:+d} frames)  "
+                     f"bits {result.bits_per_image:.1f}  b1 {result.latency_b1_ms:.3f} ms  "
+                     f"b32 {result.latency_b32_ms:.3f} ms  {'PASS' if result.passed else 'fail'}")
+        best = pick(results)
         if best is None:
             raise CalibrationGateError(
-                f"no int8 scheme kept accuracy within {budget_points} points of fp32 ({ref_acc:.4f}); best drop: "
-                f"{min(s['accuracy_drop'] for s in report['schemes']):.2f} points. Raise --budget, add calibration "
-                "data, or keep the fp32 encoder.")
-        report["picked"] = best[0].scheme
+                f"no int8 scheme kept accuracy within {budget_points} points ({gate.allowed_frames(n)} of {n} frames) "
+                f"of fp32 ({ref.fp32['accuracy']:.4f}); best drop: {min(r.accuracy_drop for r in results):.2f} points. "
+                "Raise --budget, add calibration data, or keep the fp32 encoder.")
+        report["picked"] = best.scheme
         if write:
-            add_file(bundle, "encoder_int8", best[1], INT8_FILE, int8={"scheme": best[0].scheme})
+            add_file(bundle, "encoder_int8", paths[best.scheme], INT8_FILE, int8={"scheme": best.scheme})
             (bundle.path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -26,17 +26,17 @@ REDUCE = typer.Option(False, help="7-bit weights (for CPUs without VNNI)")
 LATCORR = typer.Option(True, "--latent-correction/--no-latent-correction",
                        help="per-latent gain/offset onto the fp32 latents, fitted on the calibration frames")
 EVAL = typer.Option(10000, "--eval-frames", help="Fashion-MNIST test frames for accuracy and agreement (10000: all)")
+BUDGET = typer.Option(1.0, "--budget", help="largest accuracy loss in points that int8 may cost (the accuracy gate)")
 
 
-
-def _scheme(calib, method, percentile, percentile_linear, fp32_first_convs, keep_fp32_convs, fp32_depthwise,
+def _scheme(method, percentile, percentile_linear, fp32_first_convs, keep_fp32_convs, fp32_depthwise,
             quantize_clip, quantize_add, fmt, activations, reduce_range, latent_correction):
-    from taskcodec.calibration.frozen_int8 import Int8Scheme
+    from taskcodec.calibration.schemes import Scheme
 
-    return Int8Scheme(method=method, percentile=percentile, percentile_linear=percentile_linear, calib=calib,
-                      fp32_first_convs=fp32_first_convs, fp32_last_convs=keep_fp32_convs, fp32_depthwise=fp32_depthwise,
-                      quantize_clip=quantize_clip, quantize_add=quantize_add, fmt=fmt, activations=activations,
-                      reduce_range=reduce_range, latent_correction=latent_correction)
+    ops = ("Conv",) + (("Clip",) if quantize_clip else ()) + (("Add",) if quantize_add else ())
+    return Scheme(method=method, percentile=percentile, percentile_linear=percentile_linear, ops=ops,
+                  fp32_first_convs=fp32_first_convs, fp32_last_convs=keep_fp32_convs, fp32_depthwise=fp32_depthwise,
+                  fmt=fmt, activations=activations, reduce_range=reduce_range, latent_correction=latent_correction)
 
 
 @frozen_app.command(name="int8")
@@ -46,7 +46,7 @@ def int8_cmd(bundle_dir: Path = typer.Argument(..., help="bundle folder from `ta
              fp32_first_convs: int = FP32_FIRST, keep_fp32_convs: int = KEEP_FP32, fp32_depthwise: bool = FP32_DW,
              quantize_clip: bool = QUANT_CLIP, quantize_add: bool = QUANT_ADD, fmt: str = FMT,
              activations: str = ACTS, reduce_range: bool = REDUCE, latent_correction: bool = LATCORR,
-             eval_frames: int = EVAL,
+             eval_frames: int = EVAL, budget: float = BUDGET,
              write: bool = typer.Option(False, help="add the int8 encoder to the bundle when accuracy passes"),
              log: Optional[Path] = typer.Option(None, help="append this scheme's result to a JSON list (a sweep log)"),
              note: str = typer.Option("", help="a label stored with the result in --log")) -> None:
@@ -58,10 +58,10 @@ def int8_cmd(bundle_dir: Path = typer.Argument(..., help="bundle folder from `ta
 
     torch.set_num_threads(1)
     try:
-        scheme = _scheme(calib, method, percentile, percentile_linear, fp32_first_convs, keep_fp32_convs,
-                         fp32_depthwise,
+        scheme = _scheme(method, percentile, percentile_linear, fp32_first_convs, keep_fp32_convs, fp32_depthwise,
                          quantize_clip, quantize_add, fmt, activations, reduce_range, latent_correction)
-        result = int8_report(load_bundle(bundle_dir), scheme, n_eval=eval_frames, write=write, progress=typer.echo)
+        result = int8_report(load_bundle(bundle_dir), scheme, n_eval=eval_frames, write=write, budget_points=budget,
+                             calib=calib, progress=typer.echo)
     except (*_errors(), BundleError) as exc:
         _fail(exc)
     if log is not None:

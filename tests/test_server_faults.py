@@ -116,6 +116,33 @@ def test_remove_and_rotate_end_live_sessions(bundle, tmp_path):
         assert _cli("cameras", "rotate", "nobody", "--db", str(db)).returncode == 2
 
 
+def test_removal_ends_sessions_on_every_worker(bundle, tmp_path):
+    """With --workers 2 the sessions live in two processes; removal reaches both through the database."""
+    db = tmp_path / "frames.db"
+    with ServerProcess(bundle.path, db, "--workers", "2", "--log-level", "info") as srv:
+        token = srv.add_camera("cam-w")
+        import psutil
+
+        def holders():
+            return {c.pid for c in psutil.Process(srv.proc.pid).children(recursive=True)
+                    if any(k.status == psutil.CONN_ESTABLISHED and k.laddr.port == srv.port
+                           for k in c.net_connections(kind="tcp"))}
+
+        sessions = []
+        while len(holders()) < 2 and len(sessions) < 40:  # the kernel spreads connections over the two workers
+            s = srv.stream(timeout=15)
+            k = len(sessions)
+            assert s.hello(wire.Hello(bundle.model_tag, "cam-w", token)) == wire.Welcome()
+            assert s.send(wire.Batch(k, _frames(bundle, 0, 1))) == [wire.Ack(k, 0, 1)]
+            sessions.append(s)
+        assert len(holders()) == 2, "sessions on both workers"
+        assert _cli("cameras", "remove", "cam-w", "--db", str(db)).returncode == 0
+        for s in sessions:
+            replies = s.receive()
+            assert replies and replies[0].code == wire.Code.UNAUTHORIZED, replies
+            assert s.closed()
+
+
 def _corrupt_page(db: Path, page: int) -> None:
     with open(db, "r+b") as f:
         f.seek(4096 * page)

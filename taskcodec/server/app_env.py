@@ -11,4 +11,7 @@ from taskcodec.server.config import ServerConfig
 
 def app():
     config = ServerConfig.model_validate_json(os.environ["TASKCODEC_SERVER_CONFIG"])
+    from taskcodec.server.cli import configure_logging
+
+    configure_logging(config.log_level)  # a spawned worker starts with bare logging
     return create_app(config.bundle, config=config)

@@ -189,10 +189,16 @@ def serve(
     run_server(config)
 
 
+def configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if level == "trace" else getattr(logging, level.upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def run_server(config) -> None:
     """Serve ``config`` (a ServerConfig) until SIGINT/SIGTERM."""
     import json
-    import logging
 
     import uvicorn
 
@@ -202,8 +208,7 @@ def run_server(config) -> None:
     from taskcodec.server.storage import StorageError
     from taskcodec.bundle import BundleError, load_bundle
 
-    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.WARNING) if config.log_level !=
-                        "trace" else logging.DEBUG, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level)
     try:
         loaded = load_bundle(config.bundle)
         # fails early, in this process, on a bad db path, a damaged or too new database; migrates an old one

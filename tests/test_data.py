@@ -61,3 +61,81 @@ def test_truncated_corrupt_and_foreign_files(folder):
         load_fashion_mnist("train", folder)
     with pytest.raises(ValueError, match="split"):
         load_fashion_mnist("validation", folder)
+
+
+# -- operator datasets (issue 16): image folders and CSVs --------------------------------------------------------
+import cv2  # noqa: E402
+
+from taskcodec.data import ImageSet, dataset_classes, detect_channels, load_frames, parse_data  # noqa: E402
+
+
+def _img(path, shape, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full(shape, value, np.uint8))
+    return path
+
+
+def test_data_specs_parse():
+    assert parse_data(None).is_fashion and parse_data("fashion-mnist").path is None
+    assert str(parse_data("folder:/x/y")) == "folder:/x/y" and parse_data("csv:a.csv").kind == "csv"
+    assert parse_data(str(DEFAULT_DIR)).is_fashion  # the old --data DIR of idx files still works
+    with pytest.raises(DataError, match="unknown data kind 'zip'"):
+        parse_data("zip:/x")
+    with pytest.raises(DataError, match="names no path"):
+        parse_data("folder:")
+
+
+def test_image_folder_gray_and_rgb_any_size_resized_like_the_runtime(tmp_path):
+    for i in range(5):
+        _img(tmp_path / "cats" / f"{i}.png", (40 + i, 30, 3), 200)   # RGB, odd sizes
+        _img(tmp_path / "dogs" / f"{i}.jpg", (17, 90), 50)           # gray JPEG
+    (tmp_path / "dogs" / "notes.txt").write_text("ignored: not an image suffix")
+    spec = parse_data(f"folder:{tmp_path}")
+    assert detect_channels(spec) == 1  # the "RGB" cats are gray in all three channels
+    _img(tmp_path / "cats" / "color.png", (20, 20, 3), 0)
+    cv2.imwrite(str(tmp_path / "cats" / "color.png"), np.dstack([np.zeros((20, 20)), np.full((20, 20), 255),
+                                                                  np.zeros((20, 20))]).astype(np.uint8))
+    assert detect_channels(spec) == 3 and dataset_classes(spec) == ("cats", "dogs")
+    tr, te = load_frames(spec, "train", 32, 48, 3), load_frames(spec, "test", 32, 48, 3)
+    assert isinstance(tr, ImageSet) and tr.frames.shape[1:] == (32, 48, 3) and tr.frames.dtype == np.uint8
+    assert len(tr) + len(te) == 11 and set(te.labels) == {0, 1}  # a fixed 20 % per class is the test split
+    assert len(load_frames(spec, "train", 32, 48, 3)) == len(tr)  # deterministic
+    gray = load_frames(spec, "test", 28, 28, 1)
+    assert gray.frames.shape[1:] == (28, 28, 1)
+
+
+def test_split_folders_and_csv(tmp_path):
+    for split, n in (("train", 3), ("test", 2)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _img(tmp_path / "tree" / split / c / f"{i}.png", (10, 10), 10 * i)
+    tr = load_frames(f"folder:{tmp_path / 'tree'}", "train", 8, 8, 1)
+    te = load_frames(f"folder:{tmp_path / 'tree'}", "test", 8, 8, 1)
+    assert (len(tr), len(te)) == (6, 4) and tr.classes == ("a", "b")
+    rows = ["path,label,split"] + [f"tree/train/{c}/{i}.png,{c},train" for c in "ab" for i in range(3)] + \
+           [f"tree/test/{c}/0.png,{c},test" for c in "ab"]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    s = load_frames(f"csv:{tmp_path / 'list.csv'}", "test", 8, 8, 1)
+    assert len(s) == 2 and s.classes == ("a", "b") and s.labels.tolist() == [0, 1]
+    (tmp_path / "bad.csv").write_text("tree/train/a/0.png,a\nmissing.png,b\n")
+    with pytest.raises(DataError, match=r"bad.csv:2: image .*missing.png does not exist"):
+        load_frames(f"csv:{tmp_path / 'bad.csv'}", "train")
+
+
+def test_bad_trees_name_the_folder_or_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_frames(f"folder:{tmp_path / 'nowhere'}", "train")
+    with pytest.raises(DataError, match="holds no class folders"):
+        load_frames(f"folder:{tmp_path}", "train")
+    _img(tmp_path / "only" / "x.png", (5, 5))
+    _img(tmp_path / "only" / "y.png", (5, 5))
+    with pytest.raises(DataError, match="only one class folder"):
+        load_frames(f"folder:{tmp_path}", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"class folder {tmp_path / 'empty'} holds no images"):
+        load_frames(f"folder:{tmp_path}", "train")
+    _img(tmp_path / "empty" / "ok.png", (5, 5))
+    (tmp_path / "empty" / "zz.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="zz.png is not a readable image"):
+        for split in ("train", "test"):
+            load_frames(f"folder:{tmp_path}", split, 8, 8, 1)

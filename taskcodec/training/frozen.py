@@ -31,7 +31,7 @@ from torch import nn
 
 from taskcodec.training.backbones import FrozenEncoder, frozen_encoder, get_spec
 from taskcodec.training.entropy_bottleneck import EntropyBottleneck
-from taskcodec.training.transfer_datasets import TransferSet, load_dataset, render
+from taskcodec.training.transfer_datasets import TransferSet, cache_name, load_dataset, render
 
 CACHE_DIR = Path("runs/frozen_cache")
 ImageCodec = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # native images -> (decoded images, bytes each)
@@ -78,7 +78,7 @@ class FeatureStore:
 
     def get(self, name: str, codec: ImageCodec | None = None, codec_key: str = "raw") -> dict[str, np.ndarray]:
         """{"emb": [N, D] float32, "labels": [N], "bytes": [N] (codec bytes per image; 0 for raw)}."""
-        path = self.dir / f"{name}--{codec_key}.npz"
+        path = self.dir / f"{cache_name(name)}--{codec_key}.npz"
         if path.is_file():
             with np.load(path) as z:
                 return {k: z[k] for k in z.files}

@@ -98,7 +98,32 @@ DATASETS: dict[str, Callable[[], TransferSet]] = {
 }
 
 
+OPERATOR_SIZE = 160  # operator data (folder:/csv: specs) is decoded at this square RGB size before rendering
+
+
+def load_operator_data(name: str) -> TransferSet:
+    """``folder:PATH`` / ``csv:FILE`` (taskcodec.data specs; the train split, or the test split with an ``@test``
+    suffix) as a TransferSet of RGB images."""
+    from taskcodec.data import load_frames
+
+    spec, _, split = name.rpartition("@") if name.endswith(("@test", "@train")) else (name, "", "train")
+    d = load_frames(spec, split, OPERATOR_SIZE, OPERATOR_SIZE, 3)
+    return TransferSet(name, d.frames, d.labels, d.classes)
+
+
+def cache_name(name: str) -> str:
+    """A file-name-safe name for feature caches: registered names as they are, operator specs by content key."""
+    if name.startswith(("folder:", "csv:")):
+        from taskcodec.data import data_key
+
+        spec, _, split = name.rpartition("@") if name.endswith(("@test", "@train")) else (name, "", "train")
+        return f"{data_key(spec)}-{split}"
+    return name
+
+
 def load_dataset(name: str) -> TransferSet:
+    if name.startswith(("folder:", "csv:")):  # an operator's own data (issue 16)
+        return load_operator_data(name)
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; registered: {', '.join(DATASETS)}")
     return DATASETS[name]()

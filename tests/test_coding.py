@@ -127,3 +127,39 @@ def test_interval_termination_decodes_exactly_across_many_streams():
             data = compress(symbols, coder, b"tag")
             assert np.array_equal(decompress(data, coder, b"tag"), symbols)
             assert data[2:] == coder.encode(symbols) and (len(data) == 2 or data[-1] != 0)
+
+
+def test_integer_cdf_is_quantised_once_valid_and_close_to_the_float_model(tmp_path):
+    from taskcodec.coding.tables import quantize_cdf
+
+    rng = np.random.default_rng(7)
+    tables = random_tables(rng, 40)
+    for d in range(tables.dim):
+        f = tables.frequencies(d)
+        assert len(f) == tables.length[d] + 1 and (f >= 1).all() and f.sum() == 1 << tables.precision
+        assert (tables.cdf[d, tables.length[d] + 1:] == 1 << tables.precision).all()  # padding
+    # the shipped CDF is what loads, even where re-quantising the pmf would give something else
+    cdf = tables.cdf.copy()
+    cdf[0, 1] += 1
+    EntropyTables(tables.lower, tables.length, tables.pmf, cdf).save(tmp_path / "t.npz")
+    assert np.array_equal(EntropyTables.load(tmp_path / "t.npz", require_cdf=True).cdf, cdf)
+    assert not np.array_equal(quantize_cdf(tables.pmf, tables.length), cdf)
+    # a file without the integer CDF (a training run's) gets it quantised; a bundle demands it
+    np.savez(tmp_path / "float.npz", lower=tables.lower, length=tables.length, pmf=tables.pmf)
+    assert np.array_equal(EntropyTables.load(tmp_path / "float.npz").cdf, tables.cdf)
+    with pytest.raises(TablesError, match="no integer CDF"):
+        EntropyTables.load(tmp_path / "float.npz", require_cdf=True)
+    # invalid rows are refused: a zero frequency, a wrong total, a bad precision
+    bad = tables.cdf.copy()
+    bad[1, 2] = bad[1, 1]
+    with pytest.raises(TablesError, match="row 1"):
+        EntropyTables(tables.lower, tables.length, tables.pmf, bad)
+    with pytest.raises(TablesError, match=r"0\.\.2\*\*17"):
+        EntropyTables(tables.lower, tables.length, tables.pmf, tables.cdf.astype(np.int64) * 4, precision=17)
+    with pytest.raises(TablesError, match="row 0"):
+        EntropyTables(tables.lower, tables.length, tables.pmf, tables.cdf, precision=17)  # rows end at 2**16
+    with pytest.raises(TablesError, match="precision"):
+        EntropyTables(tables.lower, tables.length, tables.pmf, precision=25)
+    # the integer model costs almost nothing over the float model on typical symbols
+    symbols = (tables.lower + rng.integers(0, tables.length, (200, tables.dim))).astype(np.int32)
+    assert np.abs(tables.model_bits(symbols) - tables.estimated_bits(symbols)).mean() < 0.01 * tables.dim

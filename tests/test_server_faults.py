@@ -274,6 +274,9 @@ def test_disk_full_busy_healthz_one_log_line_then_full_recovery(bundle, small_di
         assert "retry_after_s=" in busy[0].reason and "rollback" not in busy[0].reason
         health = srv.health()
         assert health.get("http_status") == 503 and health["storage"] == "full", health
+        with srv.http() as h:  # over HTTP: 503 with a Retry-After
+            r = h.post(hello, wire.Batch(7, sent[k:k + 5]))
+            assert r.status == 503 and r.retry_after == "5" and r.replies[0].code == wire.Code.BUSY, r
         filler.unlink()
         _wait_for(lambda: srv.health()["status"] == "ok", 20, "recovery")
         with srv.stream() as c:

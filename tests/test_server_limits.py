@@ -98,6 +98,9 @@ def test_200_unauthenticated_60mib_senders_cost_little_and_a_camera_loses_nothin
     assert srv.alive() and srv.health()["status"] == "ok"
     metrics = srv.get_text("/metrics")
     assert 'taskcodec_server_connections_refused_total{limit="pending_per_address"}' in metrics
+    assert "taskcodec_server_pending_connections 0.0" in metrics  # every pending slot was given back
+    full_log = srv.log_path.read_text(errors="replace")
+    assert full_log.count("event=disconnect") < FLOODERS / 2  # unauthenticated disconnects: rate-limited per address
     full_log = srv.log_path.read_text(errors="replace")
     assert "camera authentication failed" in full_log and "flood-" in full_log
 

@@ -58,6 +58,7 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
         service.state.integrity_result([])  # the open above ran quick_check and refuses a damaged file
     metrics = service.metrics
     gate = ConnectionGate(limits.max_pending_per_address, limits.max_pending)
+    metrics.pending_connections.set_function(gate.pending)
     refusals = RateLimitedLog(log)
 
     @asynccontextmanager
@@ -108,9 +109,13 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
         finally:
             metrics.connections.dec()
             normal = closed_by in ("camera (close code 1000)", "camera (close code 1001)") and "refused" not in who
-            log.log(logging.INFO if normal else logging.WARNING, "event=disconnect " + kv(
-                camera=who.get("camera"), model=who.get("model"), peer=peer, closed_by=closed_by,
-                reason=who.get("refused") or ("normal close" if normal else None)))
+            line = "event=disconnect " + kv(camera=who.get("camera"), model=who.get("model"), peer=peer,
+                                             closed_by=closed_by,
+                                             reason=who.get("refused") or ("normal close" if normal else None))
+            if pending:  # never authenticated: at most one line per address every 10 s (a flood must not flood logs)
+                refusals.warning(f"disconnect:{peer}", line)
+            else:
+                log.log(logging.INFO if normal else logging.WARNING, line)
             if pending:
                 gate.release(peer)
 

@@ -80,6 +80,7 @@ class HttpResult:
     reason: str
     replies: list[wire.Message]
     body: bytes
+    retry_after: str | None = None
 
 
 class HttpIngestClient:
@@ -100,7 +101,7 @@ class HttpIngestClient:
             replies = read_replies(data)
         except wire.WireError:
             replies = []
-        return HttpResult(resp.status, resp.getheader("X-Reason", ""), replies, data)
+        return HttpResult(resp.status, resp.getheader("X-Reason", ""), replies, data, resp.getheader("Retry-After"))
 
     def post(self, hello: wire.Hello, batch: wire.Batch) -> HttpResult:
         return self.post_raw(wire.encode_ingest_body(hello, batch))

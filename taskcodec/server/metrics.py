@@ -34,6 +34,8 @@ class ServerMetrics:
         self.storage_full_episodes = Counter(PREFIX + "storage_full_episodes", "Storage-full episodes", registry=r)
         self.storage_damaged = Gauge(PREFIX + "storage_damaged", "1 once the database failed an integrity check",
                                      registry=r)
+        self.pending_connections = Gauge(PREFIX + "pending_connections", "WebSocket connections not yet "
+                                         "authenticated", registry=r)
         self.pending_refused = Counter(PREFIX + "connections_refused", "Connections refused by a limit, by limit",
                                        ["limit"], registry=r)
         self.auth_failures = Counter(PREFIX + "auth_failures", "Failed authentications, by kind (camera, operator)",

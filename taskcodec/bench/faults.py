@@ -66,6 +66,7 @@ class Rig:
         from taskcodec.testing import ServerProcess
 
         self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.bundle = bundle
         self.db = self.root / "server.db"
         self.server = ServerProcess(bundle, self.db).start()
@@ -149,12 +150,15 @@ def audit(rig: Rig, lives: list[Lifetime], *, time_tolerance_ms: int = 120_000) 
         by_epoch: dict[int, dict[int, int]] = {}
         for epoch, seq, ts in rows:
             by_epoch.setdefault(epoch, {})[seq] = ts
-        known = {life.epoch: life for life in mine}
+        known: dict[int, Lifetime] = {}
+        for life in mine:
+            if life.epoch not in known or life.next_seq > known[life.epoch].next_seq:
+                known[life.epoch] = life
         for epoch, seqs in by_epoch.items():
             life = known.get(epoch)
             duplicates += len(seqs) if life is None else sum(1 for s in seqs if s >= life.next_seq)
         for life in mine:
-            seqs = by_epoch.get(life.epoch, {})
+            seqs = {s: ts for s, ts in by_epoch.get(life.epoch, {}).items() if s < life.next_seq}
             # every seq handed out left the spool (depth 0 after the drain) acked or dropped; dropped are counted
             gone = life.next_seq - life.depth
             missing += max(0, gone - life.dropped - len(seqs))

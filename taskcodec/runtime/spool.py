@@ -42,6 +42,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DB_NAME = "spool.sqlite3"
+RESERVE_NAME = "spool.reserve"   # space kept aside so a spool on a full disk can still open and drop old frames
+RESERVE_BYTES = 128 * 1024
 SCHEMA_VERSION = 2
 MAX_EPOCH = 2**63 - 1  # the wire format's limit
 MIN_MAX_BYTES = 256 * 1024
@@ -50,6 +52,10 @@ COUNTERS = ("dropped_full", "dropped_rejected", "dropped_disk_full", "damaged_sp
 
 class SpoolError(RuntimeError):
     """The spool cannot be opened or written (bad path, locked, foreign frames, newer schema)."""
+
+
+class _OpenFailed(Exception):
+    """Opening failed for a reason that is not damage (e.g. the disk is full); retried after freeing the reserve."""
 
 
 @dataclass(frozen=True)
@@ -92,12 +98,28 @@ class Spool:
         self.moved_aside: Path | None = None
         self.unstored = 0          # frames that could not be stored at all (disk full even after dropping)
         self._last_full_log = 0.0
-        if path.exists() and path.stat().st_size > 0:
+        self.reserve = path.with_name(RESERVE_NAME)
+        for attempt in range(2):
+            try:
+                self._open(path, sync)
+                break
+            except (_OpenFailed, sqlite3.OperationalError) as exc:
+                if attempt or not self._release_reserve():
+                    raise SpoolError(f"cannot open spool {path}: {exc}") from None
+            except sqlite3.DatabaseError as exc:
+                raise SpoolError(f"cannot open spool {path}: {exc}") from exc
+        self._keep_reserve()
+        self.made_room = 0
+        self._acked_since_ckpt = 0
+
+    # -- opening ---------------------------------------------------------------------------------------------------
+    def _open(self, path: Path, sync: str) -> None:
+        if path.exists() and path.stat().st_size > 0 and self.moved_aside is None:
             reason = self._damage(path)
             if reason is not None:
                 self.moved_aside = self._move_aside(path, reason)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
             self._configure(sync)
             with self._tx():
                 self._schema()
@@ -109,12 +131,41 @@ class Spool:
                 row = self._db.execute("SELECT MAX(seq) FROM frames WHERE epoch = ?", (self.epoch,)).fetchone()
                 self.next_seq = max(int(self._meta("seq_floor")), 0 if row[0] is None else row[0] + 1)
                 self._foreign_check()
-        except sqlite3.DatabaseError as exc:
-            raise SpoolError(f"cannot open spool {path}: {exc}") from exc
-        self.made_room = 0
-        self._acked_since_ckpt = 0
+        except BaseException:
+            self._db.close()
+            raise
 
-    # -- opening ---------------------------------------------------------------------------------------------------
+    def _release_reserve(self) -> bool:
+        """Give the reserve file's space back to the filesystem (the disk is full); True if there was one."""
+        try:
+            size = self.reserve.stat().st_size
+            self.reserve.unlink()
+        except OSError:
+            return False
+        log.error("disk full under spool %s: released its %d-byte reserve to keep working", self.path, size)
+        return size > 0
+
+    def _keep_reserve(self) -> None:
+        """(Re)create the reserve file when there is room (quietly skipped on a full disk)."""
+        if self.reserve.exists():
+            return
+        try:
+            st = os.statvfs(self.reserve.parent)
+            if st.f_bavail * st.f_frsize < 4 * RESERVE_BYTES:
+                return  # not while the disk is (nearly) full: that space is what the spool works with now
+        except OSError:
+            return
+        try:
+            with open(self.reserve, "wb") as f:
+                f.write(b"\0" * RESERVE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            try:
+                self.reserve.unlink()
+            except OSError:
+                pass
+
     @staticmethod
     def _damage(path: Path) -> str | None:
         """None if the file passes PRAGMA quick_check, else what is wrong (locked/busy is not damage: raises)."""
@@ -125,12 +176,12 @@ class Spool:
         try:
             rows = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
             return None if rows == ["ok"] else "; ".join(map(str, rows[:5]))
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise SpoolError(f"spool {path} is in use by another process: {exc}") from exc
-            return str(exc)
-        except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
-            return str(exc)
+        except sqlite3.DatabaseError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code in (11, 26) or "malformed" in str(exc) or "not a database" in str(exc):
+                return str(exc)  # SQLITE_CORRUPT, SQLITE_NOTADB: damage
+            # locked, busy, I/O error, disk full, permissions: the file may be fine; do not touch it
+            raise _OpenFailed(str(exc)) from exc
         finally:
             db.close()
 
@@ -151,19 +202,28 @@ class Spool:
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={sync.upper()}")
-        page = int(db.execute("PRAGMA page_size").fetchone()[0])
-        if self.max_bytes is None:
-            ckpt_pages = 1000
-            self.wal_budget = 2 * ckpt_pages * (page + 24)
-        else:
-            ckpt_pages = max(16, min(1000, self.max_bytes // 8 // page))
-            self.wal_budget = 2 * ckpt_pages * (page + 24)
-            data_pages = (self.max_bytes - self.wal_budget - 64 * 1024) // page
-            if data_pages < 16:
-                raise SpoolError(f"spool max bytes {self.max_bytes} leaves no room for data")
-            db.execute(f"PRAGMA max_page_count={data_pages}")
+        self._page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        self._apply_budget()
+
+    def _apply_budget(self) -> None:
+        """The checkpoint policy and the database's page limit, from ``max_bytes`` and the filesystem's free space:
+        the spool may use what it has plus what is free (less a reserve); the WAL is checkpointed every 1/8 of that
+        (at most 1000 pages) and truncated back to 2x that, and the database may grow to the rest. Re-applied when
+        the disk fills, so a disk shared with other files shrinks the budget instead of wedging the spool."""
+        db, page = self._db, self._page
+        try:
+            st = os.statvfs(self.path.parent)
+            avail = self.disk_bytes() + st.f_bavail * st.f_frsize - 64 * 1024
+        except OSError:
+            avail = 1 << 62
+        cap = min(self.max_bytes or (1 << 62), max(avail, 0))
+        ckpt_pages = max(8, min(1000, cap // 8 // page))
+        self.wal_budget = 2 * ckpt_pages * (page + 24)
+        data_pages = max(16, (cap - self.wal_budget - 32 * 1024) // page)
+        db.execute(f"PRAGMA max_page_count={data_pages}")  # never below the current size (SQLite keeps that)
         db.execute(f"PRAGMA wal_autocheckpoint={ckpt_pages}")
         db.execute(f"PRAGMA journal_size_limit={self.wal_budget}")
+        self.budget_bytes = cap
 
     def _schema(self) -> None:
         db = self._db
@@ -295,7 +355,9 @@ class Spool:
         with self._lock:
             seq = self.next_seq
             excess = self._count + 1 - self.max_frames
-            for attempt in range(12):
+            for attempt in range(7):
+                if attempt == 6 and not self._release_reserve():
+                    continue
                 try:
                     with self._tx():
                         n = self._drop_oldest(excess) if excess > 0 else 0
@@ -307,8 +369,14 @@ class Spool:
                 except sqlite3.Error as exc:
                     if not _is_full(exc):
                         raise SpoolError(f"cannot write to spool {self.path}: {exc}") from exc
-                    # full: drop ~1 % of the backlog (at least 8 frames) in its own transaction, then retry
-                    dropped += self._make_room(max(8, self._count // 100) * (attempt + 1))
+                    # full: re-read the disk's free space, drop the oldest frames (1 % of the backlog, at least 16,
+                    # doubling on each retry: deleted rows free a page only once its whole leaf is empty) in their
+                    # own transaction, then retry
+                    if attempt == 0:
+                        self._apply_budget()
+                    else:  # still full: stop the database file from growing at all and keep the WAL tiny
+                        self._shrink_to_fit()
+                    dropped += self._make_room(max(16, self._count // 100) << attempt)
                     excess = self._count + 1 - self.max_frames
             else:
                 self.unstored += 1
@@ -320,6 +388,13 @@ class Spool:
         if dropped:
             self._log_full(dropped)
         return self.epoch, seq
+
+    def _shrink_to_fit(self) -> None:
+        db = self._db
+        pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+        db.execute(f"PRAGMA max_page_count={pages}")
+        db.execute("PRAGMA wal_autocheckpoint=8")
+        self._checkpoint("TRUNCATE")
 
     def _drop_oldest(self, k: int) -> int:
         rows = self._db.execute("SELECT epoch, seq FROM frames ORDER BY epoch, seq LIMIT ?", (k,)).fetchall()
@@ -340,7 +415,7 @@ class Spool:
                 with self._tx():
                     n = self._drop_oldest(k)
                 self._count -= n
-                self._checkpoint("PASSIVE")
+                self._checkpoint("TRUNCATE" if self._wal_bytes() > self.wal_budget else "PASSIVE")
                 return n
             except sqlite3.Error as exc:
                 if not _is_full(exc):

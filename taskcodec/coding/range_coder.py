@@ -128,6 +128,21 @@ class RangeCoder:
         body = self._py_encode(symbols.tolist())
         return check_bytes(model_tag, body) + body
 
+    def decompress(self, payload: bytes, model_tag: bytes = b"") -> np.ndarray:
+        """check || coded bytes -> symbols; raises CoderError (message starting with "stream check failed" when the
+        check does not match)."""
+        payload = bytes(payload)
+        if self.backend == "c":
+            try:
+                return np.frombuffer(self._c.decode(payload, bytes(model_tag)), dtype=np.int32)
+            except _tcc.CoderError as exc:
+                if exc.args and exc.args[0] == -4:  # TCC_E_CHECK
+                    raise CoderError("stream check failed: corrupt bytes, or a stream of another model") from None
+                raise CoderError(exc.args[1] if len(exc.args) > 1 else str(exc)) from None
+        if check_bytes(bytes(model_tag), payload[CHECK_BYTES:]) != payload[:CHECK_BYTES]:
+            raise CoderError("stream check failed: corrupt bytes, or a stream of another model")
+        return np.array(self._py_decode(payload[CHECK_BYTES:]), dtype=np.int32)
+
     # -- the numpy/Python coder -------------------------------------------------------------------------------
 
     def _py_encode(self, symbols: list[int]) -> bytes:

@@ -37,13 +37,12 @@ def decompress(data: bytes, tables: EntropyTables | RangeCoder, model_tag: bytes
     data = bytes(data)
     if len(data) < CHECK_BYTES:
         raise StreamError(f"a stream starts with {CHECK_BYTES} check bytes; got {len(data)} bytes")
-    payload = data[CHECK_BYTES:]
-    if check_bytes(bytes(model_tag), payload) != data[:CHECK_BYTES]:
-        raise StreamError("stream check failed: corrupt bytes, or a stream of another model")
     try:
-        return _coder(tables).decode(payload)
+        return _coder(tables).decompress(data, bytes(model_tag))
     except CoderError as exc:
-        raise StreamError(f"undecodable stream: {exc}") from exc
+        message = str(exc)
+        raise StreamError(message if message.startswith("stream check failed") else f"undecodable stream: {message}") \
+            from exc
 
 
 def coded_bits(data: bytes) -> int:

@@ -127,3 +127,110 @@ def test_refused_camera_stops_without_retrying(tmp_path, token, tag, match):
         assert server.hellos == 1 and up.attempts == 1
         assert not up.running and spool.depth() == 3  # nothing lost
         up.stop()
+
+
+class ScriptedServer:
+    """A protocol server whose answer to each BATCH is scripted: ``answer(batch) -> list of replies`` (an Error
+    closes the connection). Counts connections, to measure the camera's reconnect rate."""
+
+    def __init__(self, answer):
+        import asyncio
+        import threading
+
+        self.answer = answer
+        self.connections = 0
+        self.batches: list[wire.Batch] = []
+        self.ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30)
+
+    def _main(self):
+        import asyncio
+
+        from websockets.asyncio.server import serve
+
+        async def handle(ws):
+            self.connections += 1
+            hello = wire.decode(await ws.recv())
+            assert isinstance(hello, wire.Hello)
+            await ws.send(wire.Welcome().encode())
+            async for raw in ws:
+                batch = wire.decode(raw)
+                self.batches.append(batch)
+                for reply in self.answer(batch):
+                    await ws.send(reply.encode())
+                    if isinstance(reply, wire.Error):
+                        await ws.close(1011)
+                        return
+
+        async def main():
+            async with serve(handle, "127.0.0.1", 0) as server:
+                self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+                self.stop_event = asyncio.Event()
+                self.ready.set()
+                await self.stop_event.wait()
+
+        self.loop.run_until_complete(main())
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(30)
+
+
+def test_busy_backs_off_although_every_handshake_succeeds(tmp_path):
+    """A server that WELCOMEs the camera and answers every batch with BUSY (disk full): the backoff keeps growing
+    (it resets only on an ACK), so the camera reconnects a few times, not hundreds."""
+    server = ScriptedServer(lambda b: [wire.Error(wire.Code.BUSY, "disk full")])
+    try:
+        with Spool(tmp_path, 1000) as spool:
+            _fill(spool, 20)
+            cfg = UplinkConfig(server.url, "cam-1", b"secret", backoff_initial=0.1, backoff_max=30.0, max_delay=0)
+            up = Uplink(spool, TAG, cfg).start()
+            time.sleep(4.0)
+            up.stop()
+            # full jitter in [cap/4, cap], cap = 0.1 * 2^n: at most 0.1/4 + 0.2/4 + ... -> at most 8 connections in 4 s
+            assert 2 <= server.connections <= 8, server.connections
+            assert up.failures >= 2 and spool.depth() == 20 and up.fatal is None and up.crashed is None
+    finally:
+        server.stop()
+
+
+def test_a_batch_refused_as_malformed_is_split_and_the_bad_frame_dropped(tmp_path):
+    """ERROR BAD_MESSAGE after WELCOME for any batch holding the poison frame: the camera halves the batch until the
+    frame is alone, drops it (counted, reason 'malformed') and delivers all the others: never wedged."""
+
+    def answer(batch):
+        if any(f.payload == b"poison" for f in batch.frames):
+            return [wire.Error(wire.Code.BAD_MESSAGE, "cannot parse this batch")]
+        return [wire.Ack(batch.epoch, batch.frames[0].seq, len(batch.frames))]
+
+    server = ScriptedServer(answer)
+    try:
+        with Spool(tmp_path, 1000) as spool:
+            for i in range(16):
+                spool.append(i, b"poison" if i == 11 else b"ok-%d" % i)
+            cfg = UplinkConfig(server.url, "cam-1", b"secret", backoff_initial=0.01, backoff_max=0.05, max_delay=0,
+                               max_batch=16, max_in_flight=1)
+            up = Uplink(spool, TAG, cfg).start()
+            assert up.wait_drained(TIMEOUT), spool.depth()
+            up.stop()
+            acked = sorted(f.seq for b in server.batches for f in b.frames if f.payload != b"poison")
+            assert set(acked) == set(range(16)) - {11}
+            assert up.stats.drops == {"malformed": 1} and spool.counters()["dropped_rejected"] == 1
+            assert up.fatal is None and up.crashed is None
+    finally:
+        server.stop()
+
+
+def test_a_programming_error_crashes_loudly_instead_of_retrying(tmp_path, monkeypatch, caplog):
+    with FakeIngestServer(TAG) as server, Spool(tmp_path, 100) as spool:
+        _fill(spool, 3)
+        monkeypatch.setattr(Uplink, "_next_run", lambda self, rows: 1 / 0)
+        up = _uplink(spool, server.url, max_delay=0)
+        assert _wait(lambda: up.crashed is not None)
+        time.sleep(0.3)
+        assert isinstance(up.crashed, ZeroDivisionError) and up.attempts == 1 and not up.running
+        assert "uplink crashed" in caplog.text and "Traceback" in caplog.text
+        up.stop()

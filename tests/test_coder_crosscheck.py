@@ -210,3 +210,19 @@ def test_firmware_library_carries_the_payload_coder(tool_exe, tmp_path):
     symbols = subprocess.run([nm, "-g", "--defined-only", str(lib)], capture_output=True, text=True).stdout
     for fn in ("tcc_payload_encode", "tcc_payload_decode", "tcc_blob_load", "tcw_encode_batch"):
         assert fn in symbols, fn
+
+
+def test_firmware_reproduces_the_default_bundles_golden_payloads_from_the_exported_tables(tool_exe, tmp_path):
+    """`taskcodec firmware tables` -> the C library alone writes the bundle's golden payloads byte for byte."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "taskcodec.cli", "firmware", "tables", "--out",
+                           str(tmp_path / "default.tcct")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle()
+    with np.load(bundle.file("golden")) as z:
+        symbols, blob, offsets = z["symbols"], z["streams"].tobytes(), z["offsets"]
+    lines = [f"enc {bundle.model_id} " + " ".join(map(str, s)) for s in symbols]
+    out = subprocess.run([tool_exe, str(tmp_path / "default.tcct")], input="\n".join(lines) + "\n",
+                         capture_output=True, text=True, env=build.sanitizer_env(), timeout=120).stdout.splitlines()
+    assert [bytes.fromhex(o[3:]) for o in out] == [blob[offsets[i]: offsets[i + 1]] for i in range(len(symbols))]

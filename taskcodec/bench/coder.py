@@ -138,6 +138,9 @@ def run(bundle_path: Optional[Path], data: Optional[Path], limit: Optional[int],
     from taskcodec.coding import RangeCoder, compress, decompress
     from taskcodec.coding import range_coder
 
+    import os
+
+    load_before = os.getloadavg()[0]
     bundle = load_bundle(bundle_path)
     log(f"encoding the test images with {bundle.path} ({bundle.model_id}) ...")
     symbols = _symbols(bundle, data, limit)
@@ -165,7 +168,8 @@ def run(bundle_path: Optional[Path], data: Optional[Path], limit: Optional[int],
               "bundle": {"path": str(bundle.path), "model_id": bundle.model_id, "coder": bundle.spec.stream.coder,
                          "precision_bits": bundle.spec.stream.precision_bits},
               "size": size, "timing": {"frames": int(len(timed)), "repeats": repeats,
-                                       "statistic": "best pass of REPEATS over the frames, per frame", "rows": rows}}
+                                       "statistic": "best pass of REPEATS over the frames, per frame", "rows": rows,
+                                       "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "coder.json", result)
     write_text(out / "coder.md", markdown(result))
@@ -190,6 +194,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"- round trips: {s['images'] - s['roundtrip_failures']}/{s['images']} exact; escaped symbols: "
              f"{s['escaped_symbols']}", "",
              f"## Time per frame ({t['frames']} frames, {t['statistic']}, {t['repeats']} passes)", "",
+             f"Shared machine: 1-minute load average {t['load_average_1m'][0]} at the start, "
+             f"{t['load_average_1m'][1]} at the end (timings of the Python paths grow with it).", "",
              markdown_table(t["rows"], [("coder", "coder"), ("encode_us", "encode µs/frame"),
                                         ("decode_us", "decode µs/frame")],
                             {"encode_us": ".2f", "decode_us": ".2f"})]

@@ -240,15 +240,27 @@ def load_run(run: Path) -> tuple[FrozenCompressor, FrozenConfig, dict]:
 
 
 # -- camera-side encoder ------------------------------------------------------------------------------------------
-class SymbolEncoder(nn.Module):
-    """uint8 NHWC RGB frames -> int32 symbols: frozen backbone + the head's affine + Round. This is what ships."""
+class CameraHead(nn.Module):
+    """The frozen backbone and the head's analysis transform as the two steps of ``models.SymbolEncoder`` (the one
+    camera encoder of every bundle): ``normalise`` (uint8 NHWC RGB frames -> the backbone's embedding; the backbone
+    normalises its input itself) and ``latents`` (embedding -> continuous latents)."""
 
     def __init__(self, encoder: FrozenEncoder, compressor: FrozenCompressor):
         super().__init__()
         self.encoder, self.compressor = encoder, compressor
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return torch.round(self.compressor.analysis(self.encoder(frames))).to(torch.int32)
+    def normalise(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.encoder(frames)
+
+    def latents(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.compressor.analysis(emb)
+
+
+def SymbolEncoder(encoder: FrozenEncoder, compressor: FrozenCompressor) -> nn.Module:  # noqa: N802 (builds a module)
+    """uint8 NHWC RGB frames -> int32 symbols: frozen backbone + the head's affine + Round. This is what ships."""
+    from taskcodec.training.models import SymbolEncoder as CameraEncoder
+
+    return CameraEncoder(CameraHead(encoder, compressor))
 
 
 # -- probe ---------------------------------------------------------------------------------------------------------

@@ -116,6 +116,24 @@ def cluster(
     typer.echo(markdown(result))
 
 
+@bench_app.command("temporal")
+def temporal(
+    bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Model bundle (default: the embedded one)."),
+    frames: int = typer.Option(1500, "--frames", min=100, help="Frames per video (test, validation, training)."),
+    fps: float = typer.Option(5.0, "--fps", help="Scene frame rate of the dwell video."),
+    dwell: str = typer.Option("1-3", "--dwell", help="Dwell time range in seconds (1-3: mean 2 s)."),
+    key_interval: int = typer.Option(50, "--key-interval", min=1, help="A key frame at least every N frames."),
+    same_l1: List[int] = typer.Option([0, 4, 8, 10, 12, 16], "--same-l1", help="SAME thresholds to try."),
+    budget: List[float] = typer.Option([10, 20, 30, 50, 100], "--budget-bps", help="Budgets (bit/s per camera)."),
+    crf: List[int] = typer.Option([36, 42, 48, 51], "--crf", help="H.264 CRFs."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for temporal.{json,md,png}."),
+) -> None:
+    """Temporal vs independent coding vs H.264 on the dwell video, and accuracy against a bandwidth budget."""
+    from taskcodec.bench.temporal import markdown, run
+
+    typer.echo(markdown(run(bundle, frames, fps, dwell, key_interval, same_l1, budget, crf, out, log=typer.echo)))
+
+
 def register(app: typer.Typer) -> None:
     import taskcodec.bench.transfer_cli  # noqa: F401  (adds its commands to the `frozen` group)
 

@@ -5,6 +5,7 @@
     rtsp://...                          network camera (OpenCV FFmpeg, TCP transport)
     file://PATH, PATH                   a video file, or a folder of images (sorted by name)
     virtual://fashion-mnist?...         built-in virtual camera rendering Fashion-MNIST items (knows each label)
+    virtual://dwell?...                 objects that enter, dwell, move a little and leave (runtime/dwell.py)
     fw://PATH                           frames from the firmware frame socket (runtime/fw_source.py)
 
 Every source yields :class:`CapturedFrame`. Common options: ``size`` (capture size asked of cameras, frames of other
@@ -281,9 +282,14 @@ class VirtualFashionMNIST(Source):
 
 def _virtual(rest: str, **options) -> Source:
     parsed = urllib.parse.urlsplit("virtual://" + rest)
-    if parsed.netloc != "fashion-mnist":
-        raise SourceError(f"unknown virtual camera {parsed.netloc!r}; available: virtual://fashion-mnist")
     query = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
+    if parsed.netloc == "dwell":  # objects that enter, dwell and leave (runtime/dwell.py)
+        from taskcodec.runtime.dwell import DwellCamera
+
+        return DwellCamera(query, **options)
+    if parsed.netloc != "fashion-mnist":
+        raise SourceError(f"unknown virtual camera {parsed.netloc!r}; available: virtual://fashion-mnist, "
+                          "virtual://dwell")
     return VirtualFashionMNIST(query, **options)
 
 

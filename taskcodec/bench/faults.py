@@ -347,3 +347,122 @@ def faults_cmd(
     typer.echo(markdown(report))
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+def uplink_cpu(seconds: float = 20.0, fps: float = 30.0, repeats: int = 2, out: Path | None = Path("bench/results"),
+               baseline_commit: str = "bf4fb9f", log: Callable[[str], None] = print) -> dict:
+    """CPU of the uplink thread vs the whole runtime process at ``fps`` (issue 11 C), for this uplink + spool and
+    those of ``baseline_commit`` (loaded from git), interleaved ``repeats`` times, each ``seconds`` long, against the real
+    server. Per-thread CPU from /proc/self/task/TID/stat (utime + stime)."""
+    import importlib.util
+    import threading
+
+    from taskcodec.report import machine_info, utc_now
+    from taskcodec.runtime.capture import CaptureConfig, CaptureRuntime
+    from taskcodec.testing import ServerProcess
+
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_of(tid: int | str) -> float:
+        fields = Path(f"/proc/self/task/{tid}/stat" if tid != "self" else "/proc/self/stat").read_text()
+        fields = fields.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    def load(name: str):
+        src = subprocess.run(["git", "show", f"{baseline_commit}:taskcodec/runtime/{name}.py"], capture_output=True,
+                             text=True, check=True).stdout
+        path = Path(tmp) / f"baseline_{name}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"baseline_{name}"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
+
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline, baseline_spool = load("uplink"), load("spool")
+
+        class OldSpool(baseline_spool.Spool):  # the baseline spool, with what today's capture loop reads
+            made_room = unstored = 0
+
+            def counters(self):
+                return {}
+
+            def disk_bytes(self):
+                return 0
+
+        rows = []
+        with ServerProcess(None, Path(tmp) / "server.db") as server:
+            token = server.add_camera("cpu-cam").decode()
+            for rep in range(repeats):
+                for variant in ("baseline", "current"):
+                    cfg = CaptureConfig(device="virtual://fashion-mnist", server=server.url, camera_id="cpu-cam",
+                                        token=token, spool=str(Path(tmp) / f"spool-{variant}-{rep}"), fps=fps,
+                                        loop=True, quiet=True, threads=1, drain_timeout=10)
+                    rt = CaptureRuntime(cfg)
+                    if variant == "baseline":
+                        rt.spool.close()
+                        rt.spool = OldSpool(Path(tmp) / f"spool-old-{rep}", cfg.spool_max_frames)
+                        rt.uplink = baseline.Uplink(rt.spool, rt.bundle.model_tag, rt.uplink_config, rt.stats)
+                    threading.Timer(seconds, rt.stop).start()
+                    proc0 = cpu_of("self")
+                    holder = {}
+
+                    def sample():
+                        while rt.uplink._thread is None or rt.uplink._thread.native_id is None:
+                            time.sleep(0.01)
+                        tid = rt.uplink._thread.native_id
+                        holder["t0"] = cpu_of(tid)
+                        holder["tid"] = tid
+                        while rt.uplink._thread.is_alive():
+                            try:
+                                holder["t1"] = cpu_of(tid)
+                            except OSError:
+                                break
+                            time.sleep(0.2)
+
+                    sampler = threading.Thread(target=sample, daemon=True)
+                    sampler.start()
+                    report = rt.run()
+                    sampler.join(10)
+                    proc = cpu_of("self") - proc0
+                    up = holder.get("t1", 0.0) - holder.get("t0", 0.0)
+                    rows.append({"variant": variant, "repeat": rep, "frames": report.frames, "acked": report.acked,
+                                 "process_cpu_s": round(proc, 2), "uplink_cpu_s": round(up, 2),
+                                 "uplink_share": round(up / proc, 3) if proc else None,
+                                 "uplink_ms_per_frame": round(1000 * up / max(report.frames, 1), 3)})
+                    log(json.dumps(rows[-1]))
+    summary = {}
+    for variant in ("baseline", "current"):
+        mine = [r for r in rows if r["variant"] == variant]
+        summary[variant] = {k: round(sum(r[k] for r in mine) / len(mine), 3)
+                            for k in ("uplink_share", "uplink_ms_per_frame", "process_cpu_s", "uplink_cpu_s")}
+    result = {"fps": fps, "seconds": seconds, "repeats": repeats, "baseline_commit": baseline_commit,
+              "machine": machine_info(), "utc": utc_now(), "rows": rows, "summary": summary,
+              "command": f"python -m taskcodec.bench.faults uplink-cpu --seconds {seconds:g} --fps {fps:g}"}
+    if out is not None:
+        from taskcodec.report import machine_line
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "uplink_cpu.json").write_text(json.dumps(result, indent=2) + "\n")
+        lines = ["# Uplink thread CPU at a camera's frame rate (issue 11 C)", "",
+                 f"`{result['command']}`: the runtime in-process (virtual 28x28 camera, {fps:g} fps cap, 1 encoder "
+                 f"thread) against the real server, {seconds:g} s per run, runs interleaved; uplink thread CPU from "
+                 f"/proc/self/task/TID/stat. Baseline = the uplink and spool of commit {baseline_commit}. "
+                 f"{machine_line(result['machine'])}; {result['utc']}.", "",
+                 "| uplink | uplink share of process CPU | uplink CPU ms/frame | process CPU s | uplink CPU s |",
+                 "|---|---|---|---|---|"]
+        for variant, s in summary.items():
+            lines.append(f"| {variant} | {100 * s['uplink_share']:.1f} % | {s['uplink_ms_per_frame']:.3f} | "
+                         f"{s['process_cpu_s']:.2f} | {s['uplink_cpu_s']:.2f} |")
+        (out / "uplink_cpu.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["uplink-cpu"]:
+        args = sys.argv[2:]
+        opts = {args[i].lstrip("-"): float(args[i + 1]) for i in range(0, len(args), 2)}
+        uplink_cpu(seconds=opts.get("seconds", 20.0), fps=opts.get("fps", 30.0), repeats=int(opts.get("repeats", 2)))
+    else:
+        print("usage: python -m taskcodec.bench.faults uplink-cpu [--seconds S] [--fps F] [--repeats N]")

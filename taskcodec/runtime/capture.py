@@ -218,7 +218,7 @@ class CaptureRuntime:
                 server.server_close()
         if self.uplink.fatal is not None:
             error = str(self.uplink.fatal)
-        crashed = self.uplink.crashed
+        crashed = getattr(self.uplink, "crashed", None)
         self.stats.set_depth(self.spool.depth())
         report = self._report(capture_elapsed, drained, error, labels)
         self.spool.close()

@@ -202,6 +202,7 @@ class Spool:
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={sync.upper()}")
+        self._sync = sync.upper()
         self._page = int(db.execute("PRAGMA page_size").fetchone()[0])
         self._apply_budget()
 
@@ -462,28 +463,43 @@ class Spool:
         return n
 
     def _delete(self, epoch: int, first_seq: int, count: int, counter: str | None) -> int:
+        """Delete acked (counter None) or dropped frames. An ack's delete commits without its own fsync
+        (synchronous=NORMAL for that one transaction): losing it to a power cut only makes the frames come back and
+        be re-sent, which the server acknowledges as duplicates; the next append's fsync makes it durable anyway.
+        That fsync per ack was most of the uplink thread's CPU. Drops keep the full fsync (they are counted)."""
+        relaxed = counter is None and self._sync == "FULL"
         with self._lock:
-            for attempt in range(2):
-                try:
-                    with self._tx():
-                        n = self._db.execute("DELETE FROM frames WHERE epoch = ? AND seq >= ? AND seq < ?",
-                                             (epoch, first_seq, first_seq + count)).rowcount
-                        if n:
-                            self._raise_floor(epoch, first_seq + count)
-                        if counter and n:
-                            self._bump(counter, n)
-                    break
-                except sqlite3.Error as exc:
-                    if not _is_full(exc) or attempt:
-                        raise SpoolError(f"cannot write to spool {self.path}: {exc}") from exc
-                    self._checkpoint("TRUNCATE")
-            self._count -= n
-            self._acked_since_ckpt += n
-            if self._acked_since_ckpt >= 256:  # explicit PASSIVE checkpoint: deletions reach the database file
-                self._acked_since_ckpt = 0
-                self._checkpoint("PASSIVE")
-            if self._wal_bytes() > self.wal_budget:  # a long transaction grew the WAL past its budget
+            if relaxed:
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                n = self._delete_locked(epoch, first_seq, count, counter)
+            finally:
+                if relaxed:
+                    self._db.execute("PRAGMA synchronous=FULL")
+        return n
+
+    def _delete_locked(self, epoch: int, first_seq: int, count: int, counter: str | None) -> int:
+        for attempt in range(2):
+            try:
+                with self._tx():
+                    n = self._db.execute("DELETE FROM frames WHERE epoch = ? AND seq >= ? AND seq < ?",
+                                         (epoch, first_seq, first_seq + count)).rowcount
+                    if n:
+                        self._raise_floor(epoch, first_seq + count)
+                    if counter and n:
+                        self._bump(counter, n)
+                break
+            except sqlite3.Error as exc:
+                if not _is_full(exc) or attempt:
+                    raise SpoolError(f"cannot write to spool {self.path}: {exc}") from exc
                 self._checkpoint("TRUNCATE")
+        self._count -= n
+        self._acked_since_ckpt += n
+        if self._acked_since_ckpt >= 256:  # explicit PASSIVE checkpoint: deletions reach the database file
+            self._acked_since_ckpt = 0
+            self._checkpoint("PASSIVE")
+        if self._wal_bytes() > self.wal_budget:  # a long transaction grew the WAL past its budget
+            self._checkpoint("TRUNCATE")
         return n
 
     def _wal_bytes(self) -> int:

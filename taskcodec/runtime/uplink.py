@@ -321,14 +321,14 @@ class Uplink:
                 while len(outstanding) >= cfg.max_in_flight:
                     window.clear()
                     await window.wait()
+                appended = self.spool.next_seq
                 rows = self.spool.pending(cfg.max_batch, after=sent_upto)
                 if not rows:
                     # Idle: notify() wakes us (it only pokes the loop while we wait here, not once per frame).
                     self._wake.clear()
                     self._idle = True
                     try:
-                        rows = self.spool.pending(cfg.max_batch, after=sent_upto)  # no lost wake-up
-                        if not rows:
+                        if self.spool.next_seq == appended:  # nothing appended since that query: no lost wake-up
                             self.stats.set_depth(self.spool.depth())
                             await self._wake.wait()
                     finally:

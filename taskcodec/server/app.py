@@ -66,6 +66,10 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
         service.start()
         yield
         await service.aclose()
+        try:  # leave an empty WAL behind (other connections may still be open, so close() alone may not)
+            storage.checkpoint("TRUNCATE")
+        except Exception as exc:  # noqa: BLE001 (shutting down: report, do not fail)
+            log.warning("final checkpoint failed: %s", exc)
         storage.close()
 
     # No /docs or /redoc (their pages cannot send an API key); /openapi.json needs a read key, like every query.

@@ -188,3 +188,43 @@ def test_bad_spool_path_is_a_clear_error(tmp_path):
         Spool(tmp_path / "s2", max_bytes=1000)
     with pytest.raises(SpoolError, match="at least 1"):
         Spool(tmp_path / "s", max_frames=0)
+
+
+def test_garbled_wal_is_detected_logged_and_counted(tmp_path, caplog):
+    """SQLite silently ignores a WAL from its first bad frame on; the spool notices before SQLite trims it."""
+    writer = textwrap.dedent("""
+        import os, sys
+        from taskcodec.runtime.spool import Spool
+        s = Spool(sys.argv[1], sync="normal")
+        s._db.execute("PRAGMA wal_autocheckpoint=0")  # keep every frame in the WAL
+        for i in range(300):
+            s.append(i, b"x" * 40)
+        print("done", flush=True)
+        os.kill(os.getpid(), 9)  # no clean close: the WAL stays
+    """)
+    proc = subprocess.run([sys.executable, "-c", writer, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert "done" in proc.stdout, proc.stderr
+    wal = tmp_path / "spool.sqlite3-wal"
+    data = bytearray(wal.read_bytes())
+    assert len(data) > 50 * 4120
+    data[32 + 10 * 4120 + 100] ^= 0xFF  # flip a byte in frame 10's page
+    wal.write_bytes(bytes(data))
+    with caplog.at_level("ERROR"), Spool(tmp_path) as s:
+        assert s.counters()["damaged_spools"] == 1
+        assert s.depth() < 300  # what SQLite could not replay is gone...
+    assert "SPOOL DAMAGED" in caplog.text and "checksum" in caplog.text  # ...but loudly, and counted
+    assert list(tmp_path.glob("spool.sqlite3-wal.damaged-*"))
+
+
+def test_clean_reopen_after_kill_is_not_damage(tmp_path):
+    writer = textwrap.dedent("""
+        import os, sys
+        from taskcodec.runtime.spool import Spool
+        s = Spool(sys.argv[1])
+        for i in range(50):
+            s.append(i, b"x" * 40)
+        os.kill(os.getpid(), 9)
+    """)
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path)], timeout=60)
+    with Spool(tmp_path) as s:
+        assert s.counters()["damaged_spools"] == 0 and s.depth() == 50

@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -114,17 +115,20 @@ class Spool:
 
     # -- opening ---------------------------------------------------------------------------------------------------
     def _open(self, path: Path, sync: str) -> None:
+        wal_damage = None
         if path.exists() and path.stat().st_size > 0 and self.moved_aside is None:
+            wal_damage = self._check_wal(Path(str(path) + "-wal"))  # before SQLite recovers (and trims) it
             reason = self._damage(path)
             if reason is not None:
                 self.moved_aside = self._move_aside(path, reason)
+                wal_damage = None
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
         try:
             self._configure(sync)
             with self._tx():
                 self._schema()
                 self._identity = self._ident_id()
-                if self.moved_aside is not None:
+                if self.moved_aside is not None or wal_damage is not None:
                     self._bump("damaged_spools", 1)
                 self.epoch = int(self._meta("epoch"))
                 self._count = self._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0]
@@ -184,6 +188,58 @@ class Spool:
             raise _OpenFailed(str(exc)) from exc
         finally:
             db.close()
+
+    @staticmethod
+    def _check_wal(wal: Path) -> str | None:
+        """SQLite replays a WAL up to its first frame with a bad checksum and silently ignores the rest, so a garbled
+        WAL would lose committed frames without a trace. Verify the chain ourselves: a bad header, or a bad frame
+        followed by more than a torn last transaction's worth of frames, is damage: the WAL is copied aside
+        (``-wal.damaged-<time>``), logged as an error and counted; SQLite then keeps the valid prefix."""
+        try:
+            data = wal.read_bytes()
+        except OSError:
+            return None
+        if len(data) < 32:
+            return None
+        magic, _, page, _, salt1, salt2, c1, c2 = struct.unpack(">8I", data[:32])
+        if magic not in (0x377F0682, 0x377F0683):
+            problem = "bad WAL header magic"
+        else:
+            fmt = "<" if magic == 0x377F0682 else ">"
+
+            def checksum(buf: bytes, s0: int, s1: int) -> tuple[int, int]:
+                for x0, x1 in struct.iter_unpack(fmt + "2I", buf):
+                    s0 = (s0 + x0 + s1) & 0xFFFFFFFF
+                    s1 = (s1 + x1 + s0) & 0xFFFFFFFF
+                return s0, s1
+
+            s = checksum(data[:24], 0, 0)
+            if s != (c1, c2) or not 512 <= page <= 65536:
+                problem = "bad WAL header checksum"
+            else:
+                problem = None
+                size, pos = 24 + page, 32
+                while pos + size <= len(data):
+                    head = data[pos:pos + 24]
+                    fs1, fs2, f1, f2 = struct.unpack(">4I", head[8:24])
+                    if (fs1, fs2) != (salt1, salt2):
+                        break  # frames left over from before a checkpoint reset: not part of this WAL
+                    s = checksum(head[:8] + data[pos + 24:pos + size], *s)
+                    if s != (f1, f2):
+                        later = sum(1 for q in range(pos + size, len(data) - size + 1, size)
+                                    if data[q + 8:q + 16] == struct.pack(">2I", salt1, salt2))
+                        if later >= 8:
+                            problem = f"WAL frame {(pos - 32) // size} fails its checksum, {later} frames after it"
+                        break
+                    pos += size
+        if problem is None:
+            return None
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        copy = wal.with_name(f"{wal.name}.damaged-{stamp}")
+        copy.write_bytes(data)
+        log.error("SPOOL DAMAGED: %s: %s; SQLite will keep only the part before the damage, so frames written after "
+                  "it are lost. A copy is at %s.", wal, problem, copy)
+        return problem
 
     @staticmethod
     def _move_aside(path: Path, reason: str) -> Path:

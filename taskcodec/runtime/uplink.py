@@ -322,7 +322,10 @@ class Uplink:
                     window.clear()
                     await window.wait()
                 appended = self.spool.next_seq
-                rows = self.spool.pending(cfg.max_batch, after=sent_upto)
+                if sent_upto is not None and sent_upto == (self.spool.epoch, appended - 1):
+                    rows = []  # everything appended so far is on the wire: no query needed
+                else:
+                    rows = self.spool.pending(cfg.max_batch, after=sent_upto)
                 if not rows:
                     # Idle: notify() wakes us (it only pokes the loop while we wait here, not once per frame).
                     self._wake.clear()

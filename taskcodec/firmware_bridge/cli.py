@@ -78,14 +78,33 @@ def register(app: typer.Typer) -> None:
     def fuzz_cmd(
         seconds: float = typer.Option(10.0, help="time budget"),
         seed: int = typer.Option(1, help="mutation seed (a failure replays with the same seed)"),
+        coder_inputs: int = typer.Option(200000, "--coder-inputs", min=0,
+                                         help="also decode this many random and mutated payloads with the default "
+                                              "bundle's tables in the C entropy coder (0: skip)"),
     ) -> None:
-        """Fuzz the C wire decoder and encoders under AddressSanitizer + UBSan."""
+        """Fuzz the C wire decoder and encoders, and the C payload decoder, under AddressSanitizer + UBSan."""
+        import tempfile
+
         from taskcodec.firmware_bridge import build
 
         try:
             exe = build.build("fuzz_wire", sanitize=True)
+            coder_exe = build.build("tcc_tool", sanitize=True) if coder_inputs else None
         except build.BuildError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1)
         proc = subprocess.run([str(exe), str(10**12), str(seed), str(seconds)], env=build.sanitizer_env())
-        raise typer.Exit(proc.returncode)
+        if proc.returncode or coder_exe is None:
+            raise typer.Exit(proc.returncode)
+        from taskcodec.bundle import load_bundle
+
+        with tempfile.TemporaryDirectory() as tmp:
+            blob = Path(tmp) / "tables.tcct"
+            blob.write_bytes(load_bundle().tables.to_blob())
+            coder = subprocess.run([str(coder_exe), str(blob)], input=f"fuzz {coder_inputs} {seed}\n", text=True,
+                                   capture_output=True, env=build.sanitizer_env())
+        if coder.returncode or not coder.stdout.startswith("ok "):
+            typer.echo(f"payload decoder: FAILED\n{coder.stdout}{coder.stderr[-5000:]}", err=True)
+            raise typer.Exit(1)
+        tried, refused = coder.stdout.split()[1:3]
+        typer.echo(f"payload decoder: {tried} inputs, {refused} refused, no sanitizer finding")

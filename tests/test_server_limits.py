@@ -125,3 +125,30 @@ def test_hello_and_request_head_deadlines(env):
         while chunk := s.recv(4096):
             data += chunk
         assert data[:1] == b"\x88" and data[2:4] == (1009).to_bytes(2, "big")  # close: message too big
+
+
+def test_connections_over_max_connections_are_closed_at_once(tmp_path):
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text("limits:\n  max_connections: 16\n")
+    with ServerProcess(bundle.path, tmp_path / "frames.db", "--config", str(cfg)) as srv:
+        token = srv.add_camera("cam-m")
+        with srv.stream() as camera:
+            assert camera.hello(wire.Hello(bundle.model_tag, "cam-m", token)) == wire.Welcome()
+            idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(20)]
+            try:
+                closed = 0
+                for s in idle:
+                    s.settimeout(0.5)
+                    try:
+                        closed += s.recv(1) == b""
+                    except (socket.timeout, ConnectionResetError):
+                        pass
+                assert 4 <= closed <= 5, closed  # 1 camera + 20 idle > 16: the newest are closed at once
+                coder = RangeCoder(bundle.tables)
+                frame = wire.Frame(0, 1, compress(np.zeros(bundle.latent_dim, np.int32), coder, bundle.model_tag))
+                assert camera.send(wire.Batch(1, [frame])) == [wire.Ack(1, 0, 1)]  # the camera is unaffected
+            finally:
+                for s in idle:
+                    s.close()
+        assert "limits.max_connections" in srv.log()

@@ -22,9 +22,11 @@ from collections import Counter
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from taskcodec.server.auth import RateLimitedLog
 from taskcodec.server.config import Limits
 
 log = logging.getLogger("taskcodec.server.limits")
+_over_limit = RateLimitedLog(log)
 MAX_SIZE_EXTENSION = "taskcodec.max_message_size"
 
 
@@ -55,6 +57,11 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._header_timer = None
+        limit = _limits(self.config).max_connections
+        if len(self.connections) > limit:  # every open HTTP and WebSocket connection of this process counts
+            _over_limit.warning("max_connections", f"refusing connections: {limit} open (limits.max_connections)")
+            transport.close()
+            return
         self._arm()
 
     def _arm(self) -> None:

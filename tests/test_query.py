@@ -187,13 +187,14 @@ def test_every_query_shape_uses_an_index(env):
 
 
 def test_fleet_figures_read_only_the_new_rows(env):
-    from taskcodec.server.query import NEW_ROWS_SQL, RECENT_SQL
+    from taskcodec.server.query import BOUNDS_SQL, NEW_ROWS_SQL, RECENT_SQL, ROW_AT_SQL
 
     _, _, db = env
     with sqlite3.connect(db) as conn:
-        for sql in (NEW_ROWS_SQL, RECENT_SQL):
+        for sql in (NEW_ROWS_SQL, RECENT_SQL, ROW_AT_SQL, BOUNDS_SQL):
             plan = [row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, [1] * sql.count("?"))]
-            assert plan[0].startswith("SEARCH frames USING INTEGER PRIMARY KEY (rowid>"), plan
+            assert not any(p.startswith("SCAN frames") for p in plan), (sql, plan)  # rowid searches only
+            assert any(p.startswith("SEARCH frames") for p in plan), (sql, plan)
 
 
 def _metric(text, name, camera):

@@ -295,6 +295,10 @@ NEW_ROWS_SQL = ("SELECT camera_id, count(*), sum(length(payload)), max(ts_stored
 RECENT_SQL = ("SELECT camera_id, count(*), sum(length(payload)) FROM frames NOT INDEXED WHERE rowid >= ? AND "
               "ts_stored_ms >= ? GROUP BY camera_id")
 
+# two subqueries: SQLite answers min() or max() of the rowid from the b-tree's ends, but not both in one query
+BOUNDS_SQL = "SELECT coalesce((SELECT min(rowid) FROM frames), 0), coalesce((SELECT max(rowid) FROM frames), 0)"
+ROW_AT_SQL = "SELECT rowid, ts_stored_ms FROM frames WHERE rowid >= ? ORDER BY rowid LIMIT 1"
+
 
 class FleetStats:
     """Per-camera totals computed from the database, so every server process (``--workers N``) reports the same
@@ -312,14 +316,13 @@ class FleetStats:
     def _first_rowid_stored_after(self, conn: sqlite3.Connection, ms: int) -> int:
         """Smallest rowid whose ts_stored_ms >= ms, by bisection on rowid (rows are appended in stored-time order;
         a few ms of disorder between concurrent writers only blurs the window's edge)."""
-        lo, hi = conn.execute("SELECT coalesce(min(rowid), 0), coalesce(max(rowid), 0) FROM frames").fetchone()
+        lo, hi = conn.execute(BOUNDS_SQL).fetchone()
         if hi == 0:
             return 1
         hi += 1
         while lo < hi:
             mid = (lo + hi) // 2
-            row = conn.execute("SELECT rowid, ts_stored_ms FROM frames WHERE rowid >= ? ORDER BY rowid LIMIT 1",
-                               (mid,)).fetchone()
+            row = conn.execute(ROW_AT_SQL, (mid,)).fetchone()
             if row is None or row[1] >= ms:
                 hi = mid
             else:

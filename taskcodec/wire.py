@@ -1,15 +1,18 @@
-"""The uplink wire format (version 2), shared by runtime/, server/ and firmware_bridge/; see docs/wire-format.md.
+"""The uplink wire format (version 3), shared by runtime/, server/ and firmware_bridge/; see docs/wire-format.md.
 
 Every message starts with a one-byte type. Integers are unsigned LEB128 varints unless noted (``svarint``: a signed
 integer zig-zag mapped to an unsigned varint: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...), which keeps per-frame framing to
 about 3 bytes (hand-written: a dozen lines, and protobuf would cost more bytes and a schema compiler).
 
     HELLO  0x01  version:u8  model_tag:8 bytes  camera_id:(u8 len, utf-8)  token:(u8 len, bytes)
+                 [v3: capabilities:varint  and, if bit 0 (temporal), residual_tag:8 bytes]
     BATCH  0x02  epoch  first_seq  count  base_ts_ms:svarint  then per frame: ts_delta_ms:svarint  length  payload
+    TBATCH 0x07  (v3) as BATCH, but per frame: ts_delta_ms:svarint  (length << 2 | kind)  payload
+                 kind 0 KEY, 1 COND, 2 SAME (length 0), 3 refused; only in a session whose WELCOME granted temporal
     ACK    0x03  epoch  first_seq  count                       (frames durably stored, duplicates included)
     REJECT 0x04  epoch  first_seq  count  code:u8  reason      (frames that will never be accepted)
     ERROR  0x05  code:u8  reason                               (the connection is refused; the server closes it)
-    WELCOME 0x06 version:u8                                    (HELLO accepted)
+    WELCOME 0x06 version:u8  [v3: granted capabilities:varint] (HELLO accepted)
 
 Frames in a BATCH have consecutive sequence numbers ``first_seq + i`` within one ``epoch``: a random 63-bit id the
 camera draws once when its spool is created (never derived from its clock). A frame's capture time is
@@ -19,6 +22,12 @@ a batch encodes the true per-frame times. ``reason`` is a varint length plus utf
 Version 2 (this one) changed from version 1: epoch limit 2^63-1 (was 2^32), signed zig-zag base time and deltas
 (were unsigned, deltas capped at 2^32 and clamped at 0 for a clock going backwards), first_seq limit 2^63-1, reply
 code 6 CONFLICT. A HELLO of version 1 is refused (``decode`` raises WireError naming both versions).
+
+Version 3 (this one) adds temporal coding as a per-connection capability: HELLO v3 ends with a capabilities varint
+(bit 0 CAP_TEMPORAL, followed by the 8-byte residual tag of the camera's residual tables); WELCOME v3 ends with the
+capabilities the server grants; TBATCH (0x07) carries each frame's kind in the low 2 bits of its length; ERROR code 7
+RESYNC ("I lost this connection's reference: reconnect, starting with a key frame"). Version 2 HELLOs are still
+accepted (answered with a version-2 WELCOME; such a session is plain BATCHes only).
 
 This module is the ONLY parser of uplink messages. Server and clients use, instead of parsing bytes themselves:
 
@@ -37,15 +46,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VERSION = 2
-SUPPORTED_VERSIONS = (2,)
+VERSION = 3
+SUPPORTED_VERSIONS = (2, 3)
+CAP_TEMPORAL = 1                # HELLO/WELCOME capability bit: TBATCH frames (KEY / COND / SAME) on this connection
+MAX_CAPABILITIES = (1 << 32) - 1
+KEY, COND, SAME = 0, 1, 2       # TBATCH frame kinds (taskcodec.coding.temporal uses the same numbers)
 MAX_FRAMES_PER_BATCH = 4096
 MAX_FRAME_BYTES = 65536
 MAX_EPOCH = (1 << 63) - 1       # epochs and sequence numbers fit a signed 64-bit database column
 MAX_SEQ = (1 << 63) - 1
 MAX_ABS_TS_MS = (1 << 62) - 1   # |capture time| in ms; any two such times differ by less than 2^63
 MAX_REASON_BYTES = 1024
-MAX_HELLO_BYTES = 1 + 1 + 8 + 1 + 255 + 1 + 255  # 522: a server may refuse a longer first message unread
+MAX_HELLO_BYTES = 1 + 1 + 8 + 1 + 255 + 1 + 255 + 5 + 8  # 535: a server may refuse a longer first message unread
 _U64 = (1 << 64) - 1
 
 
@@ -60,10 +72,11 @@ class Code:
     BAD_PAYLOAD = 4
     BUSY = 5
     CONFLICT = 6   # REJECT: this (camera, epoch, seq) is already stored with a different payload (v2)
+    RESYNC = 7     # ERROR (v3): the server lost this connection's temporal reference; reconnect (next frame KEY)
 
 
 CODE_NAMES = {Code.BAD_MESSAGE: "bad_message", Code.UNAUTHORIZED: "unauthorized", Code.UNKNOWN_MODEL: "unknown_model",
-              Code.BAD_PAYLOAD: "bad_payload", Code.BUSY: "busy", Code.CONFLICT: "conflict"}
+              Code.BAD_PAYLOAD: "bad_payload", Code.BUSY: "busy", Code.CONFLICT: "conflict", Code.RESYNC: "resync"}
 
 
 def put_varint(out: bytearray, value: int) -> None:
@@ -144,13 +157,31 @@ class Hello:
     camera_id: str
     token: bytes
     version: int = VERSION
+    capabilities: int = 0          # v3: CAP_TEMPORAL asks for TBATCH frames
+    residual_tag: bytes = b""      # v3 with CAP_TEMPORAL: 8 bytes naming the residual tables of the camera's bundle
     TYPE = 0x01
 
     def encode(self) -> bytes:
         cam = self.camera_id.encode()
         if len(self.model_tag) != 8 or not 0 < len(cam) < 256 or len(self.token) > 255:
             raise ValueError("model tag is 8 bytes, camera id 1..255 bytes, token at most 255 bytes")
-        return bytes([self.TYPE, self.version]) + self.model_tag + bytes([len(cam)]) + cam + bytes([len(self.token)]) + self.token
+        out = bytearray([self.TYPE, self.version]) + self.model_tag + bytes([len(cam)]) + cam
+        out += bytes([len(self.token)]) + self.token
+        if self.version >= 3:
+            if not 0 <= self.capabilities <= MAX_CAPABILITIES:
+                raise ValueError(f"capabilities are 0..{MAX_CAPABILITIES}")
+            put_varint(out, self.capabilities)
+            if self.capabilities & CAP_TEMPORAL:
+                if len(self.residual_tag) != 8:
+                    raise ValueError("a temporal HELLO carries an 8-byte residual tag")
+                out += self.residual_tag
+        elif self.capabilities or self.residual_tag:
+            raise ValueError("a version-2 HELLO carries no capabilities")
+        return bytes(out)
+
+    @property
+    def temporal(self) -> bool:
+        return bool(self.capabilities & CAP_TEMPORAL)
 
 
 @dataclass(frozen=True)
@@ -158,6 +189,7 @@ class Frame:
     seq: int
     ts_ms: int
     payload: bytes
+    kind: int = KEY    # TBATCH only: KEY, COND or SAME (SAME has an empty payload)
 
 
 @dataclass(frozen=True)
@@ -186,9 +218,23 @@ class Batch:
                 raise ValueError(f"a payload is at most {MAX_FRAME_BYTES} bytes")
             put_svarint(out, f.ts_ms - prev)
             prev = f.ts_ms
-            put_varint(out, len(f.payload))
+            if self.TYPE == TemporalBatch.TYPE:
+                if f.kind not in (KEY, COND, SAME) or (f.kind == SAME and f.payload):
+                    raise ValueError(f"frame kind {f.kind}: KEY, COND or SAME (SAME has no payload)")
+                put_varint(out, len(f.payload) << 2 | f.kind)
+            else:
+                if f.kind != KEY:
+                    raise ValueError("a plain BATCH carries key frames only (use TemporalBatch)")
+                put_varint(out, len(f.payload))
             out += f.payload
         return bytes(out)
+
+
+@dataclass(frozen=True)
+class TemporalBatch(Batch):
+    """TBATCH (v3): a BATCH whose frames carry their kind (KEY / COND / SAME), decoded in order against the
+    connection's reference (taskcodec.coding.temporal). Only in a session whose WELCOME granted CAP_TEMPORAL."""
+    TYPE = 0x07
 
 
 @dataclass(frozen=True)
@@ -238,13 +284,23 @@ class Error:
 @dataclass(frozen=True)
 class Welcome:
     version: int = VERSION
+    capabilities: int = 0   # v3: what the server grants of the HELLO's capabilities
     TYPE = 0x06
 
     def encode(self) -> bytes:
-        return bytes([self.TYPE, self.version])
+        out = bytearray([self.TYPE, self.version])
+        if self.version >= 3:
+            put_varint(out, self.capabilities)
+        elif self.capabilities:
+            raise ValueError("a version-2 WELCOME carries no capabilities")
+        return bytes(out)
+
+    @property
+    def temporal(self) -> bool:
+        return bool(self.capabilities & CAP_TEMPORAL)
 
 
-Message = Hello | Batch | Ack | Reject | Error | Welcome
+Message = Hello | Batch | TemporalBatch | Ack | Reject | Error | Welcome
 REPLY_TYPES = (Ack, Reject, Error, Welcome)
 
 
@@ -264,7 +320,8 @@ def _read_message(r: Reader) -> Message:
     if kind == Hello.TYPE:
         version = r.u8()
         if version not in SUPPORTED_VERSIONS:
-            raise WireError(f"wire version {version} is not supported: this side speaks version {VERSION} "
+            raise WireError(f"wire version {version} is not supported: this side speaks version {VERSION} (and "
+                            f"accepts version 2) "
                             f"(update the camera's taskcodec runtime or firmware library)")
         tag = r.take(8)
         cam_raw = r.take(r.u8())
@@ -274,8 +331,15 @@ def _read_message(r: Reader) -> Message:
             raise WireError("camera id is not utf-8") from exc
         if not cam:
             raise WireError("empty camera id")
-        return Hello(tag, cam, r.take(r.u8()), version)
-    if kind == Batch.TYPE:
+        token = r.take(r.u8())
+        caps, rtag = 0, b""
+        if version >= 3:
+            caps = r.varint(MAX_CAPABILITIES)
+            if caps & CAP_TEMPORAL:
+                rtag = r.take(8)
+        return Hello(tag, cam, token, version, caps, rtag)
+    if kind in (Batch.TYPE, TemporalBatch.TYPE):
+        temporal = kind == TemporalBatch.TYPE
         epoch, first, count = r.varint(MAX_EPOCH), r.varint(MAX_SEQ), r.varint(MAX_FRAMES_PER_BATCH)
         if count == 0:
             raise WireError("empty batch")
@@ -287,8 +351,16 @@ def _read_message(r: Reader) -> Message:
             ts += r.svarint(2 * MAX_ABS_TS_MS)
             if abs(ts) > MAX_ABS_TS_MS:
                 raise WireError(f"capture time {ts} ms outside ±{MAX_ABS_TS_MS}")
-            frames.append(Frame(first + i, ts, r.take(r.varint(MAX_FRAME_BYTES))))
-        return Batch(epoch, frames)
+            if temporal:
+                tagged = r.varint(MAX_FRAME_BYTES << 2 | 3)
+                fkind = tagged & 3
+                if fkind not in (KEY, COND, SAME) or (fkind == SAME and tagged >> 2):
+                    raise WireError(f"frame kind {fkind} with {tagged >> 2} payload bytes (KEY 0, COND 1, SAME 2 "
+                                    "with no payload)")
+                frames.append(Frame(first + i, ts, r.take(tagged >> 2), fkind))
+            else:
+                frames.append(Frame(first + i, ts, r.take(r.varint(MAX_FRAME_BYTES))))
+        return TemporalBatch(epoch, frames) if temporal else Batch(epoch, frames)
     if kind == Ack.TYPE:
         return Ack(r.varint(MAX_EPOCH), r.varint(MAX_SEQ), r.varint(MAX_FRAMES_PER_BATCH))
     if kind == Reject.TYPE:
@@ -296,7 +368,8 @@ def _read_message(r: Reader) -> Message:
     if kind == Error.TYPE:
         return Error(r.u8(), _text(r))
     if kind == Welcome.TYPE:
-        return Welcome(r.u8())
+        version = r.u8()
+        return Welcome(version, r.varint(MAX_CAPABILITIES) if version >= 3 else 0)
     raise WireError(f"unknown message type 0x{kind:02x}")
 
 
@@ -347,6 +420,6 @@ def split_ingest_body(body: bytes) -> tuple[Hello, bytes]:
 def decode_ingest_body(body: bytes) -> tuple[Hello, Batch]:
     hello, rest = split_ingest_body(body)
     batch = decode(rest)
-    if not isinstance(batch, Batch):
+    if not isinstance(batch, Batch):  # a TemporalBatch is a Batch
         raise WireError(f"an ingest body is HELLO || BATCH, got HELLO || {type(batch).__name__}")
     return hello, batch

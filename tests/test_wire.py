@@ -86,7 +86,7 @@ def test_version_1_hello_is_refused_with_a_clear_reason():
     v1[1] = 1
     with pytest.raises(wire.WireError, match="wire version 1 is not supported.*version 2"):
         wire.decode(bytes(v1))
-    assert wire.decode(wire.Welcome().encode()) == wire.Welcome(2)
+    assert wire.decode(wire.Welcome(2).encode()) == wire.Welcome(2)
 
 
 def test_ingest_body_and_reply_framing():
@@ -109,7 +109,8 @@ def test_ingest_body_and_reply_framing():
         wire.decode_replies(wire.encode_replies(replies)[:-1])
     with pytest.raises(wire.WireError, match="unexpected"):
         wire.decode_replies(wire.Welcome().encode())
-    assert len(wire.Hello(b"\x00" * 8, "c" * 255, b"t" * 255).encode()) == wire.MAX_HELLO_BYTES
+    assert len(wire.Hello(b"\x00" * 8, "c" * 255, b"t" * 255, capabilities=wire.MAX_CAPABILITIES,
+                          residual_tag=b"r" * 8).encode()) == wire.MAX_HELLO_BYTES
 
 
 def test_concatenated_garbage_raises_wire_error_only():

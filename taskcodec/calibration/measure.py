@@ -70,18 +70,21 @@ class Comparison:
                 **gate.check(self.fp32["correct"], int8["correct"], len(self.labels))}, session
 
 
-def interleaved_latency(sessions: dict, frames: np.ndarray, batch: int, rounds: int = 10, repeats: int = 5
-                        ) -> dict[str, float]:
+def interleaved_latency(sessions: dict, frames: np.ndarray, batch: int, rounds: int = 10, repeats: int = 5,
+                        shuffle: int | None = None) -> dict[str, float]:
     """Per-frame ms at this batch size for each session, measured in alternation (A x repeats, B x repeats, A ...)
-    so that load from other processes hits all of them alike: median over rounds of the median over repeats."""
+    so that load from other processes hits all of them alike: median over rounds of the median over repeats.
+    ``shuffle``: a seed to draw a new order every round (many sessions: no session always runs first)."""
     x = frames[:batch]
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     for k, s in sessions.items():
         for _ in range(3):
             s.run(None, feeds[k])
     per: dict[str, list[float]] = {k: [] for k in sessions}
+    order, rng = list(sessions), None if shuffle is None else np.random.default_rng(shuffle)
     for _ in range(rounds):
-        for k, s in sessions.items():
+        for k in (order if rng is None else rng.permutation(order)):
+            s = sessions[k]
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()

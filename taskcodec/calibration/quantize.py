@@ -15,7 +15,20 @@ from taskcodec.calibration.frames import FrameReader
 from taskcodec.calibration.schemes import FROZEN_DEFAULT, Scheme
 from taskcodec.providers import ort_session, run_batched
 
-CHUNK_BATCHES = 4  # calibrate 4 batches (128 frames) at a time: bounded memory for any number of frames
+# ORT's calibrators keep every activation of the frames they collect in memory, which grows with the input size:
+# collect at most this many input values at once (4 batches of 32 RGB frames of 160 px: MobileNetV2 fits in a few
+# GB). Small inputs are collected in one go (the 28 px trained encoder: all 512 frames).
+CHUNK_VALUES = 4 * 32 * 160 * 160 * 3
+
+
+def chunk_batches(reader: FrameReader, frames: np.ndarray) -> int:
+    """How many of the reader's batches to calibrate at once: as many as CHUNK_VALUES allows, a divisor of their
+    number (ORT's strided calibration needs one)."""
+    per_batch = max(1, len(frames) // max(len(reader), 1)) * int(np.prod(frames.shape[1:]))
+    chunk = min(max(1, CHUNK_VALUES // per_batch), max(len(reader), 1))
+    while len(reader) % chunk:
+        chunk -= 1
+    return chunk
 
 
 def quantize(fp32: Path, out: Path, calib_frames: np.ndarray, scheme: Scheme = FROZEN_DEFAULT) -> Path:
@@ -29,11 +42,12 @@ def quantize(fp32: Path, out: Path, calib_frames: np.ndarray, scheme: Scheme = F
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         reader = FrameReader(ort_session(pre).get_inputs()[0].name, calib_frames)
-        kwargs["extra_options"]["CalibStridedMinMax"] = CHUNK_BATCHES if len(reader) % CHUNK_BATCHES == 0 else len(reader)
+        chunk = chunk_batches(reader, calib_frames)
+        kwargs["extra_options"]["CalibStridedMinMax"] = chunk
         with one_thread_sessions():
             if scheme.histogram_ranges:  # ranges computed here, given as ORT's calibration cache
                 kwargs["calibration_cache_path"] = histogram_ranges(pre, reader, kwargs["op_types_to_quantize"],
-                                                                    Path(tmp) / "ranges.json", scheme)
+                                                                    Path(tmp) / "ranges.json", scheme, chunk)
             quantize_static(str(pre), str(out), reader, nodes_to_exclude=fp32_nodes(pre, scheme), **kwargs)
     if scheme.latent_correction:
         correct_latents(fp32, out, calib_frames)
@@ -167,9 +181,9 @@ def _percentile_range(hist: np.ndarray, edges: np.ndarray, lowest: float, highes
 
 
 def histogram_ranges(model: Path, reader: FrameReader, op_types: list[str], out: Path,
-                     scheme: Scheme, num_bins: int = 2048) -> Path:
+                     scheme: Scheme, chunk: int, num_bins: int = 2048) -> Path:
     """Activation ranges from signed 2048-bin histograms of the calibration frames (ORT's entropy collector,
-    ``CHUNK_BATCHES`` batches at a time), written as an ORT calibration cache for ``quantize_static(calibration_cache_path=...)``.
+    ``chunk`` batches at a time), written as an ORT calibration cache for ``quantize_static(calibration_cache_path=...)``.
     ``percentile``: ``scheme.percentile`` for ReLU6 outputs and ``scheme.percentile_linear`` for the other tensors
     (linear-bottleneck conv outputs, residual sums, whose rare outliers cost the most resolution); ``mse``: each
     tensor's own uint8 MSE optimum (``_mse_range``)."""
@@ -182,8 +196,8 @@ def histogram_ranges(model: Path, reader: FrameReader, op_types: list[str], out:
         calibrator = create_calibrator(Path(model), op_types, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=CalibrationMethod.Entropy,
                                        extra_options={"num_bins": num_bins})
-        for start in range(0, len(reader), CHUNK_BATCHES):
-            reader.set_range(start, min(start + CHUNK_BATCHES, len(reader)))
+        for start in range(0, len(reader), chunk):
+            reader.set_range(start, min(start + chunk, len(reader)))
             calibrator.collect_data(reader)
         histograms = calibrator.collector.histogram_dict
         del calibrator

@@ -17,8 +17,8 @@ from taskcodec.calibration.frozen_cli import EVAL
 def export(run: Path = typer.Argument(..., help="run folder from `taskcodec frozen train`"),
            out: Path = typer.Option(..., "--out", help="bundle folder to write"),
            int8: bool = typer.Option(True, help="also calibrate an int8 encoder with the measured default scheme "
-                                                "(training.frozen_int8.DEFAULT_SCHEME) and add it if it passes; "
-                                                "`taskcodec frozen int8 BUNDLE --write` tries other schemes"),
+                                                "(calibration.frozen_int8.DEFAULT_SCHEME) and add it if the accuracy "
+                                                "gate passes; `taskcodec frozen int8 BUNDLE --write` tries others"),
            eval_frames: int = EVAL,
            report: Path = typer.Option(Path("bench/results/transfer_int8.json"), help="int8 report (JSON)"),
            weights: Optional[Path] = WEIGHTS) -> None:

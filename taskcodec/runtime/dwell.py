@@ -48,7 +48,7 @@ class DwellCamera(Source):
 
     def __init__(self, query: dict[str, str], **options):
         from taskcodec.data import load_fashion_mnist
-        from taskcodec.runtime.sources import parse_size
+        from taskcodec.runtime.source import parse_size
 
         unknown = set(query) - KNOWN
         if unknown:

@@ -25,6 +25,19 @@ class CapturedFrame:
     label: int | None = None  # ground truth where the source knows it (virtual camera)
 
 
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """'640x480' -> (640, 480) (width, height)."""
+    if text is None or text == "":
+        return None
+    try:
+        w, h = (int(v) for v in str(text).lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise ValueError(f"size must be WIDTHxHEIGHT like 640x480, got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return w, h
+
+
 class Source:
     """Base class: subclasses implement ``_read`` (next image and label, or None at the end) and ``_rewind``."""
 

@@ -25,24 +25,11 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from taskcodec.runtime.source import CapturedFrame, Source, SourceError  # noqa: F401  (re-exported)
+from taskcodec.runtime.source import CapturedFrame, Source, SourceError, parse_size  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm"}
-
-
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """'640x480' -> (640, 480) (width, height)."""
-    if text is None or text == "":
-        return None
-    try:
-        w, h = (int(v) for v in str(text).lower().replace("×", "x").split("x"))
-    except ValueError:
-        raise ValueError(f"size must be WIDTHxHEIGHT like 640x480, got {text!r}") from None
-    if w <= 0 or h <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return w, h
 
 
 class OpenCVSource(Source):

@@ -82,6 +82,10 @@ class BundleManifest(_Strict):
     backbone: Optional[dict[str, Any]] = None
     frozen_compressor: Optional[dict[str, Any]] = None
     upgraded_from: Optional[dict[str, Any]] = None
+    # temporal coding (issue 15): {"file", "residual_tag", "key_interval", "same_l1", "fitted_on"}; the residual
+    # tables file has role "residual_tables", is covered by sha256 like every file, and is NOT part of the model id
+    # (adding it keeps the bundle's id and golden vectors): the residual tag binds COND payloads to it instead.
+    temporal: Optional[dict[str, Any]] = None
 
 
 def _manifest_problems(exc: ValidationError) -> str:
@@ -200,6 +204,24 @@ class Bundle:
             raise BundleError(f"tables have a {tables.precision}-bit CDF, the manifest says "
                               f"{self.spec.stream.precision_bits}")
         return tables
+
+    @cached_property
+    def residual_tables(self) -> EntropyTables | None:
+        """The temporal-coding residual tables (None: the bundle has none; `taskcodec bundle add-temporal`)."""
+        if not self.has("residual_tables"):
+            return None
+        tables = EntropyTables.load(self.file("residual_tables"), require_cdf=True)
+        if tables.dim != self.latent_dim:
+            raise BundleError(f"residual tables have {tables.dim} dimensions, the manifest says {self.latent_dim}")
+        return tables
+
+    @property
+    def residual_tag(self) -> bytes | None:
+        """8 bytes naming (model, residual tables): the HELLO's residual tag, the check seed of COND payloads."""
+        from taskcodec.coding.temporal import residual_tag
+
+        tables = self.residual_tables
+        return None if tables is None else residual_tag(self.model_tag, tables)
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, model_id={self.model_id})"

@@ -18,7 +18,8 @@ import numpy as np
 
 from taskcodec.bundle import Bundle, load_bundle
 from taskcodec.coding import RangeCoder
-from taskcodec.coding.temporal import COND, KEY, SAME, TemporalDecoder, TemporalEncoder, fit_residual_tables
+from taskcodec.coding.temporal import (COND, KEY, SAME, TemporalDecoder, TemporalEncoder, fit_residual_tables,
+                                       policy_residuals)
 from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
 
 
@@ -88,20 +89,6 @@ def run_temporal(sym: np.ndarray, key: RangeCoder, res: RangeCoder, tag: bytes, 
         last = out[i] = dec.decode(kind, payload)
         kinds.append(kind)
     return sizes, out, kinds
-
-
-def policy_residuals(sym: np.ndarray, key: RangeCoder, res: RangeCoder, tag: bytes, key_interval: int,
-                     same_l1: int) -> np.ndarray:
-    """The residuals (frame minus reference) of the frames a temporal encoder with this policy would not send as
-    SAME, on a training video."""
-    enc = TemporalEncoder(key, res, tag, key_interval, same_l1)
-    out = []
-    for s in sym:
-        ref = enc.ref
-        kind, _ = enc.encode(s)
-        if ref is not None and kind != SAME:
-            out.append(s - ref)
-    return np.array(out)
 
 
 def window_rates(sizes: np.ndarray, fps: float, window_s: float) -> list[float]:

@@ -65,6 +65,12 @@ class CaptureConfig(BaseModel):
     frames: Optional[int] = Field(None, ge=1)       # stop after this many frames (None: until the source ends)
     drain_timeout: float = Field(30.0, ge=0)        # at the end, wait this long for the spool to empty
     quiet: bool = False
+    # temporal coding (wire v3, runtime/temporal_uplink.py); a budget implies it
+    temporal: bool = False
+    key_interval: Optional[int] = Field(None, ge=1)     # None: the bundle's recommendation
+    same_l1: Optional[int] = Field(None, ge=0)
+    budget_bps: Optional[float] = Field(None, gt=0)     # payload bits per second of capture time
+    budget_window: float = Field(60.0, gt=0)            # the window the budget holds over (within 5 %)
 
     @field_validator("size", mode="before")
     @classmethod
@@ -123,6 +129,7 @@ class CaptureReport:
     drops: dict = field(default_factory=dict)
     error: str | None = None
     labels: list[int | None] = field(default_factory=list)
+    temporal: dict | None = None        # what was sent: kinds, SAME share, payload and wire bits/frame, windows
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +162,16 @@ class CaptureRuntime:
         self.stats = RuntimeStats(camera_id=config.camera_id)
         self.stats.set_depth(self.spool.depth())
         self.uplink = Uplink(self.spool, self.bundle.model_tag, self.uplink_config, self.stats)
+        from taskcodec.runtime.temporal_uplink import TemporalSettings, TemporalTranscoder
+
+        try:  # always present: meters the wire; codes KEY / COND / SAME only with --temporal or --budget-bps
+            self.uplink.temporal = self.stats.temporal = TemporalTranscoder(self.bundle, TemporalSettings(
+                bool(config.temporal or config.budget_bps), config.key_interval, config.same_l1, config.budget_bps,
+                config.budget_window), self.spool)
+        except Exception:
+            self.spool.close()
+            self.source.close()
+            raise
         self.keep_labels = keep_labels
         self.metrics_port: int | None = None
         self._stop = threading.Event()
@@ -221,6 +238,8 @@ class CaptureRuntime:
         crashed = getattr(self.uplink, "crashed", None)
         self.stats.set_depth(self.spool.depth())
         report = self._report(capture_elapsed, drained, error, labels)
+        report.temporal = self.uplink.temporal.summary()
+        self.uplink.temporal.close()
         self.spool.close()
         if crashed is not None:
             raise UplinkCrashed(f"the uplink crashed: {crashed!r}") from crashed

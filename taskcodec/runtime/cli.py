@@ -110,6 +110,11 @@ def capture(
     frames: Optional[int] = typer.Option(None, "--frames", "-n", help="Stop after this many frames."),
     drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="At the end, seconds to wait for acks."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", "-q", help="No live status line."),
+    temporal: Optional[bool] = typer.Option(None, "--temporal/--no-temporal", help="Temporal coding on the uplink (KEY / COND / SAME frames per connection; needs a bundle with residual tables and a v3 server)."),
+    key_interval: Optional[int] = typer.Option(None, "--key-interval", help="Temporal: a key frame at least every K frames (default: the bundle's)."),
+    same_l1: Optional[int] = typer.Option(None, "--same-l1", help="Temporal: send SAME when the symbols are within this L1 distance of the reference (default: the bundle's)."),
+    budget_bps: Optional[float] = typer.Option(None, "--budget-bps", help="Payload bit budget per second (implies --temporal): a token bucket picks SAME / COND / KEY per frame so every window stays within 5 %."),
+    budget_window: Optional[float] = typer.Option(None, "--budget-window", help="Seconds of the window the budget holds over (default 60; the bucket holds 5 % of it)."),
     profile: bool = typer.Option(False, "--profile", help="Print the per-stage time breakdown at the end."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the run's report (JSON) to this file."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings, one camera or a 'cameras:' mapping (flags override it)."),
@@ -174,6 +179,13 @@ def capture(
     typer.echo(f"{result.frames} frames, {result.acked} acked, {result.dropped} dropped, {result.spool_depth} left "
                f"in the spool; {result.fps:.1f} fps, {result.bits_per_frame:.1f} bits/frame, "
                f"peak RSS {result.peak_rss_mb:.0f} MB")
+    t = result.temporal or {}
+    if t.get("temporal"):
+        over = t.get("max_window_over_budget")
+        typer.echo(f"temporal: {t['frames_sent']} frames sent, {t['payload_bits_per_frame']:.1f} payload bits/frame "
+                   f"({t['wire_bits_per_frame']:.1f} on the wire), SAME {100 * t['same_share']:.0f} %, "
+                   f"kinds {t['kinds']}" + (f"; budget {t['budget_bps']:g} bit/s, max {t['budget_window_s']:g} s "
+                                            f"window {over:+.1%}" if over is not None else ""))
     if not result.drained:
         typer.echo(f"{result.spool_depth} frames not acked yet; they stay in {cfg.spool} and are sent next run")
     if profile:

@@ -30,6 +30,7 @@ class RuntimeStats:
     started: float = field(default_factory=time.monotonic)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     drops: dict = field(default_factory=dict)
+    temporal: object = None  # runtime/temporal_uplink.py TemporalTranscoder (its status() joins the status line)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -132,7 +133,8 @@ class StatusLine:
         link = "connected" if s.connected else "offline"
         return (f"{s.camera_id} {(frames - f0) / dt:6.1f} fps  {bits:7.1f} bits/frame  "
                 f"{8 * (nbytes - b0) / dt / 1000:7.2f} kbit/s  spool {s.spool_depth}  dropped {s.dropped}  "
-                f"acked {s.acked}  [{link}]")
+                f"acked {s.acked}  [{link}]"
+                + (f"  {s.temporal.status()}" if getattr(s.temporal, "encoder", None) is not None else ""))
 
     def _run(self) -> None:
         every = self.interval if self.tty else max(self.interval, 10.0)

@@ -146,6 +146,7 @@ class Uplink:
         self._ready = threading.Event()
         self._idle = False
         self._rng = random.Random()
+        self.temporal = None       # runtime/temporal_uplink.py TemporalTranscoder: per-connection temporal coding
 
     # -- thread-side API -------------------------------------------------------------------------------------------
     def start(self) -> "Uplink":
@@ -291,7 +292,8 @@ class Uplink:
         async with connect(cfg.url, open_timeout=cfg.open_timeout, compression=None, max_size=1 << 20,
                            proxy=None, ping_interval=cfg.ping_interval, ping_timeout=cfg.ping_interval,
                            close_timeout=5) as ws:
-            hello = wire.Hello(self.model_tag, cfg.camera_id, cfg.token)
+            hello = wire.Hello(self.model_tag, cfg.camera_id, cfg.token,
+                               **(self.temporal.hello_fields() if self.temporal is not None else {}))
             await ws.send(hello.encode())
             reply = wire.decode(await asyncio.wait_for(ws.recv(), cfg.open_timeout))
             if isinstance(reply, wire.Error):
@@ -299,6 +301,8 @@ class Uplink:
             if not isinstance(reply, wire.Welcome):
                 raise _Retry(f"expected WELCOME, got {type(reply).__name__}")
             self.sessions += 1
+            if self.temporal is not None:
+                self.temporal.start_connection(reply)  # a new connection: the next frame is a KEY frame
             self.stats.set_connected(True)
             log.info("uplink connected to %s as %s", cfg.url, cfg.camera_id)
             self._ws = ws
@@ -350,6 +354,8 @@ class Uplink:
                 outstanding[key] = ({f.seq for f in batch.frames}, time.monotonic(), len(batch.frames))
                 sent_upto = (batch.epoch, batch.frames[-1].seq)
                 await ws.send(data)
+                if self.temporal is not None:
+                    self.temporal.sent(batch, data)
 
         async def receiver() -> None:
             async for raw in ws:
@@ -359,6 +365,10 @@ class Uplink:
                 if isinstance(msg, (wire.Ack, wire.Reject)):
                     progress[0] = time.monotonic()
                     rtt = self._settle(outstanding, msg)
+                    if self.temporal is not None:
+                        self.temporal.settled(msg.epoch, msg.first_seq, msg.count)
+                        if isinstance(msg, wire.Reject):
+                            self.temporal.lost()  # the server may have lost the reference with these frames
                     if isinstance(msg, wire.Ack):
                         self.spool.ack(msg.epoch, msg.first_seq, msg.count)
                         self.stats.ack(msg.count, rtt)
@@ -418,10 +428,20 @@ class Uplink:
                 break
             run.append(f)
             size += len(f.payload) + 8
-        batch = wire.Batch(run[0].epoch, [wire.Frame(f.seq, f.ts_ms, f.payload) for f in run])
+        if self.temporal is not None and self.temporal.active:
+            batch, bad = self.temporal.batch(run)  # KEY / COND / SAME against this connection's reference
+            for f in bad:
+                n = self.spool.drop(f.epoch, f.seq, 1, reason="unencodable: spooled payload does not decode")
+                self.stats.drop(n, "unencodable")
+            if batch is None:
+                return None
+        else:
+            batch = wire.Batch(run[0].epoch, [wire.Frame(f.seq, f.ts_ms, f.payload) for f in run])
         try:
             return batch, batch.encode()
         except ValueError:
+            if self.temporal is not None:
+                self.temporal.lost()  # frames encoded against the reference were not sent
             for f in run:
                 try:
                     wire.Batch(f.epoch, [wire.Frame(f.seq, f.ts_ms, f.payload)]).encode()

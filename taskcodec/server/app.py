@@ -276,7 +276,7 @@ async def _serve_stream(ws: WebSocket, service: IngestService, config: ServerCon
         return
     authenticated()
     raise_max_size(ws.scope, limits.max_message_bytes)
-    await ws.send_bytes(wire.Welcome().encode())
+    await ws.send_bytes(wire.Welcome(hello.version, service.temporal.capabilities(session.temporal)).encode())
     while True:
         try:
             batch = await _expect(ws, service, wire.Batch, limits.revocation_check_s, idle_ok=True)

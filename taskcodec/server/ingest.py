@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from taskcodec.server.auth import RateLimitedLog, authenticate_camera
 from taskcodec.server.classify import Classifier
 from taskcodec.server.config import StorageConfig
 from taskcodec.server.metrics import ServerMetrics
+from taskcodec.server.temporal import TemporalIngest
 from taskcodec.server.storage import (CONFLICT, DUPLICATE, NEW, BatchRows, Storage, StorageDamaged, StorageError,
                                       StorageFull, now_ms)
 from taskcodec import wire
@@ -68,6 +70,7 @@ class Session:
     camera_id: str
     token_hash: str | None
     peer: str = "?"
+    temporal: Any = field(default=None, compare=False, repr=False)  # server/temporal.py: this connection's reference
 
 
 @dataclass
@@ -146,6 +149,7 @@ class IngestService:
         self.model_id = bundle.model_id
         self.model_tag = bundle.model_tag
         self.coder = RangeCoder(bundle.tables)
+        self.temporal = TemporalIngest(bundle, self.coder)  # wire v3 TBATCH decoding (KEY / COND / SAME)
         self.classifier = Classifier(bundle)
         self.metrics = metrics or ServerMetrics()
         self.microbatch = microbatch
@@ -184,7 +188,7 @@ class IngestService:
                                      f"{hello.model_tag.hex()}; install bundle {self.model_id} on the camera")
         if self.state.state != "ok":
             return None, self.busy()
-        return Session(camera.id, camera.token_hash, peer), None
+        return Session(camera.id, camera.token_hash, peer, self.temporal.grant(hello)), None
 
     def check_hello(self, hello: wire.Hello, peer: str = "?") -> wire.Error | None:
         """None when the camera may upload on this connection, else the Error to send before closing."""
@@ -273,15 +277,18 @@ class IngestService:
         jobs = [(Session(s, None) if isinstance(s, str) else s, b) for s, b in jobs]
         symbols: list[np.ndarray] = []
         decoded: list[list[tuple[wire.Frame, int] | tuple[wire.Frame, StreamError]]] = []
-        for _, batch in jobs:
+        endings: list[wire.Error | None] = []  # server/temporal.py: RESYNC after the frames decoded
+        for session, batch in jobs:
             out = []
-            for f in batch.frames:
-                try:
-                    symbols.append(decompress(f.payload, coder, tag))
+            frames, ending = self.temporal.decode(session.temporal, batch, tag)  # KEY-equivalent payloads
+            for f, s in frames:
+                if isinstance(s, StreamError):
+                    out.append((f, s))
+                else:
+                    symbols.append(s)
                     out.append((f, len(symbols) - 1))
-                except StreamError as exc:
-                    out.append((f, exc))
             decoded.append(out)
+            endings.append(ending)
         pred = conf = None
         if symbols:
             pred, conf = self.classifier.predict(np.stack(symbols))
@@ -297,7 +304,7 @@ class IngestService:
         m = self.metrics
         new_rows = []
         replies = []
-        for (session, batch), out, item, status in zip(jobs, decoded, items, statuses):
+        for (session, batch), out, item, status, ending in zip(jobs, decoded, items, statuses, endings):
             if status is None:
                 replies.append([self.revoked(session)])
                 continue
@@ -333,7 +340,9 @@ class IngestService:
                 self.refusals_log.warning(f"{session.camera_id}:frames:{name}", "event=rejected " + kv(
                     camera=session.camera_id, model=model_id, peer=session.peer, epoch=batch.epoch,
                     frames=len(rejected), code=name, reason=rejected[0][1]))
-            replies.append(self._replies(batch, outcome))
+            replies.append(self._replies(batch, outcome) if outcome else [])
+            if ending is not None:
+                replies[-1].append(self.refuse(ending.code, ending.reason))
         if new_rows:
             m.frames_stored.inc(len(new_rows))
             observe = m.capture_to_stored.observe

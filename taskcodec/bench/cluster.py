@@ -273,6 +273,7 @@ def run(bundle_path: str | None, cameras: list[int], gateways: list[int], worker
         with LocalCluster([bundle.path], gateways=0, workers=0, nats_nodes=0) as c:
             queries = query_latencies(c.pg_dsn, query_rows, log=log)
     result = {"machine": machine_info(), "time": utc_now(), "bundle": bundle.model_id,
+              "load_avg_1min_at_end": os.getloadavg()[0],
               "payload_bytes_mean": float(np.mean([len(p) for p in payloads])), "rows": rows, "queries": queries,
               "note": "server-side CPU = gateways + workers + 3 nats-server nodes (JetStream R3) + PostgreSQL, all on "
                       "this machine together with the load generator"}
@@ -296,9 +297,12 @@ def markdown(result: dict[str, Any]) -> str:
         c = r["cpu_s_per_1000_frames"]
         rows.append({**r, "gw": c["gateway"], "wk": c["worker"], "nats": c["nats"], "pg": c["postgres"]})
     return (f"# Scale-out cluster: throughput and server CPU\n\n{machine_line(result['machine'])}; {result['time']}; "
-            f"bundle {result['bundle']}, mean payload {result['payload_bytes_mean']:.1f} B. {result['note']}. "
+            f"bundle {result['bundle']}, mean payload {result['payload_bytes_mean']:.1f} B. {result['note']}"
+            + (f" (load average {result['load_avg_1min_at_end']:.1f} at the end: other jobs shared the CPU)"
+               if "load_avg_1min_at_end" in result else "") + ". "
             "Per-component columns are CPU-seconds per 1000 frames.\n\n"
-            + markdown_table(rows, cols, {k: ".1f" if k.endswith("ms") else ".3g" for k, _ in cols}) + "\n"
+            + markdown_table(rows, cols, {k: ".1f" if k.endswith("ms") else "d" if k in ("cameras", "gateways", "workers",
+                                          "lost") else ".3g" for k, _ in cols}) + "\n"
             + _queries_md(result.get("queries")))
 
 

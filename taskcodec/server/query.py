@@ -359,6 +359,12 @@ class FleetStats:
                 c.recent_bytes = c.recent_bytes or 0
             return {k: CameraFigures(**vars(v)) for k, v in sorted(self._cams.items())}
 
+    def warm_up(self) -> None:
+        try:
+            self.refresh()
+        except sqlite3.Error:  # the server is going away, or the file is busy: the next refresh does the work
+            pass
+
     def online(self, c: CameraFigures, now_ms: int | None = None) -> bool:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         return c.last_stored_ms is not None and now_ms - c.last_stored_ms <= self.online_s * 1000
@@ -471,6 +477,9 @@ def install(app: FastAPI) -> None:
     classes = list(getattr(getattr(service, "classifier", None), "classes", None) or [])
     reader = app.state.query_reader = Reader(storage.path, classes)
     stats = app.state.fleet_stats = FleetStats(reader)
+    # The first refresh reads every stored frame once (about 3 s per million on a small box): do it now, in the
+    # background, rather than in the first /metrics scrape or dashboard view (they wait for it if it is still busy).
+    threading.Thread(target=stats.warm_up, name="fleet-figures-warm-up", daemon=True).start()
     app.include_router(router)
     app.add_middleware(StrictQueryParameters, router_app=app)
     metrics = getattr(app.state, "metrics", None) or getattr(service, "metrics", None)

@@ -105,7 +105,7 @@ class Rig:
         log = open(self.root / f"run-{self.runs}.log", "wb")
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
-    def run(self, cmd: list[str], clock: str | None = None, timeout: float = 120.0) -> int:
+    def run(self, cmd: list[str], clock: str | None = None, timeout: float = 300.0) -> int:
         proc = self.start(cmd, clock)
         try:
             return proc.wait(timeout)

@@ -1,8 +1,5 @@
 """Calibration: a real Q/DQ int8 encoder from real frames, the accuracy gate passing and failing, clear bad inputs."""
 
-import json
-
-import numpy as np
 import onnx
 import pytest
 from typer.testing import CliRunner

@@ -187,7 +187,8 @@ def test_bundle_round_trip(trained, tmp_path, monkeypatch):
     assert bundle.manifest["frozen_compressor"]["onnx_torch_symbol_agreement"] == 1.0
     bundle = load_bundle(bundle.path)
     assert verify_golden(bundle).ok and bundle.latent_dim == 1280 and bundle.input.channels == 3
-    onnx_symbols = run_batched(ort_session(bundle.encoder_path()), render(load_dataset("fashion_mnist").images[:8], SIZE))
+    frames = render(load_dataset("fashion_mnist").images[:8], SIZE)
+    onnx_symbols = run_batched(ort_session(bundle.encoder_path()), frames)
     assert onnx_symbols.dtype == np.int32 and onnx_symbols.shape == (8, 1280)
     coder = RangeCoder(bundle.tables)
     for s in onnx_symbols:

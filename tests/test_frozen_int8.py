@@ -111,7 +111,8 @@ def test_default_scheme_fuses_every_int8_conv_and_keeps_symbols_close(bundle, tm
     assert np.corrcoef(s8.ravel(), s32.ravel())[0, 1] > 0.9
     np.testing.assert_array_equal(run(session(path), frames), s8)  # deterministic
     # a ReLU6 left in fp32 costs a DQ -> Clip -> Q round trip between two int8 convs: graph_check sees each one
-    clip = quantize(bundle.encoder_path(), tmp_path / "clip.onnx", calib, Scheme(ops=("Conv", "Add"), fp32_first_convs=1))
+    clip = quantize(bundle.encoder_path(), tmp_path / "clip.onnx", calib,
+                    Scheme(ops=("Conv", "Add"), fp32_first_convs=1))
     assert graph_check(clip)["dq_to_q_round_trips"] == 33  # 35 ReLU6: the first conv's is fp32, the last ends it
     assert DEFAULT_SCHEME.to_dict()["ops"] == ["Conv", "Clip", "Add"]
 

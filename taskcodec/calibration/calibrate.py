@@ -80,7 +80,8 @@ def calibrate(bundle: Bundle, calib_frames: np.ndarray, eval_frames: np.ndarray,
     with tempfile.TemporaryDirectory() as tmp:
         sessions, measured, paths = {"fp32": ref.fp32_session}, {}, {}
         for scheme in schemes:
-            paths[scheme.name] = quantize(bundle.encoder_path(), Path(tmp) / f"{scheme.name}.onnx", calib_frames, scheme)
+            path = Path(tmp) / f"{scheme.name}.onnx"
+            paths[scheme.name] = quantize(bundle.encoder_path(), path, calib_frames, scheme)
             measured[scheme.name], sessions[scheme.name] = ref.compare(paths[scheme.name], gate)
         latency = {b: interleaved_latency(sessions, eval_frames, b, rounds=latency_rounds, repeats=20, shuffle=0)
                    for b in (1, 32)}

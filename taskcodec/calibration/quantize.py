@@ -56,8 +56,8 @@ def quantize(fp32: Path, out: Path, calib_frames: np.ndarray, scheme: Scheme = F
 
 def fp32_nodes(model_path: Path, scheme: Scheme = FROZEN_DEFAULT) -> list[str]:
     """Names of the nodes the scheme keeps in fp32: the tail after the last conv's activation (pooling, affine,
-    Round; ``fp32_tail``), everything before the ``fp32_first_convs + 1``-th conv (one fp32 prefix: no round trip), the last
-    ``fp32_last_convs`` convs (from there on everything), depthwise convs."""
+    Round; ``fp32_tail``), everything before the ``fp32_first_convs + 1``-th conv (one fp32 prefix: no round trip),
+    the last ``fp32_last_convs`` convs (from there on everything), depthwise convs."""
     import onnx
 
     nodes = onnx.load(str(model_path)).graph.node
@@ -183,7 +183,8 @@ def _percentile_range(hist: np.ndarray, edges: np.ndarray, lowest: float, highes
 def histogram_ranges(model: Path, reader: FrameReader, op_types: list[str], out: Path,
                      scheme: Scheme, chunk: int, num_bins: int = 2048) -> Path:
     """Activation ranges from signed 2048-bin histograms of the calibration frames (ORT's entropy collector,
-    ``chunk`` batches at a time), written as an ORT calibration cache for ``quantize_static(calibration_cache_path=...)``.
+    ``chunk`` batches at a time), written as an ORT calibration cache for
+    ``quantize_static(calibration_cache_path=...)``.
     ``percentile``: ``scheme.percentile`` for ReLU6 outputs and ``scheme.percentile_linear`` for the other tensors
     (linear-bottleneck conv outputs, residual sums, whose rare outliers cost the most resolution); ``mse``: each
     tensor's own uint8 MSE optimum (``_mse_range``)."""

@@ -55,7 +55,8 @@ def parity_report(source: BundleSource, encoder_onnx: Path, classifier_onnx: Pat
     onnx_pred = run_batched(ort_session(classifier_onnx), onnx_symbols, 1024).argmax(1)
     return {"test_images": int(len(frames)), "latent_entries": int(diff.size),
             "symbol_agreement": float((diff == 0).mean()), "max_symbol_difference": int(diff.max()),
-            "accuracy_torch": float((torch_pred == labels).mean()), "accuracy_onnx": float((onnx_pred == labels).mean())}
+            "accuracy_torch": float((torch_pred == labels).mean()),
+            "accuracy_onnx": float((onnx_pred == labels).mean())}
 
 
 def write_model_bundle(source: BundleSource, out: Path, frames: np.ndarray, labels: np.ndarray, golden_frames: int,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-COLUMNS = [("objective", "objective"), ("augmentations", "invariances"), ("beta", "beta"), ("epochs", "epochs"),
+COLUMNS = [("objective", "objective"), ("augmentations", "invariances"), ("recipe", "recipe"), ("beta", "beta"),
+           ("epochs", "epochs"),
            ("n_train", "train imgs"), ("coded_bits_mean", "coded bits/img"), ("estimated_bits_model", "est. bits/img"),
            ("accuracy_linear", "linear acc"), ("accuracy_mlp", "MLP acc"), ("train_time_s", "train s"),
            ("n_test", "test imgs"), ("run", "run")]
@@ -33,8 +34,23 @@ def run_name(objective: str, beta: float, augmentations: str | None = None, opti
     return f"{objective}-{augmentations.replace('+', '_')}{extra}_beta{beta:g}"
 
 
+def recipe(row: dict) -> str:
+    """What differs from the default recipe (projection head, batch 256, temperature 0.1, no rate warm-up)."""
+    parts = []
+    if row.get("objective") == "bince" and row.get("head_layers", 2) == 0:
+        parts.append("no head")
+    if row.get("batch_size", 256) != 256:
+        parts.append(f"batch {row['batch_size']}")
+    if row.get("objective") == "bince" and row.get("temperature", 0.1) != 0.1:
+        parts.append(f"T={row['temperature']:g}")
+    if row.get("beta_warmup", 0.0):
+        parts.append(f"β warm-up {row['beta_warmup']:g}")
+    return ", ".join(parts)
+
+
 def series_label(row: dict) -> str:
-    return f"{row['objective'].upper()} ({row['augmentations']})"
+    extra = recipe(row)
+    return f"{row['objective'].upper()} ({row['augmentations']}{', ' + extra if extra else ''})"
 
 
 def parse_series(specs: list[str]) -> list[tuple]:
@@ -164,6 +180,8 @@ def collect(runs: list[str | Path], out: str | Path, extra_rows: list[dict] | No
     from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
 
     rows = [_row_from_run(Path(run)) for run in runs] + list(extra_rows or [])
+    for r in rows:
+        r["recipe"] = recipe(r)
     rows.sort(key=lambda r: (r.get("objective", ""), r.get("augmentations", ""), r.get("beta", 0)))
     out = Path(out)
     gain_rows = gains(rows)

@@ -17,6 +17,8 @@ they are exact and touch 784 pixels.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -92,15 +94,54 @@ STAGE_MARGIN = 4  # the integer step stops at >= 4x the target size, so the non-
 
 
 def area_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """INTER_AREA to width x height, through an integer-factor INTER_AREA first when the image is >= 8x larger
-    (see the module docstring)."""
+    """INTER_AREA to width x height: an integer-factor INTER_AREA first when the image is >= 8x larger, then
+    :func:`exact_area` (see the module docstring)."""
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image
+    if w < width or h < height:  # upscaling: not a camera's case; OpenCV's INTER_AREA (bilinear there)
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     fx, fy = w // (STAGE_MARGIN * width), h // (STAGE_MARGIN * height)
     if fx >= 2 or fy >= 2:
         fx, fy = max(fx, 1), max(fy, 1)
         cw, ch = w - w % fx, h - h % fy
         ox, oy = (w - cw) // 2, (h - ch) // 2
         image = cv2.resize(image[oy:oy + ch, ox:ox + cw], (cw // fx, ch // fy), interpolation=cv2.INTER_AREA)
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        h, w = image.shape[:2]
+    if w % width == 0 and h % height == 0:  # integer factor: OpenCV's block mean (integer arithmetic, exact)
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    return exact_area(image, width, height)
+
+
+@functools.lru_cache(maxsize=16)
+def _area_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] integer overlaps: input pixel j covers [j*n_out, (j+1)*n_out) and output pixel i covers
+    [i*n_in, (i+1)*n_in) in units of 1/n_out input pixels; each row sums to n_in."""
+    edges_in = np.arange(n_in + 1) * n_out
+    edges_out = np.arange(n_out + 1) * n_in
+    lo = np.maximum(edges_out[:-1, None], edges_in[None, :-1])
+    hi = np.minimum(edges_out[1:, None], edges_in[None, 1:])
+    weights = np.clip(hi - lo, 0, None).astype(np.float64)
+    weights.setflags(write=False)
+    return weights
+
+
+def exact_area(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area average to width x height (downscaling) in exact integer arithmetic, so every CPU gives the same bytes:
+    OpenCV's non-integer INTER_AREA accumulates in float and rounds differently on x86 and aarch64 (+-1 on a few
+    pixels: scripts/check-aarch64.sh). The weighted sums are integers that the float type holds exactly (below 2**24
+    in float32 for images up to 256x256, else float64), so the matrix products are exact whatever their summation
+    order; the result is rounded half up (OpenCV rounds to nearest as well: equal outputs on random images)."""
+    h, w = image.shape[:2]
+    wy, wx = _area_weights(h, height), _area_weights(w, width)
+    # float32 holds every integer below 2**24 exactly: enough when 255 * h * w is below it (a 256x256 image)
+    exact32 = 255 * h * w < 1 << 24
+    x = image.astype(np.float32 if exact32 else np.float64)
+    if exact32:
+        wy, wx = wy.astype(np.float32), wx.astype(np.float32)
+    if image.ndim == 2:
+        total = wy @ x @ wx.T
+    else:
+        total = np.einsum("ih,hwc,jw->ijc", wy, x, wx, optimize=True)
+    den = h * w
+    return ((total.astype(np.int64) * 2 + den) // (2 * den)).astype(np.uint8)

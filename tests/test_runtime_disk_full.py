@@ -120,3 +120,31 @@ def test_fw_source_without_firmware_honours_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_paced_source_honours_sigterm_between_frames(tmp_path):
+    """--fps 0.1: the source sleeps 10 s between frames; SIGTERM ends the sleep at once (not after the next frame)."""
+    proc = subprocess.Popen(RUNTIME + ["--device", "virtual://fashion-mnist", "--server", "http://127.0.0.1:9",
+                                       "--camera-id", "c", "--spool", str(tmp_path / "s"), "--fps", "0.1",
+                                       "--drain-timeout", "0", "-q", "-v"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        spool = tmp_path / "s" / "spool.sqlite3"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if spool.exists() and sqlite3.connect(spool).execute("SELECT COUNT(*) FROM frames").fetchone()[0]:
+                    break  # the first frame is in: the source now sleeps ~10 s
+            except sqlite3.Error:
+                pass  # the runtime is still creating its spool
+            time.sleep(0.1)
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        assert time.monotonic() - sent < 5, "the source slept through SIGTERM"
+        assert code == 3, proc.stderr.read()  # one frame captured, nothing delivered (no server): exit 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -182,6 +182,9 @@ class CaptureRuntime:
         """Ask :meth:`run` to finish (from another thread or a signal handler); unsent frames stay spooled. A source
         that blocks waiting for frames (the firmware socket) is closed so the loop ends at once."""
         self._stop.set()
+        interrupt = getattr(self.source, "interrupt", None)
+        if interrupt is not None:  # pacing sleeps and reconnect waits of live cameras end at once
+            interrupt()
         if getattr(self.source, "interruptible", False):
             self.source.close()
 

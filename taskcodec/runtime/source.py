@@ -3,6 +3,7 @@ firmware frame socket): a source yields CapturedFrame, paced to ``fps`` and resi
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -50,6 +51,11 @@ class Source:
         self.size = size
         self.fps = fps
         self.loop = loop
+        self.interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Make a blocked or paced iteration end soon (SIGTERM); safe from a signal handler or another thread."""
+        self.interrupted.set()
 
     def _read(self) -> tuple[np.ndarray, int | None] | None:
         raise NotImplementedError
@@ -70,11 +76,11 @@ class Source:
         index = 0
         period = 1.0 / self.fps if self.fps else 0.0
         next_due = time.monotonic()
-        while True:
+        while not self.interrupted.is_set():
             if period:
                 delay = next_due - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                if delay > 0 and self.interrupted.wait(delay):
+                    return
                 next_due = max(next_due + period, time.monotonic() - period)
             item = self._read()
             if item is None and self.loop and self._rewind():

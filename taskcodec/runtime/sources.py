@@ -62,7 +62,7 @@ class OpenCVSource(Source):
 
     def _read(self):
         reopens = 0
-        while True:
+        while not self.interrupted.is_set():
             ok, image = self.cap.read() if self.cap is not None else (False, None)
             if ok and image is not None:
                 self._failures = 0
@@ -71,18 +71,20 @@ class OpenCVSource(Source):
                 return None
             self._failures += 1
             if self._failures < 50:
-                time.sleep(0.02)
+                self.interrupted.wait(0.02)
                 continue
             # a network camera dropped or a USB camera re-enumerated: reopen a few times before giving up
             if reopens >= 5:
                 raise SourceError(f"{self.description} stopped delivering frames (reopened {reopens} times)")
             log.warning("%s delivers no frames; reopening", self.description)
-            time.sleep(min(2 ** reopens, 10))
+            if self.interrupted.wait(min(2 ** reopens, 10)):
+                return None
             reopens += 1
             if self.cap is not None:
                 self.cap.release()
             self.cap = self._open()
             self._failures = 0
+        return None  # interrupted (SIGTERM)
 
     def _rewind(self) -> bool:
         if self.live:

@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from taskcodec import wire
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used (the message names the key)."""
@@ -43,8 +45,8 @@ class TLSConfig(_Strict):
 
 class Limits(_Strict):
     """What a peer may cost the server before and after it has authenticated."""
-    max_hello_bytes: int = Field(1024, ge=64, le=65536, description="largest first WebSocket message (HELLO); a "
-                                 "longer one closes the connection unread (1009)")
+    max_hello_bytes: int = Field(1024, ge=wire.MAX_HELLO_BYTES, le=65536, description="largest first WebSocket "
+                                 "message (HELLO); a longer one closes the connection unread (1009)")
     max_message_bytes: int = Field(64 << 20, ge=1024, description="largest message after authentication")
     max_http_body_bytes: int = Field(16 << 20, ge=1024, description="largest POST /v1/ingest body (read only "
                                      "after its HELLO authenticated)")

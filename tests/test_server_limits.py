@@ -1,7 +1,7 @@
 """Limits before authentication, on the real server subprocess: 200 concurrent unauthenticated connections each
 trying to send 60 MiB (WebSocket first messages and HTTP bodies, from one address and from many) cost the server
 less than 100 MB of RSS while a camera streaming at the same time loses nothing; a HELLO that never comes and a
-request head that never ends are cut off by their deadlines."""
+request head or an ingest body that never ends are cut off by their deadlines."""
 
 import asyncio
 import socket
@@ -27,7 +27,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
     bundle = make_tiny_bundle(root / "bundle")
     cfg = root / "server.yaml"
-    cfg.write_text("limits:\n  handshake_timeout_s: 1.5\n  http_header_timeout_s: 1.5\n")
+    cfg.write_text("limits:\n  handshake_timeout_s: 1.5\n  http_header_timeout_s: 1.5\n  http_body_timeout_s: 1.5\n")
     with ServerProcess(bundle.path, root / "frames.db", "--config", str(cfg)) as srv:
         yield bundle, srv
 
@@ -116,6 +116,14 @@ def test_hello_and_request_head_deadlines(env):
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         t0 = time.monotonic()
         assert s.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - t0 < 5
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:  # an ingest body that never ends
+        s.sendall(b"POST /v1/ingest HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n\x01\x02")
+        t0 = time.monotonic()
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 408") and b"not received within" in data, data[:300]
         assert time.monotonic() - t0 < 5
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:  # a first message over 1 KiB
         s.sendall(UPGRADE)

@@ -2,6 +2,7 @@
 free loopback port with its own config) and to a webhook; a real paho-mqtt subscriber receives them, and they say
 what the database says. A webhook that hangs never holds up ingest."""
 
+import getpass
 import hashlib
 import hmac
 import json
@@ -222,3 +223,51 @@ def test_a_bad_events_configuration_stops_the_server_with_the_key_named(tmp_path
     monkeypatch.setenv("TASKCODEC_EVENTS_CONFIG", str(config))
     with pytest.raises(ServerError, match="webhok: unknown key"):
         ServerProcess(bundle.path, tmp_path / "frames.db").start()
+
+
+def test_a_broker_with_passwords(tmp_path, monkeypatch):
+    """Credentials in the URL (percent-encoded) reach the broker; a wrong password only loses events, never frames."""
+    port = _free_port()
+    passwords = tmp_path / "passwd"
+    for user, password in (("taskcodec", "p@ss:w/rd"), ("ha", "ha-secret")):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if user == "taskcodec" else []), str(passwords), user,
+                        password], check=True, capture_output=True, timeout=30)
+    conf = tmp_path / "mosquitto.conf"
+    # user: started as root, mosquitto would drop to user 'mosquitto', which cannot read pytest's private tmp dir
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"
+                    f"persistence false\nlog_dest stderr\nuser {getpass.getuser()}\n")
+    broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    try:
+        def up():
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        _wait_for(up, 15, "mosquitto to listen")
+        sub = Subscriber.__new__(Subscriber)
+        sub.messages, sub.connected = [], threading.Event()
+        sub.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sub-auth")
+        sub.client.username_pw_set("ha", "ha-secret")
+        sub.client.on_connect = lambda c, *_: (c.subscribe("taskcodec/+/events", 1), sub.connected.set())
+        sub.client.on_message = lambda c, u, m: sub.messages.append((m.topic, m.payload.decode(), m.retain))
+        sub.client.connect("127.0.0.1", port)
+        sub.client.loop_start()
+        assert sub.connected.wait(15)
+        time.sleep(0.3)
+        monkeypatch.setenv("TASKCODEC_EVENTS_MODE", "frame")
+        for password, expect in (("p%40ss%3Aw%2Frd", 20), ("wrong", 0)):
+            monkeypatch.setenv("TASKCODEC_EVENTS_MQTT", f"mqtt://taskcodec:{password}@127.0.0.1:{port}")
+            db = tmp_path / f"frames-{expect}.db"
+            with ServerProcess(bundle.path, db) as srv:
+                _stream(srv, bundle, f"cam-{expect}", srv.add_camera(f"cam-{expect}"), 20, seed=1)  # all acked
+                if expect:
+                    _wait_for(lambda: len(sub.events()) >= expect, 30, "events through the authenticated broker")
+                else:
+                    time.sleep(2)
+                    assert "event=mqtt_refused" in srv.log_path.read_text()
+            assert len(_db(db)) == 20
+        assert sorted(e["seq"] for _, e in sub.events()) == list(range(20))
+        assert {e["camera"] for _, e in sub.events()} == {"cam-20"}
+        sub.close()
+    finally:
+        broker.terminate()
+        broker.wait(10)

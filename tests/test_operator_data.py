@@ -68,6 +68,8 @@ def test_export_calibrate_and_stream_to_a_real_server(trained, tmp_path):
     res = runner.invoke(app, ["export", str(run), "--out", str(tmp_path), "--force"])
     assert res.exit_code == 2 and "not a bundle" in res.output and (tmp_path / "notes.txt").is_file()
 
+    res = runner.invoke(app, ["calibrate", str(bundle_dir)])  # never edits a bundle in place
+    assert res.exit_code == 2 and "--out" in res.output
     calibrated = root / "bundle-int8"
     res = runner.invoke(app, ["calibrate", str(bundle_dir), "--out", str(calibrated), "--methods", "minmax",
                               "--activations", "u8", "--reduce-range", "off", "--budget", "100"])

@@ -131,7 +131,8 @@ def exact_area(image: np.ndarray, width: int, height: int) -> np.ndarray:
     OpenCV's non-integer INTER_AREA accumulates in float and rounds differently on x86 and aarch64 (+-1 on a few
     pixels: scripts/check-aarch64.sh). The weighted sums are integers that the float type holds exactly (below 2**24
     in float32 for images up to 256x256, else float64), so the matrix products are exact whatever their summation
-    order; the result is rounded half up (OpenCV rounds to nearest as well: equal outputs on random images)."""
+    order; the result is rounded to nearest, ties to even, as OpenCV rounds (equal outputs on random images; on exact
+    ties OpenCV's float sums may land on either side)."""
     h, w = image.shape[:2]
     wy, wx = _area_weights(h, height), _area_weights(w, width)
     # float32 holds every integer below 2**24 exactly: enough when 255 * h * w is below it (a 256x256 image)
@@ -143,5 +144,7 @@ def exact_area(image: np.ndarray, width: int, height: int) -> np.ndarray:
         total = wy @ x @ wx.T
     else:
         total = np.einsum("ih,hwc,jw->ijc", wy, x, wx, optimize=True)
-    den = h * w
-    return ((total.astype(np.int64) * 2 + den) // (2 * den)).astype(np.uint8)
+    quotient, remainder = np.divmod(total.astype(np.int64), h * w)
+    twice = 2 * remainder
+    up = (twice > h * w) | ((twice == h * w) & (quotient % 2 == 1))  # to nearest, ties to even (like cvRound)
+    return (quotient + up).astype(np.uint8)

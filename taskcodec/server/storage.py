@@ -437,6 +437,7 @@ class SQLiteStorage:
             try:
                 w.execute("BEGIN IMMEDIATE")
                 tokens: dict[str, str | None] = {}
+                accepted = []
                 for b in batches:
                     if b.token_hash is not None:
                         if b.camera_id not in tokens:
@@ -445,7 +446,23 @@ class SQLiteStorage:
                         if tokens[b.camera_id] != b.token_hash:
                             out.append(None)
                             continue
-                    out.append(self._store_rows(w, b.rows))
+                    out.append([])
+                    accepted.append((len(out) - 1, b))
+                # Fast path (the usual case: every frame is new): one INSERT OR IGNORE for the whole micro-batch. If
+                # any row was already there, undo it and classify row by row.
+                rows = [r for _, b in accepted for r in b.rows]
+                w.execute("SAVEPOINT fast")
+                inserted = w.executemany(self._INSERT.replace("INSERT", "INSERT OR IGNORE", 1), rows).rowcount \
+                    if rows else 0
+                if inserted == len(rows):
+                    w.execute("RELEASE fast")
+                    for i, b in accepted:
+                        out[i] = [NEW] * len(b.rows)
+                else:
+                    w.execute("ROLLBACK TO fast")
+                    w.execute("RELEASE fast")
+                    for i, b in accepted:
+                        out[i] = self._store_rows(w, b.rows)
                 w.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()

@@ -50,7 +50,7 @@ def db_migrate(db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database
 
 @db_app.command("check")
 def db_check(db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
-    """PRAGMA quick_check; exit 1 on a damaged database."""
+    """PRAGMA quick_check; exit 2 with the findings on a damaged database."""
     if not db.is_file():
         _fail(f"no database {db}")
     storage = _storage(db, migrate=False, check=True)

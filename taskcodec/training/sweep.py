@@ -49,6 +49,8 @@ def recipe(row: dict) -> str:
 
 
 def series_label(row: dict) -> str:
+    if row.get("series"):
+        return row["series"]
     extra = recipe(row)
     return f"{row['objective'].upper()} ({row['augmentations']}{', ' + extra if extra else ''})"
 
@@ -119,7 +121,7 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
     if cache is not None and cache.is_file():
         row = json.loads(cache.read_text())
         if row.get("model_id") == bundle.model_id:
-            return row
+            return _bundle_series(row, bundle, bundle_path)
     torch.set_num_threads(1)
     xtr, ytr = load_fashion_mnist("train", data_dir)
     xte, yte = load_fashion_mnist("test", data_dir)
@@ -135,10 +137,21 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
            "estimated_bits_model": float(bundle.tables.estimated_bits(s_te).mean()),
            **probe_accuracies(s_tr, ytr, s_te, yte, cfg.get("probe_epochs", 30), cfg.get("probe_hidden", 512)),
            "train_time_s": bundle.manifest.get("training", {}).get("metrics", {}).get("train_time_s"),
-           "run": f"bundle {bundle_path}", "model_id": bundle.model_id}
+           "run": f"bundle {bundle_path}", "model_id": bundle.model_id,
+           **{k: cfg[k] for k in ("head_layers", "batch_size", "temperature", "beta_warmup") if k in cfg}}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(row, indent=2))
+    return _bundle_series(row, bundle, bundle_path)
+
+
+def _bundle_series(row: dict, bundle, bundle_path) -> dict:
+    """A bundle is its own point on the plot (its training protocol differs from the sweep's runs)."""
+    cfg = bundle.manifest.get("training", {}).get("config", {})
+    row.update({k: cfg[k] for k in ("head_layers", "batch_size", "temperature", "beta_warmup") if k in cfg})
+    row["series"] = (f"bundle {bundle.manifest.get('name', Path(bundle_path).name)}: {row['objective'].upper()} "
+                     f"({row['augmentations']}{', ' + recipe(row) if recipe(row) else ''}), {row['epochs']} epochs "
+                     f"on {row['n_train']}")
     return row
 
 
@@ -165,8 +178,8 @@ def gains(rows: list[dict], reference: str = "vc") -> list[dict]:
     ref = [r for r in rows if r["objective"] == reference]
     out = []
     for r in rows:
-        if r["objective"] == reference:
-            continue
+        if r["objective"] == reference or r.get("series", "").startswith("bundle"):
+            continue  # bundles were trained with another protocol than the sweep's VC runs
         vc_bits = bits_at_accuracy(ref, r["accuracy_mlp"]) if ref else None
         out.append({"series": series_label(r), "beta": r["beta"], "coded_bits_mean": r["coded_bits_mean"],
                     "accuracy_mlp": r["accuracy_mlp"], "vc_bits_at_equal_accuracy": vc_bits,
@@ -218,9 +231,11 @@ def plot(rows: list[dict], path: Path, caption: str = "") -> None:
         groups.setdefault(series_label(r), []).append(r)
     for label, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["coded_bits_mean"])
-        ax.plot([r["coded_bits_mean"] for r in rs], [100 * r["accuracy_mlp"] for r in rs], "o-", label=label)
+        style = "*" if label.startswith("bundle") else "o-"
+        ax.plot([r["coded_bits_mean"] for r in rs], [100 * r["accuracy_mlp"] for r in rs], style, label=label,
+                markersize=10 if style == "*" else 5)
         for r in rs:
-            tag = f"β={r['beta']:g}" + (" (bundle)" if str(r.get("run", "")).startswith("bundle") else "")
+            tag = f"β={r['beta']:g}"
             ax.annotate(tag, (r["coded_bits_mean"], 100 * r["accuracy_mlp"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
     ax.axhline(100 * RAW_CNN_ACCURACY, color="gray", ls="--", lw=0.8)

@@ -191,3 +191,60 @@ def test_config_file_refuses_unknown_and_mistyped_keys_by_name(tmp_path):
     cfg.write_text("port: 9000\nlimits:\n  max_pending: 8\n")
     config = build_config(cfg, {"port": 9100, "host": None})
     assert config.port == 9100 and config.limits.max_pending == 8 and config.host == "127.0.0.1"
+
+
+# Routes anyone may call: health for load balancers, the cameras' own ingest (they authenticate in the HELLO), and
+# the dashboard's login page, logout, static assets and the redirect of / to it.
+PUBLIC = {("GET", "/healthz"), ("POST", "/v1/ingest"), ("WS", "/v1/stream"), ("GET", "/dashboard/login"),
+          ("POST", "/dashboard/login"), ("POST", "/dashboard/logout"), ("MOUNT", "/dashboard/static"),
+          ("GET", "/")}  # / only redirects to /dashboard/
+
+
+def _all_routes(app):
+    """(method, path) of every route of the app, included routers and mounts too (so routes added later by other
+    modules are checked without editing this test)."""
+    def walk(routes, prefix=""):
+        for r in routes:
+            if hasattr(r, "original_router"):  # FastAPI's included router
+                yield from walk(r.original_router.routes, prefix + r.include_context.prefix)
+            elif hasattr(r, "methods") and r.methods:
+                for m in sorted(r.methods - {"HEAD"}):
+                    yield m, prefix + r.path
+            elif type(r).__name__.endswith("WebSocketRoute"):
+                yield "WS", prefix + r.path
+            else:
+                yield "MOUNT", prefix + r.path
+    return sorted(set(walk(app.routes)))
+
+
+def test_no_route_answers_without_credentials(srv, tmp_path):
+    """Every route of the real app but the PUBLIC ones refuses a request without a key (401/403, or a redirect to the
+    dashboard's login page) and lets an admin key through."""
+    import re
+
+    from taskcodec.server.app import create_app
+
+    routes = _all_routes(create_app(srv.bundle_path, tmp_path / "routes.db"))
+    checked = []
+    admin = srv.add_operator("op-routes", "admin")
+    opener = urllib.request.build_opener(type("NoRedirect", (urllib.request.HTTPRedirectHandler,),
+                                              {"redirect_request": lambda *a, **k: None}))
+    for method, path in routes:
+        if (method, path) in PUBLIC:
+            continue
+        assert method != "MOUNT", f"mounted app {path} is not in PUBLIC: say who may see it"
+        url = srv.url + re.sub(r"\{[^}]+\}", "x", path)
+        for key in (None, admin):
+            req = urllib.request.Request(url, method=method, data=b"" if method in ("POST", "PUT") else None,
+                                         headers={"Authorization": f"Bearer {key}"} if key else {})
+            try:
+                with opener.open(req, timeout=30) as r:
+                    code, where = r.status, r.headers.get("Location", "")
+            except urllib.error.HTTPError as exc:
+                code, where = exc.code, exc.headers.get("Location", "")
+            if key is None:
+                assert code in (401, 403) or (code in (302, 303, 307) and "login" in where), (method, path, code)
+            elif not path.startswith("/dashboard"):  # dashboard pages log in with a cookie (their own tests)
+                assert code not in (401, 403), (method, path, code)
+        checked.append((method, path))
+    assert {("GET", "/v1/cameras"), ("GET", "/metrics"), ("GET", "/openapi.json")} <= set(checked), checked

@@ -104,8 +104,8 @@ def write_results(result: dict, out: Path) -> tuple[Path, Path]:
             ("false_alarm_rate", "false alarms (in, held out)"), ("detection_rate", "detected (out)"),
             ("auroc_knn", "AUROC knn (shipped)"), ("auroc_bits", "AUROC coded bits"), ("auroc_msp", "AUROC max-softmax"),
             ("mean_bits_in", "bits in"), ("mean_bits_out", "bits out")]
-    lines = ["# Out-of-domain flag", "",
-             f"`{result['command']}` at {result['measured_at']}. Score shipped in the bundle: mean distance of the "
+    lines = ["# Out-of-domain flag", "", "    " + result["command"], "",
+             f"Measured at {result['measured_at']}. Score shipped in the bundle: mean distance of the "
              "decoded symbols to their 10 nearest training-frame symbols (4096 reference rows); threshold set on "
              "the even half of the in-domain test split for the target false-alarm rate, false alarms measured on "
              "the odd half, detections on each out-of-domain set. AUROC also for the entropy model's coded bits "
@@ -145,7 +145,9 @@ def ood_cmd(
             typer.echo(f"{r['name']} vs {row['out_set']}: false alarms {row['false_alarm_rate']:.4f}, detected "
                        f"{row['detection_rate']:.3f}, AUROC knn {row['auroc_knn']:.4f} / bits {row['auroc_bits']:.4f}"
                        f" / msp {row['auroc_msp']:.4f}")
-    result = {"command": "taskcodec bench ood " + " ".join(sys.argv[3:]), "measured_at": utc_now(),
+    import shlex
+
+    result = {"command": "taskcodec bench ood " + shlex.join(sys.argv[3:]), "measured_at": utc_now(),
               "machine": machine_info(), "bundles": results, "notes": list(note or [])}
     paths = write_results(result, out)
     typer.echo("wrote " + ", ".join(map(str, paths)))

@@ -87,9 +87,27 @@ def _batch_clock_step() -> wire.Batch:
                               wire.Frame(9, 1_700_000_000_000 - YEAR_MS, b"")])
 
 
+RESIDUAL_TAG = bytes.fromhex("86117e7055889966")  # the default bundle's (manifest temporal.residual_tag)
+
+
+def _tbatch() -> wire.TemporalBatch:
+    """v3: a KEY frame, a SAME frame (no payload) and a COND frame (residual symbols coded with the example tables
+    standing in for residual tables, the check seeded with the residual tag)."""
+    cond = compress(np.array([0, 0, 1, 0, 0, 0, -1, 0], np.int32), example_tables(), RESIDUAL_TAG)
+    return wire.TemporalBatch(EPOCH, [wire.Frame(41, 1_700_000_000_000, _stream([0, 1, -1, 0, 2, 0, 0, -1])),
+                                      wire.Frame(42, 1_700_000_000_200, b"", wire.SAME),
+                                      wire.Frame(43, 1_700_000_000_400, cond, wire.COND)])
+
+
 EXAMPLES: dict[str, Callable[[], bytes]] = {
     "hello": lambda: wire.Hello(TAG, "cam-7", b"secret").encode(),
+    "hello_temporal": lambda: wire.Hello(TAG, "cam-7", b"secret", capabilities=wire.CAP_TEMPORAL,
+                                         residual_tag=RESIDUAL_TAG).encode(),
     "welcome": lambda: wire.Welcome().encode(),
+    "welcome_temporal": lambda: wire.Welcome(3, wire.CAP_TEMPORAL).encode(),
+    "welcome_v2": lambda: wire.Welcome(2).encode(),
+    "tbatch": lambda: _tbatch().encode(),
+    "error_resync": lambda: wire.Error(wire.Code.RESYNC, "reconnect").encode(),
     "stream": lambda: _stream([0, 1, -1, 0, 2, 0, 0, -1]),
     "batch": lambda: _batch().encode(),
     "batch_clock_step": lambda: _batch_clock_step().encode(),

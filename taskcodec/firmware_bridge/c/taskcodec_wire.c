@@ -91,13 +91,22 @@ int64_t tcw_unzigzag(uint64_t u)
 int tcw_encode_hello(uint8_t *out, size_t cap, size_t *out_len, const uint8_t model_tag[TCW_MODEL_TAG_BYTES],
                      const char *camera_id, size_t camera_id_len, const uint8_t *token, size_t token_len)
 {
-    size_t need;
+    return tcw_encode_hello_caps(out, cap, out_len, model_tag, camera_id, camera_id_len, token, token_len, 0, NULL);
+}
+
+int tcw_encode_hello_caps(uint8_t *out, size_t cap, size_t *out_len, const uint8_t model_tag[TCW_MODEL_TAG_BYTES],
+                          const char *camera_id, size_t camera_id_len, const uint8_t *token, size_t token_len,
+                          uint32_t capabilities, const uint8_t *residual_tag)
+{
+    size_t need, pos;
     uint8_t *p;
-    if (!out || !out_len || !model_tag || !camera_id || (token_len && !token))
+    int temporal = (capabilities & TCW_CAP_TEMPORAL) != 0;
+    if (!out || !out_len || !model_tag || !camera_id || (token_len && !token) || (temporal && !residual_tag))
         return TCW_E_ARG;
     if (camera_id_len < 1 || camera_id_len > 255 || token_len > 255)
         return TCW_E_ARG;
-    need = 2 + TCW_MODEL_TAG_BYTES + 1 + camera_id_len + 1 + token_len;
+    need = 2 + TCW_MODEL_TAG_BYTES + 1 + camera_id_len + 1 + token_len + varint_size(capabilities) +
+           (temporal ? TCW_RESIDUAL_TAG_BYTES : 0);
     if (cap < need)
         return TCW_E_NOSPACE;
     p = out;
@@ -111,6 +120,11 @@ int tcw_encode_hello(uint8_t *out, size_t cap, size_t *out_len, const uint8_t mo
     *p++ = (uint8_t)token_len;
     if (token_len)
         memcpy(p, token, token_len);
+    p += token_len;
+    pos = (size_t)(p - out);
+    tcw_put_varint(out, cap, &pos, capabilities); /* room checked above */
+    if (temporal)
+        memcpy(out + pos, residual_tag, TCW_RESIDUAL_TAG_BYTES);
     *out_len = need;
     return TCW_OK;
 }
@@ -141,11 +155,28 @@ int tcw_batch_begin(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint
     return TCW_OK;
 }
 
+int tcw_batch_begin_temporal(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint64_t first_seq)
+{
+    int rc = tcw_batch_begin(b, buf, cap, epoch, first_seq);
+    if (rc != TCW_OK)
+        return rc;
+    buf[0] = TCW_TBATCH;
+    b->temporal = 1;
+    return TCW_OK;
+}
+
 int tcw_batch_add(tcw_batch *b, int64_t ts_ms, const uint8_t *payload, size_t payload_len)
 {
-    uint64_t base = 0, delta;
+    return tcw_batch_add_kind(b, ts_ms, TCW_KIND_KEY, payload, payload_len);
+}
+
+int tcw_batch_add_kind(tcw_batch *b, int64_t ts_ms, unsigned kind, const uint8_t *payload, size_t payload_len)
+{
+    uint64_t base = 0, delta, length;
     size_t need, pos, grow;
     if (!b || !b->buf || (payload_len && !payload))
+        return TCW_E_ARG;
+    if (kind > TCW_KIND_SAME || (kind == TCW_KIND_SAME && payload_len) || (!b->temporal && kind != TCW_KIND_KEY))
         return TCW_E_ARG;
     if (b->finished || b->count >= TCW_MAX_FRAMES_PER_BATCH)
         return TCW_E_STATE;
@@ -159,9 +190,9 @@ int tcw_batch_add(tcw_batch *b, int64_t ts_ms, const uint8_t *payload, size_t pa
     } else {
         delta = tcw_zigzag(ts_ms - b->prev_ts); /* both within +-(2^62-1): no overflow */
     }
+    length = b->temporal ? ((uint64_t)payload_len << 2 | kind) : (uint64_t)payload_len;
     grow = b->count == 0x7F; /* the 128th frame makes the count a 2-byte varint */
-    need = grow + (b->count == 0 ? varint_size(base) : 0) + varint_size(delta) + varint_size(payload_len) +
-           payload_len;
+    need = grow + (b->count == 0 ? varint_size(base) : 0) + varint_size(delta) + varint_size(length) + payload_len;
     if (b->cap - b->len < need)
         return TCW_E_NOSPACE;
     if (grow) {
@@ -172,7 +203,7 @@ int tcw_batch_add(tcw_batch *b, int64_t ts_ms, const uint8_t *payload, size_t pa
     if (b->count == 0)
         tcw_put_varint(b->buf, b->cap, &pos, base);
     tcw_put_varint(b->buf, b->cap, &pos, delta);
-    tcw_put_varint(b->buf, b->cap, &pos, payload_len);
+    tcw_put_varint(b->buf, b->cap, &pos, length);
     if (payload_len)
         memcpy(b->buf + pos, payload, payload_len);
     b->len = pos + payload_len;
@@ -259,7 +290,11 @@ int tcw_decode_reply(const uint8_t *msg, size_t len, tcw_reply *out)
     r.type = type;
     switch (type) {
     case TCW_WELCOME:
-        rc = get_u8(msg, len, &pos, &r.version);
+        if ((rc = get_u8(msg, len, &pos, &r.version)) == TCW_OK && r.version >= 3) {
+            uint64_t caps;
+            if ((rc = tcw_get_varint(msg, len, &pos, 0xFFFFFFFFull, &caps)) == TCW_OK)
+                r.capabilities = (uint32_t)caps;
+        }
         break;
     case TCW_ACK:
         rc = get_range(msg, len, &pos, &r);

@@ -1,4 +1,4 @@
-/* taskcodec uplink wire format, version 2 (see docs/wire-format.md; taskcodec/wire.py is the reference).
+/* taskcodec uplink wire format, version 3 (see docs/wire-format.md; taskcodec/wire.py is the reference).
  *
  * C99, no allocation: every function works on caller buffers, checks every bound and returns a tcw_status.
  * Cameras encode HELLO and BATCH and decode the server's replies (WELCOME, ACK, REJECT, ERROR).
@@ -13,7 +13,9 @@
 extern "C" {
 #endif
 
-#define TCW_VERSION 2u
+#define TCW_VERSION 3u
+#define TCW_CAP_TEMPORAL 1u     /* HELLO/WELCOME capability bit (v3): TBATCH frames KEY / COND / SAME */
+#define TCW_RESIDUAL_TAG_BYTES 8u
 #define TCW_MODEL_TAG_BYTES 8u
 #define TCW_MAX_FRAMES_PER_BATCH 4096u
 #define TCW_MAX_FRAME_BYTES 65536u
@@ -31,7 +33,15 @@ enum tcw_type {
     TCW_ACK = 0x03,
     TCW_REJECT = 0x04,
     TCW_ERROR = 0x05,
-    TCW_WELCOME = 0x06
+    TCW_WELCOME = 0x06,
+    TCW_TBATCH = 0x07 /* v3: a BATCH whose frames carry their kind (only after a WELCOME granting TCW_CAP_TEMPORAL) */
+};
+
+/* TBATCH frame kinds (the low 2 bits of each frame's length varint: length << 2 | kind). */
+enum tcw_kind {
+    TCW_KIND_KEY = 0,  /* coded on its own (the ordinary payload) */
+    TCW_KIND_COND = 1, /* the residual to the connection's reference, coded with the bundle's residual tables */
+    TCW_KIND_SAME = 2  /* no payload: the reference stands for this frame too */
 };
 
 /* Reason codes carried by REJECT and ERROR. */
@@ -41,7 +51,8 @@ enum tcw_code {
     TCW_CODE_UNKNOWN_MODEL = 3,
     TCW_CODE_BAD_PAYLOAD = 4,
     TCW_CODE_BUSY = 5,
-    TCW_CODE_CONFLICT = 6 /* REJECT: (camera, epoch, seq) already stored with another payload (v2) */
+    TCW_CODE_CONFLICT = 6, /* REJECT: (camera, epoch, seq) already stored with another payload (v2) */
+    TCW_CODE_RESYNC = 7    /* ERROR (v3): the server lost this connection's reference: reconnect, start with KEY */
 };
 
 /* Return values: 0 is success, every failure is negative. */
@@ -68,9 +79,14 @@ int tcw_get_varint(const uint8_t *buf, size_t len, size_t *pos, uint64_t limit, 
 uint64_t tcw_zigzag(int64_t v);
 int64_t tcw_unzigzag(uint64_t u);
 
-/* HELLO: camera_id is 1..255 bytes of utf-8 (not NUL-terminated necessarily), token 0..255 bytes. */
+/* HELLO (v3): camera_id is 1..255 bytes of utf-8 (not NUL-terminated necessarily), token 0..255 bytes.
+ * tcw_encode_hello asks for no capability; tcw_encode_hello_caps with TCW_CAP_TEMPORAL also sends the 8-byte
+ * residual tag of the bundle's residual tables (manifest "temporal.residual_tag"), NULL otherwise. */
 int tcw_encode_hello(uint8_t *out, size_t cap, size_t *out_len, const uint8_t model_tag[TCW_MODEL_TAG_BYTES],
                      const char *camera_id, size_t camera_id_len, const uint8_t *token, size_t token_len);
+int tcw_encode_hello_caps(uint8_t *out, size_t cap, size_t *out_len, const uint8_t model_tag[TCW_MODEL_TAG_BYTES],
+                          const char *camera_id, size_t camera_id_len, const uint8_t *token, size_t token_len,
+                          uint32_t capabilities, const uint8_t *residual_tag);
 
 /* BATCH, built in place in the caller's buffer as frames arrive:
  *   tcw_batch_begin(&b, buf, cap, epoch, first_seq);
@@ -90,10 +106,15 @@ typedef struct {
     uint32_t count;
     int64_t prev_ts;
     int finished;
+    int temporal; /* a TBATCH (tcw_batch_begin_temporal) */
 } tcw_batch;
 
 int tcw_batch_begin(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint64_t first_seq);
 int tcw_batch_add(tcw_batch *b, int64_t ts_ms, const uint8_t *payload, size_t payload_len);
+/* TBATCH (v3): the same builder; each frame has a kind (tcw_kind; a SAME frame has payload_len 0). Only on a
+ * connection whose WELCOME granted TCW_CAP_TEMPORAL; tcw_batch_add on a TBATCH adds a KEY frame. */
+int tcw_batch_begin_temporal(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint64_t first_seq);
+int tcw_batch_add_kind(tcw_batch *b, int64_t ts_ms, unsigned kind, const uint8_t *payload, size_t payload_len);
 int tcw_batch_finish(tcw_batch *b, size_t *out_len);
 
 /* One-shot BATCH from an array of frames (frame i has sequence number first_seq + i). */
@@ -117,6 +138,7 @@ typedef struct {
     uint64_t count;
     const uint8_t *reason; /* REJECT, ERROR */
     size_t reason_len;
+    uint32_t capabilities; /* WELCOME v3: what the server grants (TCW_CAP_TEMPORAL) */
 } tcw_reply;
 
 int tcw_decode_reply(const uint8_t *msg, size_t len, tcw_reply *out);

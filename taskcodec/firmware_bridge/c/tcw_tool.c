@@ -1,8 +1,9 @@
 /* Line-oriented driver of taskcodec_wire for cross-checks against the Python reference (tests and debugging).
  * One command per stdin line, one answer per stdout line ("ok ..." or "err CODE"); "-" stands for empty hex.
- *   reply HEX                          -> ok TYPE VERSION CODE EPOCH FIRST_SEQ COUNT REASON_HEX
- *   hello CAP TAG_HEX CAMERA_HEX TOKEN_HEX -> ok MESSAGE_HEX
+ *   reply HEX                          -> ok TYPE VERSION CODE EPOCH FIRST_SEQ COUNT REASON_HEX CAPABILITIES
+ *   hello CAP TAG_HEX CAMERA_HEX TOKEN_HEX [CAPABILITIES RESIDUAL_TAG_HEX] -> ok MESSAGE_HEX
  *   batch CAP EPOCH FIRST_SEQ TS:PAYLOAD_HEX ... -> ok MESSAGE_HEX
+ *   tbatch CAP EPOCH FIRST_SEQ TS:KIND:PAYLOAD_HEX ... -> ok MESSAGE_HEX   (v3 TBATCH)
  *   check TAG_HEX PAYLOAD_HEX          -> ok CHECK_HEX
  *   varint CAP VALUE                   -> ok HEX
  * Output buffers are allocated with exactly CAP bytes so that AddressSanitizer catches any write past them. */
@@ -78,7 +79,7 @@ static void cmd_reply(char *arg)
         printf("ok %u %u %u %llu %llu %llu ", r.type, r.version, r.code, (unsigned long long)r.epoch,
                (unsigned long long)r.first_seq, (unsigned long long)r.count);
         print_hex(r.reason, r.reason_len);
-        fputs("\n", stdout);
+        printf(" %u\n", (unsigned)r.capabilities);
     }
     free(msg);
 }
@@ -87,8 +88,9 @@ static void cmd_hello(char *save)
 {
     char *cap_s = strtok_r(NULL, " ", &save), *tag_s = strtok_r(NULL, " ", &save);
     char *cam_s = strtok_r(NULL, " ", &save), *tok_s = strtok_r(NULL, " ", &save);
-    uint8_t *tag = NULL, *cam = NULL, *tok = NULL, *out;
-    size_t tag_len, cam_len, tok_len, cap, len = 0;
+    uint8_t *tag = NULL, *cam = NULL, *tok = NULL, *out, *rtag = NULL;
+    size_t tag_len, cam_len, tok_len, cap, len = 0, rtag_len = 0;
+    char *caps_s, *rtag_s;
     int rc;
     if (!tok_s || unhex(tag_s, &tag, &tag_len) || unhex(cam_s, &cam, &cam_len) || unhex(tok_s, &tok, &tok_len) ||
         tag_len != TCW_MODEL_TAG_BYTES) {
@@ -98,9 +100,18 @@ static void cmd_hello(char *save)
     }
     cap = strtoull(cap_s, NULL, 10);
     out = malloc(cap ? cap : 1);
-    rc = tcw_encode_hello(out, cap, &len, tag, (const char *)cam, cam_len, tok, tok_len);
+    caps_s = strtok_r(NULL, " ", &save);
+    rtag_s = caps_s ? strtok_r(NULL, " ", &save) : NULL;
+    if (caps_s && rtag_s && unhex(rtag_s, &rtag, &rtag_len) == 0 && rtag_len == TCW_RESIDUAL_TAG_BYTES)
+        rc = tcw_encode_hello_caps(out, cap, &len, tag, (const char *)cam, cam_len, tok, tok_len,
+                                   (uint32_t)strtoul(caps_s, NULL, 10), rtag);
+    else if (caps_s)
+        rc = tcw_encode_hello_caps(out, cap, &len, tag, (const char *)cam, cam_len, tok, tok_len,
+                                   (uint32_t)strtoul(caps_s, NULL, 10), NULL);
+    else
+        rc = tcw_encode_hello(out, cap, &len, tag, (const char *)cam, cam_len, tok, tok_len);
     answer(rc, out, len);
-    free(out), free(tag), free(cam), free(tok);
+    free(out), free(tag), free(cam), free(tok), free(rtag);
 }
 
 static void cmd_batch(char *save)
@@ -133,6 +144,51 @@ static void cmd_batch(char *save)
         cap = strtoull(cap_s, NULL, 10);
         out = malloc(cap ? cap : 1);
         rc = tcw_encode_batch(out, cap, &len, strtoull(epoch_s, NULL, 10), strtoull(first_s, NULL, 10), frames, n);
+        answer(rc, out, len);
+        free(out);
+    }
+    for (i = 0; i < n; i++)
+        free(payloads[i]);
+}
+
+static void cmd_tbatch(char *save)
+{
+    char *cap_s = strtok_r(NULL, " ", &save), *epoch_s = strtok_r(NULL, " ", &save);
+    char *first_s = strtok_r(NULL, " ", &save), *item;
+    static int64_t ts[TCW_MAX_FRAMES_PER_BATCH + 1];
+    static unsigned kinds[TCW_MAX_FRAMES_PER_BATCH + 1];
+    static uint8_t *payloads[TCW_MAX_FRAMES_PER_BATCH + 1];
+    static size_t lens[TCW_MAX_FRAMES_PER_BATCH + 1];
+    size_t n = 0, i, cap, len = 0;
+    uint8_t *out;
+    tcw_batch b;
+    int rc, bad = !first_s;
+    while (!bad && (item = strtok_r(NULL, " ", &save)) != NULL) {
+        char *c1 = strchr(item, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+        if (!c2 || n > TCW_MAX_FRAMES_PER_BATCH) {
+            bad = 1;
+            break;
+        }
+        *c1 = 0;
+        *c2 = 0;
+        ts[n] = strtoll(item, NULL, 10);
+        kinds[n] = (unsigned)strtoul(c1 + 1, NULL, 10);
+        if (unhex(c2 + 1, &payloads[n], &lens[n])) {
+            bad = 1;
+            break;
+        }
+        n++;
+    }
+    if (bad || n == 0) {
+        puts("err usage");
+    } else {
+        cap = strtoull(cap_s, NULL, 10);
+        out = malloc(cap ? cap : 1);
+        rc = tcw_batch_begin_temporal(&b, out, cap, strtoull(epoch_s, NULL, 10), strtoull(first_s, NULL, 10));
+        for (i = 0; rc == TCW_OK && i < n; i++)
+            rc = tcw_batch_add_kind(&b, ts[i], kinds[i], payloads[i], lens[i]);
+        if (rc == TCW_OK)
+            rc = tcw_batch_finish(&b, &len);
         answer(rc, out, len);
         free(out);
     }
@@ -184,6 +240,8 @@ int main(void)
             puts("err usage");
         else if (strcmp(cmd, "reply") == 0)
             cmd_reply(strtok_r(NULL, " ", &save));
+        else if (strcmp(cmd, "tbatch") == 0)
+            cmd_tbatch(save);
         else if (strcmp(cmd, "hello") == 0)
             cmd_hello(save);
         else if (strcmp(cmd, "batch") == 0)

@@ -47,9 +47,10 @@ static void test_varint(void)
 
 static void test_hello(void)
 {
-    /* wire.Hello(bytes.fromhex("0123456789abcdef"), "cam-7", b"secret").encode() */
-    static const uint8_t expected[] = {0x01, 0x02, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x05, 'c', 'a',
-                                       'm', '-', '7', 0x06, 's', 'e', 'c', 'r', 'e', 't'};
+    /* wire.Hello(bytes.fromhex("0123456789abcdef"), "cam-7", b"secret").encode(): v3, capabilities 0 */
+    static const uint8_t expected[] = {0x01, 0x03, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x05, 'c', 'a',
+                                       'm', '-', '7', 0x06, 's', 'e', 'c', 'r', 'e', 't', 0x00};
+    static const uint8_t rtag[8] = {0x86, 0x11, 0x7e, 0x70, 0x55, 0x88, 0x99, 0x66};
     uint8_t out[64];
     size_t len = 0;
     char longid[256];
@@ -61,6 +62,36 @@ static void test_hello(void)
     memset(longid, 'x', sizeof(longid));
     EXPECT(tcw_encode_hello(out, sizeof(out), &len, TAG, longid, 256, NULL, 0) == TCW_E_ARG);
     EXPECT(tcw_encode_hello(out, sizeof(out), &len, NULL, "cam", 3, NULL, 0) == TCW_E_ARG);
+    /* v3 temporal: capabilities 1 then the residual tag */
+    EXPECT(tcw_encode_hello_caps(out, sizeof(out), &len, TAG, "cam-7", 5, (const uint8_t *)"secret", 6,
+                                 TCW_CAP_TEMPORAL, rtag) == TCW_OK);
+    EXPECT(len == sizeof(expected) + 8 && memcmp(out, expected, sizeof(expected) - 1) == 0 &&
+           out[sizeof(expected) - 1] == 0x01 && memcmp(out + sizeof(expected), rtag, 8) == 0);
+    EXPECT(tcw_encode_hello_caps(out, sizeof(expected) + 7, &len, TAG, "cam-7", 5, (const uint8_t *)"secret", 6,
+                                 TCW_CAP_TEMPORAL, rtag) == TCW_E_NOSPACE);
+    EXPECT(tcw_encode_hello_caps(out, sizeof(out), &len, TAG, "cam-7", 5, NULL, 0, TCW_CAP_TEMPORAL, NULL) ==
+           TCW_E_ARG);
+}
+
+static void test_tbatch(void)
+{
+    /* wire.TemporalBatch(5, [Frame(100, 1000, b"abc", KEY), Frame(101, 1200, b"", SAME),
+     *                        Frame(102, 1400, b"d", COND)]).encode(): lengths 3 << 2 | 0, 0 << 2 | 2, 1 << 2 | 1 */
+    static const uint8_t expected[] = {0x07, 0x05, 0x64, 0x03, 0xd0, 0x0f, 0x00, 0x0c, 'a', 'b', 'c',
+                                       0x90, 0x03, 0x02, 0x90, 0x03, 0x05, 'd'};
+    uint8_t out[64];
+    size_t len = 0;
+    tcw_batch b;
+    EXPECT(tcw_batch_begin_temporal(&b, out, sizeof(out), 5, 100) == TCW_OK);
+    EXPECT(tcw_batch_add_kind(&b, 1000, TCW_KIND_KEY, (const uint8_t *)"abc", 3) == TCW_OK);
+    EXPECT(tcw_batch_add_kind(&b, 1200, TCW_KIND_SAME, (const uint8_t *)"x", 1) == TCW_E_ARG); /* SAME: no payload */
+    EXPECT(tcw_batch_add_kind(&b, 1200, 3, NULL, 0) == TCW_E_ARG);                          /* kind 3 */
+    EXPECT(tcw_batch_add_kind(&b, 1200, TCW_KIND_SAME, NULL, 0) == TCW_OK);
+    EXPECT(tcw_batch_add_kind(&b, 1400, TCW_KIND_COND, (const uint8_t *)"d", 1) == TCW_OK);
+    EXPECT(tcw_batch_finish(&b, &len) == TCW_OK);
+    EXPECT(len == sizeof(expected) && memcmp(out, expected, len) == 0);
+    EXPECT(tcw_batch_begin(&b, out, sizeof(out), 5, 100) == TCW_OK); /* a plain BATCH carries KEY frames only */
+    EXPECT(tcw_batch_add_kind(&b, 1000, TCW_KIND_COND, (const uint8_t *)"d", 1) == TCW_E_ARG);
 }
 
 static void test_batch(void)
@@ -125,6 +156,8 @@ static void test_replies(void)
     static const uint8_t welcome[] = {0x06, 0x01};
     static const uint8_t error[] = {0x05, 0x02, 0x00};
     static const uint8_t hello[] = {0x01, 0x01};
+    static const uint8_t welcome3[] = {0x06, 0x03, 0x01};
+    static const uint8_t welcome3_short[] = {0x06, 0x03};
     static const uint8_t ack_big_count[] = {0x03, 0x05, 0x64, 0x81, 0x20}; /* 4097 frames */
     static const uint8_t long_reason[] = {0x05, 0x02, 0x81, 0x08};         /* reason of 1025 bytes */
     uint8_t ack_trailing[5];
@@ -135,6 +168,9 @@ static void test_replies(void)
     EXPECT(tcw_decode_reply(ack, sizeof(ack), &r) == TCW_OK && r.type == TCW_ACK && r.count == 50);
     EXPECT(tcw_decode_reply(welcome, sizeof(welcome), &r) == TCW_OK && r.type == TCW_WELCOME && r.version == 1);
     EXPECT(tcw_decode_reply(error, sizeof(error), &r) == TCW_OK && r.code == 2 && r.reason_len == 0);
+    EXPECT(tcw_decode_reply(welcome3, sizeof(welcome3), &r) == TCW_OK && r.version == 3 &&
+           r.capabilities == TCW_CAP_TEMPORAL);
+    EXPECT(tcw_decode_reply(welcome3_short, sizeof(welcome3_short), &r) == TCW_E_TRUNCATED);
     EXPECT(tcw_decode_reply(hello, sizeof(hello), &r) == TCW_E_TYPE);
     EXPECT(tcw_decode_reply(ack, 3, &r) == TCW_E_TRUNCATED);
     EXPECT(tcw_decode_reply(ack, 0, &r) == TCW_E_TRUNCATED);
@@ -160,6 +196,7 @@ int main(void)
 {
     test_varint();
     test_hello();
+    test_tbatch();
     test_batch();
     test_replies();
     test_stream_check();

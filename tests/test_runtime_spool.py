@@ -228,3 +228,22 @@ def test_clean_reopen_after_kill_is_not_damage(tmp_path):
     subprocess.run([sys.executable, "-c", writer, str(tmp_path)], timeout=60)
     with Spool(tmp_path) as s:
         assert s.counters()["damaged_spools"] == 0 and s.depth() == 50
+
+
+def test_deleted_wal_after_a_crash_is_detected_and_counted(tmp_path, caplog):
+    writer = textwrap.dedent("""
+        import os, sys
+        from taskcodec.runtime.spool import Spool
+        s = Spool(sys.argv[1], sync="normal")
+        s._db.execute("PRAGMA wal_autocheckpoint=0")
+        for i in range(100):
+            s.append(i, b"x" * 40)
+        os.kill(os.getpid(), 9)
+    """)
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path)], timeout=60)
+    (tmp_path / "spool.sqlite3-wal").unlink()  # an over-eager clean-up of the camera's storage
+    with caplog.at_level("ERROR"), Spool(tmp_path) as s:
+        assert s.counters()["damaged_spools"] == 1
+    assert "write-ahead log was deleted" in caplog.text
+    with Spool(tmp_path) as s:  # closed cleanly last time: nothing to report
+        assert s.counters()["damaged_spools"] == 1

@@ -36,6 +36,7 @@ import sqlite3
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,14 +117,22 @@ class Spool:
     # -- opening ---------------------------------------------------------------------------------------------------
     def _open(self, path: Path, sync: str) -> None:
         wal_damage = None
+        marker = path.with_name(path.name + ".open")  # exists while a runtime has the spool open
+        wal = Path(str(path) + "-wal")
         if path.exists() and path.stat().st_size > 0 and self.moved_aside is None:
-            wal_damage = self._check_wal(Path(str(path) + "-wal"))  # before SQLite recovers (and trims) it
+            wal_damage = self._check_wal(wal)  # before SQLite recovers (and trims) it
+            if marker.exists() and not wal.exists():
+                # an unclean stop leaves its WAL behind (checkpoints never delete it): someone deleted it
+                wal_damage = "write-ahead log missing after an unclean stop"
+                log.error("SPOOL DAMAGED: %s: its write-ahead log was deleted after an unclean stop; frames written "
+                          "since the last checkpoint are lost", path)
             reason = self._damage(path)
             if reason is not None:
                 self.moved_aside = self._move_aside(path, reason)
                 wal_damage = None
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
         try:
+            marker.touch()
             self._configure(sync)
             with self._tx():
                 self._schema()
@@ -138,6 +147,21 @@ class Spool:
         except BaseException:
             self._db.close()
             raise
+        # closed by close(), or when the Spool is garbage-collected or the interpreter exits; only a killed process
+        # leaves the marker behind (with its WAL)
+        self._finalizer = weakref.finalize(self, Spool._final_close, self._db, marker)
+
+    @staticmethod
+    def _final_close(db: sqlite3.Connection, marker: Path) -> None:
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.close()
+        except sqlite3.Error:
+            return  # not a clean close: keep the marker
+        try:
+            marker.unlink()
+        except OSError:
+            pass
 
     def _release_reserve(self) -> bool:
         """Give the reserve file's space back to the filesystem (the disk is full); True if there was one."""
@@ -566,11 +590,7 @@ class Spool:
 
     def close(self) -> None:
         with self._lock:
-            try:
-                self._checkpoint("TRUNCATE")
-                self._db.close()
-            except sqlite3.Error:
-                pass
+            self._finalizer()
 
     def __enter__(self) -> "Spool":
         return self

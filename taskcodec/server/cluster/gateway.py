@@ -118,7 +118,7 @@ class Gateway:
             log.warning("refused camera=%s reason=unknown-model model=%s", hello.camera_id, hello.model_tag.hex())
             await self._refuse(ws, wire.Code.UNKNOWN_MODEL, f"model {hello.model_tag.hex()} is not served here")
             return
-        await ws.send(wire.Welcome().encode())
+        await ws.send(wire.Welcome(hello.version).encode())  # v2 cameras get a v2 WELCOME; no temporal here
         headers_base = {"camera": hello.camera_id, "model": hello.model_tag.hex()}
         try:
             async for raw in ws:

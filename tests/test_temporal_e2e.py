@@ -129,3 +129,57 @@ def test_server_killed_twice_mid_stream_leaves_no_undecodable_frame(tmp_path, bu
     key = RangeCoder(bundle.tables)
     dist = np.array([np.abs(decompress(stored[i][0], key, bundle.model_tag) - sym[i]).sum() for i in range(n)])
     assert dist.max() <= same_l1, np.nonzero(dist > same_l1)
+
+
+def test_server_negotiates_and_never_decodes_without_the_reference(tmp_path, bundle):
+    """Protocol edges at the real server: a v2 camera gets a v2 WELCOME and its BATCH is stored; other residual tables
+    get no grant and a TBATCH there is refused; a COND frame without a reference on a fresh connection (a camera that
+    did not start with a KEY frame) gets the frames before it acked and ERROR RESYNC, never a wrong decode; so does
+    a COND frame after a KEY frame the server refused."""
+    from taskcodec import wire
+
+    key, res = RangeCoder(bundle.tables), RangeCoder(bundle.residual_tables)
+    tag, rtag = bundle.model_tag, bundle.residual_tag
+    video = camera_symbols(bundle, 4, 60)
+    moving = np.abs(np.diff(video, axis=0)).sum(1) > 0
+    start = next(i for i in range(len(video) - 6) if moving[i:i + 5].all())  # 6 frames that all differ
+    sym = video[start:start + 6]
+    enc = TemporalEncoder(key, res, tag, 50, 0, rtag)
+    coded = [enc.encode(sym[0])] + [enc.encode(s, allow=(wire.COND,)) for s in sym[1:]]  # KEY, then COND frames
+    assert [k for k, _ in coded] == [wire.KEY] + [wire.COND] * 5
+    with testing.ServerProcess(None, tmp_path / "server.db") as srv:
+        token = srv.add_camera("cam-p")
+        epoch = 77
+        with srv.stream() as c:  # an old-style (v2) camera
+            assert c.hello(wire.Hello(tag, "cam-p", token, version=2)) == wire.Welcome(2)
+            assert c.send(wire.Batch(epoch, [wire.Frame(0, 1000, compress(sym[0], key, tag))])) == [
+                wire.Ack(epoch, 0, 1)]
+        with srv.stream() as c:  # other residual tables: no grant, and a TBATCH is refused
+            hello = wire.Hello(tag, "cam-p", token, capabilities=wire.CAP_TEMPORAL, residual_tag=b"\0" * 8)
+            assert c.hello(hello) == wire.Welcome(3, 0)
+            reply = c.send(wire.TemporalBatch(epoch, [wire.Frame(1, 1200, coded[0][1], coded[0][0])]))
+            assert isinstance(reply[0], wire.Error) and reply[0].code == wire.Code.BAD_MESSAGE
+        hello = wire.Hello(tag, "cam-p", token, capabilities=wire.CAP_TEMPORAL, residual_tag=rtag)
+        with srv.stream() as c:  # granted; a normal KEY, COND/SAME sequence is stored
+            assert c.hello(hello) == wire.Welcome(3, wire.CAP_TEMPORAL)
+            frames = [wire.Frame(1 + i, 1200 + 200 * i, p, k) for i, (k, p) in enumerate(coded[:3])]
+            assert c.send(wire.TemporalBatch(epoch, frames)) == [wire.Ack(epoch, 1, 3)]
+        with srv.stream() as c:  # a new connection has no reference: KEY ok, then COND ok; a leading COND is not
+            assert c.hello(hello) == wire.Welcome(3, wire.CAP_TEMPORAL)
+            k, p = coded[3]
+            cond = compress(sym[4] - sym[3], res, rtag)
+            reply = c.send(wire.TemporalBatch(epoch, [wire.Frame(4, 1800, cond, wire.COND)]))
+            assert [type(m) for m in reply] == [wire.Error] and reply[0].code == wire.Code.RESYNC
+        with srv.stream() as c:  # a refused KEY frame takes the reference with it: the COND after it -> RESYNC
+            assert c.hello(hello) == wire.Welcome(3, wire.CAP_TEMPORAL)
+            good = compress(sym[3], key, tag)
+            bad = bytes([good[0] ^ 1]) + good[1:]
+            reply = c.send(wire.TemporalBatch(epoch, [wire.Frame(4, 1800, good, wire.KEY),
+                                                      wire.Frame(5, 2000, bad, wire.KEY),
+                                                      wire.Frame(6, 2200, cond, wire.COND)]))
+            assert reply[0] == wire.Ack(epoch, 4, 1) and isinstance(reply[1], wire.Reject)
+            assert reply[1].code == wire.Code.BAD_PAYLOAD and reply[2].code == wire.Code.RESYNC
+    stored = stored_frames(tmp_path / "server.db", "cam-p")
+    assert sorted(stored) == [0, 1, 2, 3, 4]
+    for i, s in enumerate([sym[0], sym[0], sym[1], sym[2], sym[3]]):  # seq 0: the v2 frame; seq i: sym[i - 1]
+        np.testing.assert_array_equal(decompress(stored[i][0], key, tag), s)

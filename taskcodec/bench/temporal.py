@@ -4,8 +4,12 @@ taskcodec.coding.temporal) against independent per-frame coding and H.264 (PyAV 
 against a per-camera bandwidth budget.
 
 Offline: frames go through the runtime's own preprocessing, encoder and coder, and the server side is the temporal
-decoder plus the bundle's classifier, in one process (the uplink does not carry temporal frames yet). Residual tables
-are fitted on a dwell video of another seed. Accuracy counts the frames where an object dwells (labelled frames).
+decoder plus the bundle's classifier, in one process. Residual tables are fitted on a dwell video of another seed.
+Accuracy counts the frames where an object dwells (labelled frames).
+
+End to end: the same test video through the real runtime (`runtime capture`, spool, uplink transcoding to wire v3
+TBATCHes) and a real server subprocess (taskcodec.testing.ServerProcess), independent and temporal: payload and
+wire bits per frame as the uplink counted them, accuracy from the predictions the server stored.
 """
 
 from __future__ import annotations
@@ -96,6 +100,39 @@ def window_rates(sizes: np.ndarray, fps: float, window_s: float) -> list[float]:
     return [8.0 * sizes[i:i + n].sum() / window_s for i in range(0, len(sizes) - n + 1, n)]
 
 
+def e2e_row(bundle: Bundle, device: str, labels: list, temporal: bool, key_interval: int, same_l1: int,
+            max_batch: int, max_delay: float) -> dict[str, Any]:
+    """One run of the real runtime against a real server subprocess; the server's stored predictions give the
+    accuracy, the uplink's meter the bits (payload, and whole BATCH/TBATCH messages on the wire)."""
+    import sqlite3
+    import tempfile
+
+    from taskcodec import testing
+    from taskcodec.runtime.capture import CaptureConfig, run_capture
+
+    with tempfile.TemporaryDirectory(prefix="bench-temporal-") as tmp:
+        db = Path(tmp) / "server.db"
+        with testing.ServerProcess(str(bundle.path), db) as srv:
+            token = srv.add_camera("bench-cam").decode()
+            rep = run_capture(CaptureConfig(
+                device=device, bundle=str(bundle.path), server=srv.url, camera_id="bench-cam", token=token,
+                spool=str(Path(tmp) / "spool"), quiet=True, temporal=temporal, key_interval=key_interval,
+                same_l1=same_l1, max_batch=max_batch, max_delay=max_delay, drain_timeout=300, spool_sync="normal"))
+            con = sqlite3.connect(str(db))
+            stored = dict(con.execute("SELECT seq, prediction FROM frames WHERE camera_id = 'bench-cam'").fetchall())
+            con.close()
+    t = rep.temporal
+    pred = np.array([stored.get(i, -1) for i in range(len(labels))])
+    name = (f"end to end: runtime --temporal --key-interval {key_interval} --same-l1 {same_l1} -> server"
+            if temporal else "end to end: runtime (independent key frames) -> server")
+    return {"method": name, "bits_per_frame": t["payload_bits_per_frame"], "wire_bits_per_frame":
+            t["wire_bits_per_frame"], "accuracy": accuracy(pred, labels), "same": t["same_share"],
+            "cond": t["kinds"]["cond"] / max(t["frames_sent"], 1),
+            "key": (t["kinds"]["key"] + t["kinds"]["plain"]) / max(t["frames_sent"], 1),
+            "frames_stored": len(stored), "frames_sent": t["frames_sent"], "acked": rep.acked,
+            "dropped": rep.dropped, "max_batch": max_batch, "max_delay_s": max_delay}
+
+
 def h264_points(frames: np.ndarray, labels: list, pipe: Pipeline, crfs: list[int], fps: float) -> list[dict]:
     import av
 
@@ -167,6 +204,15 @@ def run(bundle_path: str | None, frames: int, rate: float, dwell: str, key_inter
     ok = [t for t in same_l1 if val[t][1] >= val_base - 0.005] or [min(same_l1)]
     chosen = min(ok, key=lambda t: val[t][0])
     best_tau = next(r for r in rows[1:] if r["same_l1"] == chosen)
+    # end to end through the real runtime and server (the product path; residual tables: the bundle's shipped ones)
+    e2e = []
+    if bundle.residual_tables is not None:
+        device = f"virtual://dwell?count={frames}&seed={seed}&rate={rate:g}&dwell={dwell}&size=112x112"
+        for temporal in (False, True):
+            log(f"end to end ({'temporal' if temporal else 'independent'}): runtime -> real server, {frames} frames")
+            e2e.append(e2e_row(bundle, device, labels, temporal, key_interval, best_tau["same_l1"], 5, 1.0))
+            log(f"  {e2e[-1]['method']}: {e2e[-1]['bits_per_frame']:.1f} payload / "
+                f"{e2e[-1]['wire_bits_per_frame']:.1f} wire bits/frame, {100 * e2e[-1]['accuracy']:.2f} %")
     budget_rows = []
     for b in budgets:
         sizes, decoded, kinds = run_temporal(sym, key, tables[best_tau["same_l1"]], tag, key_interval,
@@ -180,7 +226,7 @@ def run(bundle_path: str | None, frames: int, rate: float, dwell: str, key_inter
             f"{budget_rows[-1]['max_window_bps']:.1f} bit/s")
     result = {"machine": machine_info(), "time": utc_now(), "bundle": bundle.model_id, "frames": frames,
               "fps": rate, "dwell_s": dwell, "labelled_share": float(np.mean([lab is not None for lab in labels])),
-              "rows": rows, "h264": h264, "validation": {str(t): {"bits_per_frame": b, "accuracy": a}
+              "rows": rows, "h264": h264, "e2e": e2e, "validation": {str(t): {"bits_per_frame": b, "accuracy": a}
                                                          for t, (b, a) in val.items()},
               "validation_independent_accuracy": val_base, "budget": budget_rows, "chosen_same_l1": best_tau["same_l1"],
               "gain_vs_independent": indep_bits / best_tau["bits_per_frame"],
@@ -207,9 +253,32 @@ def markdown(r: dict[str, Any]) -> str:
             "independent coding there; the test video is seen once.\n\n"
             f"**Chosen: SAME if L1 <= {r['chosen_same_l1']}: {r['gain_vs_independent']:.2f}x fewer payload bits than "
             f"independent coding at {r['accuracy_loss_points']:.2f} points accuracy loss.**\n\n"
-            + markdown_table(r["rows"] + r["h264"], cols, fmt) + "\n\n## Bandwidth budget (token bucket, 3 s of budget deep)\n\n"
+            + markdown_table(r["rows"] + r["h264"], cols, fmt) + e2e_markdown(r) + "\n\n## Bandwidth budget (token bucket, 3 s of budget deep)\n\n"
             + markdown_table(r["budget"], bcols, {"accuracy": ".4f", "bits_per_frame": ".2f", "max_window_bps": ".1f",
                                                   "max_window_over_budget": "+.1%", "skipped": ".3f"}) + "\n")
+
+
+def e2e_markdown(r: dict[str, Any]) -> str:
+    rows = r.get("e2e") or []
+    if not rows:
+        return ""
+    cols = [("method", "method"), ("bits_per_frame", "payload bits/frame"), ("wire_bits_per_frame", "wire bits/frame"),
+            ("accuracy", "accuracy at server"), ("same", "SAME share"), ("frames_stored", "frames stored")]
+    ind = next((x for x in rows if "independent" in x["method"]), None)
+    tmp = next((x for x in rows if "--temporal" in x["method"]), None)
+    gain = ""
+    if ind and tmp:
+        gain = (f"**End to end: {ind['bits_per_frame'] / tmp['bits_per_frame']:.2f}x fewer payload bits "
+                f"({ind['wire_bits_per_frame'] / tmp['wire_bits_per_frame']:.2f}x fewer wire bits) at "
+                f"{100 * (ind['accuracy'] - tmp['accuracy']):.2f} points accuracy loss at the server.**\n\n")
+    return ("\n\n## End to end: real runtime and server\n\n"
+            "The test video through `runtime capture` (spool, uplink; temporal: wire v3 TBATCH, transcoded per "
+            "connection with the bundle's shipped residual tables) and a real server subprocess; accuracy from the "
+            f"predictions the server stored. Batches of up to {rows[0]['max_batch']} frames ({rows[0]['max_delay_s']:g} s "
+            "at 5 fps); wire bits are whole BATCH/TBATCH messages (epoch, seq, times, lengths, kinds) per frame, "
+            "without WebSocket/TCP framing.\n\n" + gain
+            + markdown_table(rows, cols, {"bits_per_frame": ".1f", "wire_bits_per_frame": ".1f", "accuracy": ".4f",
+                                          "same": ".2f"}))
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
@@ -222,10 +291,15 @@ def plot(r: dict[str, Any], path: Path) -> None:
     for rows, style, name in ((r["rows"][:1], "s", "independent"), (r["rows"][1:], "o-", "temporal (SAME L1 sweep)"),
                               (r["h264"], "^-", "H.264 (CRF sweep)")):
         a.plot([x["bits_per_frame"] for x in rows], [100 * x["accuracy"] for x in rows], style, label=name)
+    for x, color in zip(r.get("e2e") or [], ("k", "r")):
+        what = "temporal" if "--temporal" in x["method"] else "independent"
+        a.plot([x["bits_per_frame"]], [100 * x["accuracy"]], "D", color=color, label=f"end to end, {what}: payload")
+        a.plot([x["wire_bits_per_frame"]], [100 * x["accuracy"]], "D", mfc="none", color=color,
+               label=f"end to end, {what}: wire (BATCH framing)")
     a.set_xscale("log")
     a.set_xlabel("bits per frame")
     a.set_ylabel("accuracy at server (%)")
-    a.legend()
+    a.legend(fontsize=7, loc="lower right")
     a.set_title("rate vs accuracy, dwell video")
     b.plot([x["budget_bps"] for x in r["budget"]], [100 * x["accuracy"] for x in r["budget"]], "o-")
     b.set_xscale("log")

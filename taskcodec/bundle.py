@@ -269,6 +269,137 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     return bundle
 
 
+def check_golden(bundle: Bundle) -> str | None:
+    """Re-run the bundle's fp32 encoder and coder on its golden frames on *this* machine: None when symbols, bytes and
+    decoded symbols all equal the committed ones, else what differs (a bundle without golden vectors is a problem too:
+    nothing proves it decodes the same here). Used by `taskcodec models add` and by the runtime before a switch."""
+    if not bundle.has("golden"):
+        return "the bundle has no golden vectors (role 'golden'); re-export it"
+    from taskcodec.coding import RangeCoder, StreamError, compress, decompress
+    from taskcodec.providers import ort_session, run_batched
+
+    try:
+        with np.load(bundle.file("golden")) as z:
+            frames, symbols, blob, offsets = z["frames"], z["symbols"], z["streams"].tobytes(), z["offsets"]
+        now = run_batched(ort_session(bundle.encoder_path()), frames, 256)
+    except Exception as exc:  # noqa: BLE001 (ORT and numpy raise their own types for unreadable files)
+        return f"golden vectors could not be run: {type(exc).__name__}: {exc}"
+    if now.shape != symbols.shape or not np.array_equal(now, symbols):
+        bad = len(frames) if now.shape != symbols.shape else int((now != symbols).any(axis=1).sum())
+        return f"encoder symbols differ from the golden symbols on {bad} of {len(frames)} frames"
+    coder = RangeCoder(bundle.tables)
+    for i, s in enumerate(symbols):
+        stream = blob[offsets[i]: offsets[i + 1]]
+        if compress(s, coder, bundle.model_tag) != stream:
+            return f"coded bytes differ from the golden bytes at frame {i}"
+        try:
+            if not np.array_equal(decompress(stream, coder, bundle.model_tag), s):
+                return f"decoded symbols differ from the golden symbols at frame {i}"
+        except StreamError as exc:
+            return f"golden payload {i} does not decode: {exc}"
+    return None
+
+
+# -- operator signatures (over-the-air rollout, issue 13) -------------------------------------------------------------
+# ``manifest.sig`` next to the manifest: an Ed25519 signature over the exact bytes of manifest.json, which names every
+# file's sha256, so the signature covers the whole bundle. Keys are PEM files (`taskcodec models keygen`).
+SIGNATURE = "manifest.sig"
+
+
+def generate_signing_key(private_path: str | Path) -> tuple[Path, Path]:
+    """A new Ed25519 key: PEM private key at ``private_path`` (0600) and its public key at ``<path>.pub``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private_path = Path(private_path)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    import os
+
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never overwrite a key
+    with open(fd, "wb") as f:
+        f.write(pem)
+    public = private_path.with_name(private_path.name + ".pub")
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private_path, public
+
+
+def key_id(public_key: Any) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign_bundle(path: str | Path, private_key_file: str | Path) -> dict[str, str]:
+    """Write ``manifest.sig`` into the bundle folder; returns its content ({algorithm, key_id, signature})."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    bundle = load_bundle(path)
+    try:
+        key = serialization.load_pem_private_key(Path(private_key_file).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BundleError(f"cannot read private key {private_key_file}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(f"{private_key_file} is not an Ed25519 private key")
+    data = (bundle.path / MANIFEST).read_bytes()
+    sig = {"algorithm": "ed25519", "key_id": key_id(key.public_key()),
+           "signature": base64.b64encode(key.sign(data)).decode()}
+    (bundle.path / SIGNATURE).write_text(json.dumps(sig, indent=2) + "\n")
+    return sig
+
+
+def load_public_keys(files: list[str | Path]) -> list[Any]:
+    """Ed25519 public keys from PEM files (BundleError naming a file that is not one)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    keys = []
+    for f in files:
+        try:
+            key = serialization.load_pem_public_key(Path(f).expanduser().read_bytes())
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot read trusted key {f}: {exc}") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise BundleError(f"trusted key {f} is not an Ed25519 public key")
+        keys.append(key)
+    return keys
+
+
+def check_signature(manifest_bytes: bytes, signature_json: bytes | None, public_keys: list[Any]) -> str | None:
+    """None when ``signature_json`` (manifest.sig) is a valid Ed25519 signature of ``manifest_bytes`` by one of
+    ``public_keys``, else why not."""
+    import base64
+
+    from cryptography.exceptions import InvalidSignature
+
+    if not public_keys:
+        return "no trusted operator key is configured (--trusted-key)"
+    if signature_json is None:
+        return f"the bundle is not signed ({SIGNATURE} missing)"
+    try:
+        sig = json.loads(signature_json)
+        raw = base64.b64decode(sig["signature"], validate=True)
+        algorithm = sig.get("algorithm")
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{SIGNATURE} is unreadable: {exc}"
+    if algorithm != "ed25519":
+        return f"{SIGNATURE}: unsupported algorithm {algorithm!r}"
+    for key in public_keys:
+        try:
+            key.verify(raw, manifest_bytes)
+            return None
+        except InvalidSignature:
+            continue
+    return (f"bad signature: the manifest is not signed by a trusted operator key (signed by key "
+            f"{str(sig.get('key_id'))[:16]}, trusted: {', '.join(key_id(k) for k in public_keys)})")
+
+
 def write_bundle(out: str | Path, *, files: dict[str, Path], manifest: dict[str, Any]) -> Bundle:
     """Write a bundle folder from source files by role (encoder, tables, classifier, ...) and manifest fields."""
     out = Path(out)

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.websockets import WebSocketDisconnect
 
 from taskcodec.server.auth import RateLimitedLog, require_operator
-from taskcodec.server import dashboard, events, query
+from taskcodec.server import dashboard, events, query, registry
 from taskcodec.server.config import ServerConfig
 from taskcodec.server.heads import attach_heads
 from taskcodec.server.ingest import IngestService, Session, connection, kv
@@ -168,6 +168,7 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    registry.install(app)  # model registry + over-the-air rollout (issue 13): several models, assignments
     query.install(app)  # fleet operations (issue 13): query API, per-camera metrics
     dashboard.install(app)  # operator's dashboard at /dashboard/ (same operator keys)
     events.install(app)  # results out: MQTT / webhook events after each commit (TASKCODEC_EVENTS_*)

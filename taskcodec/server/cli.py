@@ -60,7 +60,9 @@ def db_check(db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database f
 
 @cameras_app.command("add")
 def cameras_add(camera_id: str = typer.Argument(..., help="Camera id, 1-128 of A-Z a-z 0-9 . _ : -"),
-                db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
+                db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file"),
+                group: Optional[str] = typer.Option(None, "--group", help="Put it in this group (model rollouts "
+                                                    "address groups; see taskcodec models assign)")) -> None:
     """Register a camera and print its token ONCE (only a salted hash is stored)."""
     from taskcodec.server.auth import AuthError, add_camera
     from taskcodec.server.storage import StorageError
@@ -70,6 +72,10 @@ def cameras_add(camera_id: str = typer.Argument(..., help="Camera id, 1-128 of A
         token = add_camera(storage, camera_id)
     except (AuthError, StorageError) as exc:
         _fail(str(exc))
+    if group:
+        from taskcodec.server.registry import Registry
+
+        Registry(db).set_group(camera_id, group)
     typer.echo(token)
     typer.secho(f"camera {camera_id!r} added; store this token now, it is not shown again", err=True)
 

@@ -71,6 +71,18 @@ class Session:
     token_hash: str | None
     peer: str = "?"
     temporal: Any = field(default=None, compare=False, repr=False)  # server/temporal.py: this connection's reference
+    model: Any = field(default=None, compare=False, repr=False)  # the ServedModel its HELLO named (None: the default)
+
+
+class ServedModel:
+    """One model the server decodes and classifies with (issue 13: several at once, by the HELLO's model tag)."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.model_id, self.model_tag = bundle.model_id, bundle.model_tag
+        self.coder = RangeCoder(bundle.tables)
+        self.temporal = TemporalIngest(bundle, self.coder)  # wire v3 TBATCH decoding (KEY / COND / SAME)
+        self.classifier = Classifier(bundle)
 
 
 @dataclass
@@ -148,9 +160,12 @@ class IngestService:
         self.storage = storage
         self.model_id = bundle.model_id
         self.model_tag = bundle.model_tag
-        self.coder = RangeCoder(bundle.tables)
-        self.temporal = TemporalIngest(bundle, self.coder)  # wire v3 TBATCH decoding (KEY / COND / SAME)
-        self.classifier = Classifier(bundle)
+        default = ServedModel(bundle)
+        self.coder, self.temporal, self.classifier = default.coder, default.temporal, default.classifier
+        # model tag -> ServedModel: the default bundle, plus registry models loaded when a HELLO first names them
+        self.models: dict[bytes, ServedModel] = {self.model_tag: default}
+        self.model_loader = None  # server/registry.py: model id -> Bundle | None (registered bundles)
+        self._model_lock = threading.Lock()
         self.metrics = metrics or ServerMetrics()
         self.microbatch = microbatch
         self.max_microbatch_frames = max_microbatch_frames
@@ -182,13 +197,34 @@ class IngestService:
                                        f"(unknown camera or wrong token)")
             return None, self.refuse(wire.Code.UNAUTHORIZED,
                                      f"camera {hello.camera_id!r}: unknown camera or wrong token")
-        if hello.model_tag != self.model_tag:
+        model = self.models.get(hello.model_tag) or self._load_model(hello.model_tag)
+        if model is None:
             return None, self.refuse(wire.Code.UNKNOWN_MODEL,
                                      f"server expects model {self.model_id}, camera sent model "
-                                     f"{hello.model_tag.hex()}; install bundle {self.model_id} on the camera")
+                                     f"{hello.model_tag.hex()}; install bundle {self.model_id} on the camera "
+                                     f"(or add that bundle to the server: taskcodec models add BUNDLE)")
         if self.state.state != "ok":
             return None, self.busy()
-        return Session(camera.id, camera.token_hash, peer, self.temporal.grant(hello)), None
+        return Session(camera.id, camera.token_hash, peer, model.temporal.grant(hello), model), None
+
+    def _load_model(self, tag: bytes) -> ServedModel | None:
+        """A registered model not loaded yet (added while the server runs): load it once; None if unknown."""
+        if self.model_loader is None:
+            return None
+        with self._model_lock:
+            if tag in self.models:
+                return self.models[tag]
+            try:
+                bundle = self.model_loader(tag.hex())
+                if bundle is None:
+                    return None
+                model = ServedModel(bundle)
+            except Exception as exc:  # noqa: BLE001 (a broken registry entry refuses the camera, never the server)
+                log.error("event=model_load_failed " + kv(model=tag.hex(), reason=str(exc)))
+                return None
+            self.models = {**self.models, tag: model}  # copy-on-write: readers never see a dict being resized
+            log.info("event=model_loaded " + kv(model=model.model_id, bundle=str(bundle.path)))
+            return model
 
     def check_hello(self, hello: wire.Hello, peer: str = "?") -> wire.Error | None:
         """None when the camera may upload on this connection, else the Error to send before closing."""
@@ -273,29 +309,36 @@ class IngestService:
     def process(self, jobs: list[tuple[Session | str, wire.Batch]]) -> list[list[wire.Message]]:
         """Decode, classify and store several batches in one transaction (runs in the worker thread)."""
         t0 = time.perf_counter()
-        coder, tag, model_id = self.coder, self.model_tag, self.model_id
+        default = self.models[self.model_tag]
         jobs = [(Session(s, None) if isinstance(s, str) else s, b) for s, b in jobs]
-        symbols: list[np.ndarray] = []
+        # symbols per model (one classifier call per model in the micro-batch); a frame's index is into its model's
+        symbols: dict[bytes, list[np.ndarray]] = {}
         decoded: list[list[tuple[wire.Frame, int] | tuple[wire.Frame, StreamError]]] = []
         endings: list[wire.Error | None] = []  # server/temporal.py: RESYNC after the frames decoded
         for session, batch in jobs:
+            m = session.model or default
+            sym = symbols.setdefault(m.model_tag, [])
             out = []
-            frames, ending = self.temporal.decode(session.temporal, batch, tag)  # KEY-equivalent payloads
+            frames, ending = m.temporal.decode(session.temporal, batch, m.model_tag)  # KEY-equivalent payloads
             for f, s in frames:
                 if isinstance(s, StreamError):
                     out.append((f, s))
                 else:
-                    symbols.append(s)
-                    out.append((f, len(symbols) - 1))
+                    sym.append(s)
+                    out.append((f, len(sym) - 1))
             decoded.append(out)
             endings.append(ending)
-        pred = conf = None
-        if symbols:
-            pred, conf = self.classifier.predict(np.stack(symbols))
-            pred, conf = pred.tolist(), conf.tolist()
+        predictions: dict[bytes, tuple[list, list]] = {}
+        for tag, sym in symbols.items():
+            if sym:
+                p, c = self.models[tag].classifier.predict(np.stack(sym))
+                predictions[tag] = (p.tolist(), c.tolist())
         stored_ms = now_ms()
         items = []
         for (session, batch), out in zip(jobs, decoded):
+            m = session.model or default
+            model_id = m.model_id
+            pred, conf = predictions.get(m.model_tag, ([], []))
             rows = [(session.camera_id, batch.epoch, f.seq, f.ts_ms, stored_ms, model_id, f.payload, pred[i], conf[i])
                     for f, i in out if isinstance(i, int)]
             items.append(BatchRows(session.camera_id, session.token_hash, rows))
@@ -338,7 +381,8 @@ class IngestService:
             if rejected:  # frames refused (undecodable, conflicting): one key=value line per batch
                 name = REASON_NAMES.get(rejected[0][2], str(rejected[0][2]))
                 self.refusals_log.warning(f"{session.camera_id}:frames:{name}", "event=rejected " + kv(
-                    camera=session.camera_id, model=model_id, peer=session.peer, epoch=batch.epoch,
+                    camera=session.camera_id, model=(session.model or default).model_id, peer=session.peer,
+                    epoch=batch.epoch,
                     frames=len(rejected), code=name, reason=rejected[0][1]))
             replies.append(self._replies(batch, outcome) if outcome else [])
             if ending is not None:

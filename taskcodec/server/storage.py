@@ -77,6 +77,41 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX IF NOT EXISTS frames_by_time ON frames (ts_capture_ms, camera_id, prediction);
     """,
+    # the model registry and over-the-air rollout (issue 13; server/registry.py): bundles in the registry folder
+    # next to the database, camera groups, assignment history (rollback deactivates the newest), what each camera
+    # reports about its rollout
+    """
+    CREATE TABLE IF NOT EXISTS models (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        folder TEXT NOT NULL,
+        signed INTEGER NOT NULL,
+        golden INTEGER NOT NULL,
+        added INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS camera_groups (
+        camera_id TEXT PRIMARY KEY,
+        group_name TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS assignments (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        canary REAL NOT NULL,
+        created INTEGER NOT NULL,
+        active INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX IF NOT EXISTS assignments_by_target ON assignments (kind, target, active);
+    CREATE TABLE IF NOT EXISTS rollout_status (
+        camera_id TEXT PRIMARY KEY,
+        model_id TEXT NOT NULL,
+        running_model_id TEXT,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        updated INTEGER NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 SCHEMA = "\n".join(MIGRATIONS)  # the whole current schema, for readers of the code

@@ -64,3 +64,43 @@ def test_runtime_killed_and_restarted_on_its_spool(tmp_path):
     key = RangeCoder(bundle.tables)
     dist = [np.abs(decompress(bytes(rows[i]), key, bundle.model_tag) - truth[i]).sum() for i in range(m)]
     assert max(dist) <= report["temporal"]["same_l1"]
+
+
+def test_lossy_frames_are_resent_as_what_the_server_may_hold(tmp_path):
+    """The mechanism behind 'no CONFLICT after a runtime kill -9': frames sent as lossy SAME are re-sent by a new
+    process (same spool) as exactly their reconstruction; without the reconstruction file they would differ."""
+    from taskcodec import wire
+    from taskcodec.coding import compress
+    from taskcodec.coding.temporal import TemporalDecoder
+    from taskcodec.runtime.spool import Spool
+    from taskcodec.runtime.temporal_uplink import RECON_NAME, TemporalSettings, TemporalTranscoder
+
+    bundle = load_bundle(None)
+    key, res = RangeCoder(bundle.tables), RangeCoder(bundle.residual_tables)
+    sym = camera_symbols(bundle, 9, 60)
+    spool = Spool(tmp_path / "spool", camera_id="cam", model_id=bundle.model_id)
+    first = TemporalTranscoder(bundle, TemporalSettings(same_l1=12), spool)  # the process that gets killed
+    for i, s in enumerate(sym):  # frames it captures
+        spool.append(1000 + 200 * i, compress(s, key, bundle.model_tag))
+
+    def send(transcoder) -> np.ndarray:
+        transcoder.start_connection(wire.Welcome(3, wire.CAP_TEMPORAL))
+        batch, bad = transcoder.batch(spool.pending(len(sym)))
+        assert not bad
+        dec = TemporalDecoder(key, res, bundle.model_tag, bundle.residual_tag)
+        return np.stack([dec.decode(f.kind, f.payload) for f in wire.decode(batch.encode()).frames])
+
+    stored = send(first)
+    assert first.lossy > 0 and (np.abs(stored - sym).sum(1) > 0).any()
+    spool.close()
+    spool = Spool(tmp_path / "spool", camera_id="cam", model_id=bundle.model_id)  # the restarted process
+    again = send(TemporalTranscoder(bundle, TemporalSettings(same_l1=12), spool))
+    np.testing.assert_array_equal(again, stored)  # every KEY-equivalent payload the same: duplicates, not conflicts
+    # negative control: without the reconstructions, the lossy frames go as their true symbols (would conflict)
+    (tmp_path / "spool" / RECON_NAME).unlink()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / "spool" / (RECON_NAME + suffix)).unlink(missing_ok=True)
+    forgetful = send(TemporalTranscoder(bundle, TemporalSettings(same_l1=12), spool))
+    assert (np.abs(forgetful - stored).sum(1) > 0).any()
+    np.testing.assert_array_equal(forgetful, sym)  # frames maybe sent before are re-sent exactly
+    spool.close()

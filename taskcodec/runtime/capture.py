@@ -71,6 +71,10 @@ class CaptureConfig(BaseModel):
     same_l1: Optional[int] = Field(None, ge=0)
     budget_bps: Optional[float] = Field(None, gt=0)     # payload bits per second of capture time
     budget_window: float = Field(60.0, gt=0)            # the window the budget holds over (within 5 %)
+    # over-the-air rollout (runtime/rollout.py): on with at least one trusted operator key (Ed25519 public key PEM)
+    trusted_keys: list[str] = []
+    rollout_poll: float = Field(30.0, gt=0)             # seconds between assignment checks
+    models_dir: Optional[str] = None                    # downloaded bundles (default: <spool>/models)
 
     @field_validator("size", mode="before")
     @classmethod
@@ -146,7 +150,9 @@ class CaptureRuntime:
                  keep_labels: bool = False):
         """Opens everything up front so a bad bundle, source, spool or flag fails before any frame is taken."""
         self.config = config
-        self.bundle = bundle or load_bundle(config.bundle)
+        from taskcodec.runtime.rollout import RolloutAgent, startup_bundle
+
+        self.bundle = bundle or startup_bundle(config) or load_bundle(config.bundle)
         self.uplink_config = UplinkConfig(config.server, config.camera_id, config.resolved_token(),
                                           max_delay=config.max_delay,
                                           max_batch=config.max_batch, max_in_flight=config.max_in_flight)
@@ -155,7 +161,8 @@ class CaptureRuntime:
         self.source = source or open_source(config.device, size=config.size, fps=config.fps, loop=config.loop)
         try:
             self.spool = Spool(config.spool, config.spool_max_frames, max_bytes=config.spool_max_bytes,
-                               camera_id=config.camera_id, model_id=self.bundle.model_id, sync=config.spool_sync)
+                               camera_id=config.camera_id, model_id=self.bundle.model_id, sync=config.spool_sync,
+                               other_models=bool(config.trusted_keys))
         except Exception:
             self.source.close()
             raise
@@ -172,6 +179,7 @@ class CaptureRuntime:
             self.spool.close()
             self.source.close()
             raise
+        self.rollout = RolloutAgent(self) if config.trusted_keys else None  # over-the-air model switches
         self.keep_labels = keep_labels
         self.metrics_port: int | None = None
         self._stop = threading.Event()
@@ -194,6 +202,8 @@ class CaptureRuntime:
             self.metrics_port = start_metrics_server(self.stats, cfg.metrics_port)
         status = None if cfg.quiet else StatusLine(self.stats).start()
         self.uplink.start()
+        if self.rollout is not None:
+            self.rollout.start()
         labels: list[int | None] = []
         error: str | None = None
         started = time.monotonic()
@@ -201,6 +211,8 @@ class CaptureRuntime:
             for frame in self.source:
                 if self._stop.is_set() or self.uplink.fatal is not None:
                     break
+                if self.rollout is not None:
+                    self.rollout.at_frame_boundary()  # a verified new model takes over from this frame on
                 t0 = time.perf_counter()
                 batch = self.preprocess(frame.image)
                 t1 = time.perf_counter()
@@ -228,6 +240,8 @@ class CaptureRuntime:
             else:
                 drained = self.spool.depth() == 0
         finally:
+            if self.rollout is not None:
+                self.rollout.stop()
             self.uplink.stop()
             self.source.close()
             if status is not None:

@@ -115,6 +115,8 @@ def capture(
     same_l1: Optional[int] = typer.Option(None, "--same-l1", help="Temporal: send SAME when the symbols are within this L1 distance of the reference (default: the bundle's)."),
     budget_bps: Optional[float] = typer.Option(None, "--budget-bps", help="Payload bit budget per second (implies --temporal): a token bucket picks SAME / COND / KEY per frame so every window stays within 5 %."),
     budget_window: Optional[float] = typer.Option(None, "--budget-window", help="Seconds of the window the budget holds over (default 60; the bucket holds 5 % of it)."),
+    trusted_keys: Optional[list[str]] = typer.Option(None, "--trusted-key", help="Operator Ed25519 public key (PEM; taskcodec models keygen) whose signature a bundle rolled out over the air must carry; repeatable. Turns over-the-air rollout on."),
+    rollout_poll: Optional[float] = typer.Option(None, "--rollout-poll", help="Seconds between checks of this camera's model assignment (default 30)."),
     profile: bool = typer.Option(False, "--profile", help="Print the per-stage time breakdown at the end."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the run's report (JSON) to this file."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings, one camera or a 'cameras:' mapping (flags override it)."),

@@ -66,6 +66,7 @@ class SpooledFrame:
     seq: int
     ts_ms: int
     payload: bytes
+    model_id: str = ""   # the model it was captured under (over-the-air rollout: it is sent and decoded under it)
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -75,7 +76,7 @@ def _is_full(exc: BaseException) -> bool:
 
 class Spool:
     def __init__(self, path: str | Path, max_frames: int = 100_000, *, max_bytes: int | None = None,
-                 camera_id: str = "", model_id: str = "", sync: str = "full"):
+                 camera_id: str = "", model_id: str = "", sync: str = "full", other_models: bool = False):
         """``path`` is a folder (the database file is created inside) or a ``.sqlite3`` file. ``sync="normal"``
         skips the per-frame fsync: still safe against a killed process, but the last frames may be lost on power
         loss (for benchmarks of many simulated cameras on one disk)."""
@@ -96,6 +97,9 @@ class Spool:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.camera_id, self.model_id = camera_id, model_id
+        # over-the-air rollout (runtime/rollout.py): unsent frames of this camera under other models are kept and sent
+        # under their own model (Uplink sends one model per connection) instead of refusing to open
+        self.other_models = other_models
         self._lock = threading.Lock()
         self.moved_aside: Path | None = None
         self.unstored = 0          # frames that could not be stored at all (disk full even after dropping)
@@ -137,6 +141,7 @@ class Spool:
             with self._tx():
                 self._schema()
                 self._identity = self._ident_id()
+                self._ident_models = dict(self._db.execute("SELECT id, model_id FROM identities").fetchall())
                 if self.moved_aside is not None or wal_damage is not None:
                     self._bump("damaged_spools", 1)
                 self.epoch = int(self._meta("epoch"))
@@ -354,6 +359,7 @@ class Spool:
         rows = self._db.execute(
             "SELECT i.camera_id, i.model_id, COUNT(*) FROM frames f JOIN identities i ON i.id = f.ident "
             "WHERE f.ident != ? GROUP BY f.ident", (self._identity,)).fetchall()
+        rows = [r for r in rows if not (self.other_models and r[0] == self.camera_id)]
         if rows:
             what = "; ".join(f"{n} of camera {c!r} model {m[:16] or '?'}" for c, m, n in rows)
             raise SpoolError(
@@ -523,12 +529,29 @@ class Spool:
         """Up to ``limit`` unacked frames in (epoch, seq) order, strictly after ``after`` if given."""
         with self._lock:
             if after is None:
-                rows = self._db.execute("SELECT epoch, seq, ts_ms, payload FROM frames ORDER BY epoch, seq LIMIT ?",
-                                        (limit,)).fetchall()
+                rows = self._db.execute("SELECT epoch, seq, ts_ms, payload, ident FROM frames ORDER BY epoch, seq "
+                                        "LIMIT ?", (limit,)).fetchall()
             else:
-                rows = self._db.execute("SELECT epoch, seq, ts_ms, payload FROM frames WHERE (epoch, seq) > (?, ?) "
-                                        "ORDER BY epoch, seq LIMIT ?", (after[0], after[1], limit)).fetchall()
-        return [SpooledFrame(e, s, t, bytes(p)) for e, s, t, p in rows]
+                rows = self._db.execute("SELECT epoch, seq, ts_ms, payload, ident FROM frames WHERE (epoch, seq) > "
+                                        "(?, ?) ORDER BY epoch, seq LIMIT ?", (after[0], after[1], limit)).fetchall()
+            models = self._ident_models
+        return [SpooledFrame(e, s, t, bytes(p), models.get(i, "")) for e, s, t, p, i in rows]
+
+    # -- over-the-air rollout (runtime/rollout.py) -----------------------------------------------------------------
+    def set_model(self, model_id: str) -> None:
+        """Frames appended from now on are tagged with ``model_id`` (a switch at a frame boundary); frames already
+        spooled keep theirs and are sent and decoded under it."""
+        with self._lock:
+            with self._tx():
+                self.model_id = model_id
+                self._identity = self._ident_id()
+                self._ident_models = dict(self._db.execute("SELECT id, model_id FROM identities").fetchall())
+
+    def oldest_model_id(self) -> str:
+        """The model of the oldest unsent frame (the next connection's HELLO names it), else the current one."""
+        with self._lock:
+            row = self._db.execute("SELECT ident FROM frames ORDER BY epoch, seq LIMIT 1").fetchone()
+            return self._ident_models.get(row[0], self.model_id) if row else self.model_id
 
     def ack(self, epoch: int, first_seq: int, count: int) -> int:
         """The server stored these frames: delete them. Returns how many were still here."""

@@ -53,6 +53,11 @@ class _Malformed(_Retry):
     """The server refused a batch as malformed (ERROR BAD_MESSAGE after WELCOME)."""
 
 
+class _ModelSwitch(Exception):
+    """The next spooled frames were captured under another model (a rollout switched it): this connection's frames
+    are all acked; reconnect at once with a HELLO naming that model."""
+
+
 def stream_url(server: str) -> str:
     """``http://host:port`` / ``ws://host:port`` (optionally with a path) -> ``ws://host:port/v1/stream``."""
     parts = urllib.parse.urlsplit(server.strip() if "://" in server else "http://" + server.strip())
@@ -147,6 +152,7 @@ class Uplink:
         self._idle = False
         self._rng = random.Random()
         self.temporal = None       # runtime/temporal_uplink.py TemporalTranscoder: per-connection temporal coding
+        self._conn_model = ""      # the model id this connection's HELLO named (one model per connection)
 
     # -- thread-side API -------------------------------------------------------------------------------------------
     def start(self) -> "Uplink":
@@ -239,6 +245,9 @@ class Uplink:
             try:
                 await self._connection()
                 raise _Retry("session ended")
+            except _ModelSwitch as exc:  # not a failure: reconnect now, under the model of the next frames
+                log.info("uplink: %s", exc)
+                continue
             except UplinkFatal as exc:
                 self.fatal = exc
                 log.error("uplink stopped: %s", exc)
@@ -292,7 +301,9 @@ class Uplink:
         async with connect(cfg.url, open_timeout=cfg.open_timeout, compression=None, max_size=1 << 20,
                            proxy=None, ping_interval=cfg.ping_interval, ping_timeout=cfg.ping_interval,
                            close_timeout=5) as ws:
-            hello = wire.Hello(self.model_tag, cfg.camera_id, cfg.token,
+            tag = self._connection_tag()
+            self._conn_model = tag.hex()
+            hello = wire.Hello(tag, cfg.camera_id, cfg.token,
                                **(self.temporal.hello_fields() if self.temporal is not None else {}))
             await ws.send(hello.encode())
             reply = wire.decode(await asyncio.wait_for(ws.recv(), cfg.open_timeout))
@@ -308,6 +319,9 @@ class Uplink:
             self._ws = ws
             try:
                 await self._session(ws)
+            except _ModelSwitch:
+                await ws.close(1000, "switching model")  # a normal close, not an error, in the server's log
+                raise
             finally:
                 self._ws = None
 
@@ -330,6 +344,12 @@ class Uplink:
                     rows = []  # everything appended so far is on the wire: no query needed
                 else:
                     rows = self.spool.pending(cfg.max_batch, after=sent_upto)
+                rows, switch = self._same_model(rows)
+                if switch:  # frames of another model are next: finish this connection's, then reconnect under it
+                    while outstanding:
+                        window.clear()
+                        await window.wait()
+                    raise _ModelSwitch(f"next frames were captured under model {switch}; reconnecting under it")
                 if not rows:
                     # Idle: notify() wakes us (it only pokes the loop while we wait here, not once per frame).
                     self._wake.clear()
@@ -410,6 +430,28 @@ class Uplink:
                 if _is_closed(exc):
                     raise _Retry(f"connection lost: {exc}") from exc
                 raise exc
+
+    def _connection_tag(self) -> bytes:
+        """The model a new connection's HELLO names: that of the oldest spooled frame (a rollout's backlog under the
+        old model is sent and decoded under it), else the model the camera runs."""
+        oldest = getattr(self.spool, "oldest_model_id", None)
+        model_id = oldest() if oldest is not None else ""
+        try:
+            return bytes.fromhex(model_id) if model_id and len(model_id) == 16 else self.model_tag
+        except ValueError:
+            return self.model_tag
+
+    def _same_model(self, rows: list[SpooledFrame]) -> tuple[list[SpooledFrame], str | None]:
+        """The leading rows captured under this connection's model, and the other model id if none is."""
+        conn = self._conn_model
+        if not rows or not conn or rows[-1].model_id in ("", conn):
+            return rows, None
+        keep = []
+        for r in rows:
+            if r.model_id not in ("", conn):
+                break
+            keep.append(r)
+        return keep, (None if keep else rows[0].model_id)
 
     def _next_run(self, rows: list[SpooledFrame]) -> tuple[wire.Batch, bytes] | None:
         """The next BATCH from pending rows: one run of consecutive seqs, within the byte cap, halved around a batch

@@ -35,6 +35,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from fastapi import Body, Depends, HTTPException, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from taskcodec.server.auth import authenticate_camera, require_operator
 from taskcodec.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, check_golden, compute_model_id, load_bundle
 
 log = logging.getLogger("taskcodec.server.registry")
@@ -343,12 +348,17 @@ class Registry:
 
 # -- the HTTP side ---------------------------------------------------------------------------------------------------
 
-def _camera(request, camera_id: str | None):
+class StatusReport(BaseModel):
+    """What a camera reports about a rollout (POST /v1/cameras/ID/assignment/status)."""
+    model_config = ConfigDict(extra="forbid")
+    model_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    state: str = Field(pattern="^(" + "|".join(STATES) + ")$")
+    reason: str = Field("", max_length=2000)
+    running_model_id: Optional[str] = Field(None, pattern=r"^[0-9a-f]{16}$")
+
+
+def _camera(request: Request, camera_id: str | None):
     """The camera authenticated by ``Authorization: Bearer TOKEN`` (its own token), or HTTP 401."""
-    from fastapi import HTTPException
-
-    from taskcodec.server.auth import authenticate_camera
-
     kind, _, token = request.headers.get("authorization", "").partition(" ")
     camera = None
     if camera_id and kind.lower() == "bearer" and token.strip():
@@ -362,12 +372,6 @@ def _camera(request, camera_id: str | None):
 def install(app) -> Registry:
     """The hook create_app calls: register the served bundle, load registered models on demand into the ingest
     service, and the rollout routes."""
-    from fastapi import Body, Depends, HTTPException, Request
-    from fastapi.responses import FileResponse
-    from pydantic import BaseModel, ConfigDict, Field
-
-    from taskcodec.server.auth import require_operator
-
     service = app.state.service
     storage = service.storage
     registry = Registry(storage.path)
@@ -379,13 +383,6 @@ def install(app) -> Registry:
     service.model_loader = registry.load
     app.state.registry = registry
     default_id = service.model_id
-
-    class StatusReport(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        model_id: str = Field(pattern=r"^[0-9a-f]{16}$")
-        state: str = Field(pattern="^(" + "|".join(STATES) + ")$")
-        reason: str = Field("", max_length=2000)
-        running_model_id: Optional[str] = Field(None, pattern=r"^[0-9a-f]{16}$")
 
     @app.get("/v1/cameras/{camera_id}/assignment")
     def assignment(camera_id: str, request: Request) -> dict:

@@ -179,7 +179,14 @@ def test_server_negotiates_and_never_decodes_without_the_reference(tmp_path, bun
                                                       wire.Frame(6, 2200, cond, wire.COND)]))
             assert reply[0] == wire.Ack(epoch, 4, 1) and isinstance(reply[1], wire.Reject)
             assert reply[1].code == wire.Code.BAD_PAYLOAD and reply[2].code == wire.Code.RESYNC
+        with srv.http() as h:  # HTTP ingest: one session per request, so each request starts with a KEY frame
+            cond54 = compress(sym[5] - sym[4], res, rtag)
+            r = h.post(hello, wire.TemporalBatch(epoch, [wire.Frame(5, 2000, compress(sym[4], key, tag), wire.KEY),
+                                                         wire.Frame(6, 2200, cond54, wire.COND)]))
+            assert r.status == 200 and r.replies == [wire.Ack(epoch, 5, 2)], r
+            r = h.post(hello, wire.TemporalBatch(epoch, [wire.Frame(7, 2400, cond54, wire.COND)]))
+            assert r.status != 200 and r.replies[0].code == wire.Code.RESYNC, r  # no reference from the last request
     stored = stored_frames(tmp_path / "server.db", "cam-p")
-    assert sorted(stored) == [0, 1, 2, 3, 4]
-    for i, s in enumerate([sym[0], sym[0], sym[1], sym[2], sym[3]]):  # seq 0: the v2 frame; seq i: sym[i - 1]
+    assert sorted(stored) == [0, 1, 2, 3, 4, 5, 6]
+    for i, s in enumerate([sym[0], sym[0], sym[1], sym[2], sym[3], sym[4], sym[5]]):  # seq 0: v2; i: sym[i - 1]
         np.testing.assert_array_equal(decompress(stored[i][0], key, tag), s)

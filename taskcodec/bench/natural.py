@@ -183,7 +183,7 @@ def run_example(work: Path, out: Path, per_class: int = 100, size: int = 64, epo
 
     from taskcodec import testing
     from taskcodec.bench.classical import bytes_at_accuracy
-    from taskcodec.bench.ood import auroc
+    from sklearn.metrics import roc_auc_score
     from taskcodec.bundle import load_bundle
     from taskcodec.data import load_frames, _items, parse_data
     from taskcodec.export.build import export_run
@@ -262,7 +262,7 @@ def run_example(work: Path, out: Path, per_class: int = 100, size: int = 64, epo
         "classical": rows, "equal_accuracy": eq,
         "ood": {"threshold": ood.threshold, "false_alarm_rate_test_odd": float((s_in > ood.threshold).mean()),
                 "detection_rate_foreign_photos": float((s_out > ood.threshold).mean()),
-                "auroc": auroc(s_in, s_out), "n_foreign": int(len(foreign)), "n_calibration": int(len(s_cal)),
+                "auroc": float(roc_auc_score(np.r_[np.zeros(len(s_in)), np.ones(len(s_out))], np.r_[s_in, s_out])), "n_foreign": int(len(foreign)), "n_calibration": int(len(s_cal)),
                 "at_5_percent": {"threshold": thr5, "false_alarm_rate_test_odd": float((s_in > thr5).mean()),
                                  "detection_rate_foreign_photos": float((s_out > thr5).mean())}},
         "wall_s": time.perf_counter() - t_start,

@@ -186,7 +186,8 @@ def capture(
         over = t.get("max_window_over_budget")
         typer.echo(f"temporal: {t['frames_sent']} frames sent, {t['payload_bits_per_frame']:.1f} payload bits/frame "
                    f"({t['wire_bits_per_frame']:.1f} on the wire), SAME {100 * t['same_share']:.0f} %, "
-                   f"kinds {t['kinds']}" + (f"; budget {t['budget_bps']:g} bit/s, max {t['budget_window_s']:g} s "
+                   f"kinds {t['kinds']}, {t['forced_same']} forced to SAME by the budget, mean L1 distortion "
+                   f"{t['l1_distortion_per_frame']:.2f}" + (f"; budget {t['budget_bps']:g} bit/s, max {t['budget_window_s']:g} s "
                                             f"window {over:+.1%}" if over is not None else ""))
     if not result.drained:
         typer.echo(f"{result.spool_depth} frames not acked yet; they stay in {cfg.spool} and are sent next run")

@@ -119,6 +119,7 @@ class TemporalTranscoder:
         self.frames_sent = 0
         self.lossy = 0
         self.forced_same = 0
+        self.distortion_l1 = 0    # L1 distance between a frame's symbols and what the server decodes (SAME frames)
         self.connections = 0
         self.t0: int | None = None
         self.window_bits: dict[int, int] = {}
@@ -201,6 +202,7 @@ class TemporalTranscoder:
         decoded = enc.ref
         if kind == SAME and not np.array_equal(decoded, target):
             self.lossy += 1
+            self.distortion_l1 += int(np.abs(np.asarray(decoded, np.int64) - target).sum())
             self.recon.put(row.epoch, row.seq, np.array(decoded, np.int32))
         self.sent_upto[row.epoch] = max(self.sent_upto.get(row.epoch, -1), row.seq)
         self.kinds[KIND_NAMES[kind]] += 1
@@ -234,6 +236,8 @@ class TemporalTranscoder:
                 "kinds": dict(self.kinds), "same_share": self.kinds["same"] / n,
                 "payload_bits_per_frame": 8 * self.payload_bytes / n, "wire_bits_per_frame": 8 * self.wire_bytes / n,
                 "lossy_same": self.lossy, "forced_same": self.forced_same, "connections": self.connections,
+                # what SAME (and the budget's forced SAME) costs: mean L1 distance of the symbols the server decodes
+                "l1_distortion_per_frame": self.distortion_l1 / n,
                 "window_bps": rates, "max_window_bps": max(rates) if rates else None,
                 "max_window_over_budget": (max(rates) / self.settings.budget_bps - 1.0)
                 if rates and self.settings.budget_bps else None}

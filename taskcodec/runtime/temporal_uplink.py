@@ -125,15 +125,18 @@ class TemporalTranscoder:
         self.window_bits: dict[int, int] = {}
 
     # -- connection life cycle -------------------------------------------------------------------------------------
-    def hello_fields(self) -> dict:
-        if self.settings.enabled:
+    def hello_fields(self, model_tag: bytes | None = None) -> dict:
+        """HELLO capabilities for a connection under ``model_tag`` (after an over-the-air model switch the uplink may
+        connect under another model: temporal coding then stays off, those frames go as plain key frames)."""
+        if self.settings.enabled and model_tag in (None, self.model_tag):
             return {"capabilities": wire.CAP_TEMPORAL, "residual_tag": self.residual_tag}
         return {}
 
-    def start_connection(self, welcome: wire.Welcome) -> None:
+    def start_connection(self, welcome: wire.Welcome, model_tag: bytes | None = None) -> None:
         self.connections += 1
-        self.active = self.settings.enabled and welcome.temporal
-        if self.settings.enabled and not welcome.temporal:
+        same_model = model_tag in (None, self.model_tag)
+        self.active = self.settings.enabled and welcome.temporal and same_model
+        if self.settings.enabled and same_model and not welcome.temporal:
             log.warning("the server does not accept temporal coding (no or other residual tables, or wire v2): "
                         "sending independent key frames")
         self.lost()

@@ -304,7 +304,7 @@ class Uplink:
             tag = self._connection_tag()
             self._conn_model = tag.hex()
             hello = wire.Hello(tag, cfg.camera_id, cfg.token,
-                               **(self.temporal.hello_fields() if self.temporal is not None else {}))
+                               **(self.temporal.hello_fields(tag) if self.temporal is not None else {}))
             await ws.send(hello.encode())
             reply = wire.decode(await asyncio.wait_for(ws.recv(), cfg.open_timeout))
             if isinstance(reply, wire.Error):
@@ -313,7 +313,7 @@ class Uplink:
                 raise _Retry(f"expected WELCOME, got {type(reply).__name__}")
             self.sessions += 1
             if self.temporal is not None:
-                self.temporal.start_connection(reply)  # a new connection: the next frame is a KEY frame
+                self.temporal.start_connection(reply, tag)  # a new connection: the next frame is a KEY frame
             self.stats.set_connected(True)
             log.info("uplink connected to %s as %s", cfg.url, cfg.camera_id)
             self._ws = ws

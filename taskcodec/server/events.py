@@ -183,6 +183,8 @@ class EventPublisher:
         return out
 
     def _name(self, index: int) -> str:
+        if index == -1:  # out of the model's domain (server/ood.py UNKNOWN)
+            return "unknown"
         return self.classes[index] if 0 <= index < len(self.classes) else str(index)
 
     # MQTT -----------------------------------------------------------------------------------------------------------

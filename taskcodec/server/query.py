@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.routing import Match
 
+from taskcodec.server.ood import UNKNOWN, UNKNOWN_NAME
 from taskcodec.server.auth import require_operator
 
 MAX_ROWS = 100_000
@@ -123,9 +124,13 @@ class Reader:
         return conn
 
     def class_name(self, index: int) -> str | None:
+        if index == UNKNOWN:  # out of the model's domain (server/ood.py)
+            return UNKNOWN_NAME
         return self.classes[index] if 0 <= index < len(self.classes) else None
 
     def class_index(self, name: str) -> int:
+        if name == UNKNOWN_NAME and UNKNOWN_NAME not in self.classes:
+            return UNKNOWN
         try:
             return self.classes.index(name)
         except ValueError:

@@ -116,6 +116,23 @@ def cluster(
     typer.echo(markdown(result))
 
 
+@bench_app.command("serve-load")
+def serve_load(
+    bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Model bundle (default: the embedded one)."),
+    cameras: List[int] = typer.Option([1000], "--cameras", help="Simulated one-fps cameras (repeatable)."),
+    seconds: float = typer.Option(30.0, "--seconds", min=10.0, help="Load duration per configuration."),
+    load_procs: int = typer.Option(2, "--load-procs", min=1, help="Load-generator processes."),
+    variant: List[str] = typer.Option([""], "--variant", help="Extra `taskcodec serve` options (repeatable)."),
+    profile: bool = typer.Option(False, "--profile", help="Record the server with py-spy (-f raw) meanwhile."),
+    name: str = typer.Option("serve_load", "--name", help="Result file stem."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for NAME.{json,md}."),
+) -> None:
+    """Embedded server (`taskcodec serve`) under many one-fps cameras: server CPU per frame (psutil), py-spy."""
+    from taskcodec.bench.serve_load import markdown, run
+
+    typer.echo(markdown(run(bundle, cameras, seconds, load_procs, out, variant, profile, name, log=typer.echo)))
+
+
 @bench_app.command("temporal")
 def temporal(
     bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Model bundle (default: the embedded one)."),

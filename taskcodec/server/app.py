@@ -229,7 +229,12 @@ class _Idle(Exception):
 
 async def _receive_bytes(ws: WebSocket, timeout: float | None = None) -> bytes | None:
     """The next binary message; None for a text message; raises WebSocketDisconnect when the peer has gone."""
-    message = await asyncio.wait_for(ws.receive(), timeout)
+    # asyncio.timeout, not wait_for: wait_for wraps every receive in a new Task (measurable per message)
+    if timeout is None:
+        message = await ws.receive()
+    else:
+        async with asyncio.timeout(timeout):
+            message = await ws.receive()
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message.get("bytes")

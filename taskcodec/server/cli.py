@@ -253,6 +253,8 @@ def run_server(config) -> None:
     # ws_max_size after authentication); h11 bounds request heads to 16 KiB; GuardedH11Protocol times them out.
     common = dict(log_level=config.log_level, access_log=False, ws_max_size=limits.max_message_bytes,
                   ws=GuardedWebSocketProtocol, http=GuardedH11Protocol, ws_ping_interval=ping, ws_ping_timeout=ping,
+                  # no permessage-deflate: payloads are a few bytes of range-coded data; compressing costs CPU
+                  ws_per_message_deflate=False,
                   timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_connections,
                   h11_max_incomplete_event_size=16 << 10, log_config=None, **tls, **extra)
     if config.workers == 1:

@@ -1,0 +1,197 @@
+"""`taskcodec bench serve-load`: the embedded server (`taskcodec serve`, a real subprocess with its SQLite file) under
+many simulated one-fps cameras, one frame per message, with the cluster bench's load generator (real range-coded
+payloads, the wire protocol over WebSockets, one BATCH of one frame per second per camera, waiting for its ACK).
+
+Server CPU per frame = the server process's user + system CPU-seconds (psutil, read from the kernel) over the measured
+window divided by the frames it stored in that window (max(rowid) before/after), so the load generator's CPU is not
+counted. ``--profile`` also records the server with py-spy (``py-spy record -f raw``) during the window and writes
+the collapsed stacks plus a per-function summary.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskcodec.bench.cluster import _cpu_seconds, _load_process, real_payloads
+from taskcodec.bundle import load_bundle
+from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
+
+
+def _register(db: Path, n: int) -> list[tuple[str, bytes]]:
+    from taskcodec.server.auth import hash_token
+    from taskcodec.server.storage import SQLiteStorage
+
+    cams = [(f"sim-{i:06d}", os.urandom(16).hex().encode()) for i in range(n)]
+    storage = SQLiteStorage(db)
+    try:
+        w = storage._writer
+        w.execute("BEGIN")
+        w.executemany("INSERT INTO cameras (id, token_hash, created) VALUES (?, ?, 0)",
+                      [(c, hash_token(t)) for c, t in cams])
+        w.execute("COMMIT")
+    finally:
+        storage.close()
+    return cams
+
+
+def _max_rowid(db: Path) -> int:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return conn.execute("SELECT coalesce(max(rowid), 0) FROM frames").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _threads(pid: int) -> dict[int, float]:
+    """CPU-seconds per thread id (the event loop runs in the main thread, whose id is the pid)."""
+    import psutil
+
+    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+
+
+def _microbatches(server) -> tuple[float, float]:
+    """(frames, micro-batches) so far, from the server's /metrics histogram."""
+    import urllib.request
+
+    req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {server.operator_key}"})
+    text = urllib.request.urlopen(req, timeout=30).read().decode()
+    got = {}
+    for line in text.splitlines():
+        for k in ("taskcodec_server_microbatch_frames_sum", "taskcodec_server_microbatch_frames_count"):
+            if line.startswith(k + " "):
+                got[k] = float(line.split()[1])
+    return got.get("taskcodec_server_microbatch_frames_sum", 0.0), got.get("taskcodec_server_microbatch_frames_count", 0.0)
+
+
+def _summarise_profile(raw: Path, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks (``-f raw``)."""
+    self_c: Counter = Counter()
+    incl: Counter = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")" if " (" in f else f
+                  for f in stack.split(";")]
+        self_c[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    return {"samples": total,
+            "self": [(f, round(100 * n / max(total, 1), 1)) for f, n in self_c.most_common(top)],
+            "inclusive": [(f, round(100 * n / max(total, 1), 1)) for f, n in incl.most_common(top)]}
+
+
+def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, server_args: list[str],
+            profile: Path | None, log=print) -> dict[str, Any]:
+    from taskcodec.server.process import LocalServer
+
+    with tempfile.TemporaryDirectory(prefix="taskcodec-serveload-") as tmp:
+        db = Path(tmp) / "server.db"
+        cams = _register(db, cameras)
+        # every simulated camera connects from 127.0.0.1: lift the per-address cap on unauthenticated connections
+        cfg = Path(tmp) / "bench.yaml"
+        cfg.write_text(f"limits: {{max_pending_per_address: {cameras + 16}, max_pending: {cameras + 16}}}\n")
+        with LocalServer(bundle.path, db, "--config", str(cfg), "--log-level", "warning", *server_args) as server:
+            pid = server.proc.pid
+            url = server.url.replace("http://", "ws://") + "/v1/stream"
+            t0 = time.time() + 8.0 + cameras / 1000.0
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            procs = [ctx.Process(target=_load_process, args=(url, cams[p::load_procs], bundle.model_tag, payloads,
+                                                             t0, seconds, q)) for p in range(load_procs)]
+            for p in procs:
+                p.start()
+            time.sleep(max(0.0, t0 - time.time()) + 2.0)  # +2 s: every camera has sent its first frame
+            window = max(5.0, seconds - 4.0)
+            spy = None
+            if profile is not None:
+                spy = subprocess.Popen(["py-spy", "record", "-f", "raw", "-r", "200", "-d", str(int(window)),
+                                        "-o", str(profile), "-p", str(pid)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            mb0 = _microbatches(server)
+            rows0, cpu0, th0, w0 = _max_rowid(db), _cpu_seconds([pid]), _threads(pid), time.time()
+            time.sleep(window)
+            rows1, cpu1, th1, w1 = _max_rowid(db), _cpu_seconds([pid]), _threads(pid), time.time()
+            mb1 = _microbatches(server)
+            results = [q.get(timeout=seconds + 300) for _ in procs]
+            for p in procs:
+                p.join(timeout=60)
+            if spy is not None:
+                spy.wait(timeout=120)
+            db_bytes = sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if os.path.exists(p))
+            stored = _max_rowid(db)
+    frames = rows1 - rows0
+    cpu = cpu1 - cpu0
+    loop_cpu = th1.get(pid, 0.0) - th0.get(pid, 0.0)
+    mb = (mb1[0] - mb0[0], mb1[1] - mb0[1])
+    ack_ms = np.array([x for r in results for x in r["ack_ms"]] or [np.nan])
+    row = {"cameras": cameras, "server_args": " ".join(server_args), "seconds": round(w1 - w0, 1),
+           "frames_per_s": frames / (w1 - w0), "server_cpu_s": cpu, "cpu_us_per_frame": 1e6 * cpu / max(frames, 1),
+           "server_cpu_share": cpu / (w1 - w0),
+           "event_loop_us_per_frame": 1e6 * loop_cpu / max(frames, 1),
+           "other_threads_us_per_frame": 1e6 * (cpu - loop_cpu) / max(frames, 1),
+           "microbatches_per_s": mb[1] / (w1 - w0), "frames_per_microbatch": mb[0] / max(mb[1], 1), "acked": sum(r["acked"] for r in results), "stored": stored,
+           "errors": sum(r["errors"] for r in results),
+           "first_error": next((r["first_error"] for r in results if r.get("first_error")), None),
+           "ack_p50_ms": float(np.nanpercentile(ack_ms, 50)), "ack_p99_ms": float(np.nanpercentile(ack_ms, 99)),
+           "db_bytes_per_frame": db_bytes / max(stored, 1), "load_avg_1min": os.getloadavg()[0]}
+    if profile is not None and profile.exists():
+        row["profile"] = {"file": str(profile), **_summarise_profile(profile)}
+    log(f"serve {' '.join(server_args) or '(defaults)'}: {cameras} cameras, {row['frames_per_s']:.0f} frames/s, "
+        f"{row['cpu_us_per_frame']:.0f} µs server CPU/frame, ack p99 {row['ack_p99_ms']:.0f} ms, "
+        f"errors {row['errors']}, load {row['load_avg_1min']:.1f}")
+    return row
+
+
+def run(bundle_path: str | None, cameras: list[int], seconds: float, load_procs: int, out: Path,
+        variants: list[str], profile: bool, name: str = "serve_load", log=print) -> dict[str, Any]:
+    bundle = load_bundle(bundle_path)
+    payloads = real_payloads(bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in cameras:
+        for i, v in enumerate(variants):
+            prof = out / f"{name}_profile_{n}_{i}.txt" if profile else None
+            rows.append(run_one(bundle, payloads, n, seconds, load_procs, v.split(), prof, log))
+    result = {"machine": machine_info(), "time": utc_now(), "bundle": bundle.model_id,
+              "payload_bytes_mean": float(np.mean([len(p) for p in payloads])), "rows": rows,
+              "note": "one `taskcodec serve` process (SQLite, synchronous=FULL) on this shared 2-core machine, with "
+                      "the load generator and other people's jobs on the same cores; CPU = the server process only"}
+    write_json(out / f"{name}.json", result)
+    write_text(out / f"{name}.md", markdown(result))
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cols = [("cameras", "1-fps cameras"), ("server_args", "serve options"), ("frames_per_s", "frames/s"),
+            ("cpu_us_per_frame", "server CPU µs/frame"), ("event_loop_us_per_frame", "event loop thread"),
+            ("other_threads_us_per_frame", "ingest + other threads"), ("frames_per_microbatch", "frames/micro-batch"),
+            ("server_cpu_share", "server CPU (cores)"),
+            ("ack_p50_ms", "ack p50 ms"), ("ack_p99_ms", "ack p99 ms"), ("errors", "errors"),
+            ("load_avg_1min", "load avg")]
+    text = (f"# Embedded server under one-fps cameras (one frame per message)\n\n{machine_line(result['machine'])}; "
+            f"{result['time']}; bundle {result['bundle']}, mean payload {result['payload_bytes_mean']:.1f} B. "
+            f"{result['note']}.\n\n"
+            + markdown_table(result["rows"], cols, {k: ".1f" if k.endswith("ms") or k == "load_avg_1min" else
+                                                    "d" if k in ("cameras", "errors") else "s" if k == "server_args"
+                                                    else ".3g" for k, _ in cols}) + "\n")
+    for r in result["rows"]:
+        p = r.get("profile")
+        if p:
+            text += (f"\n## py-spy ({r['cameras']} cameras, {r['server_args'] or 'defaults'}): {p['samples']} samples,"
+                     f" top self time\n\n| function | % |\n|---|---|\n"
+                     + "\n".join(f"| `{f}` | {s} |" for f, s in p["self"][:15]) + "\n")
+    return text

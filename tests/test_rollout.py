@@ -157,6 +157,8 @@ def test_canary_rollout_tamper_refusal_and_rollback(tmp_path):
             for c in rest:
                 assert st[c]["state"] == "refused" and st[c]["running_model_id"] == A.model_id
             refused_at = {c: st[c]["updated_ms"] for c in rest}
+            page = srv.get_text("/dashboard/rollout")  # the dashboard's rollout section (operator key)
+            assert page.count('class="refused"') == 2 and "bad signature" in page and "encoder.onnx: sha256" in page
             for p in procs:
                 p.wait(timeout=120)
         finally:

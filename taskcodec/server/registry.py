@@ -427,4 +427,20 @@ def install(app) -> Registry:
         return {"default_model_id": default_id, "cameras": registry.overview(default_id),
                 "assignments": [asdict(a) for a in registry.assignments(active_only=False)]}
 
+    from fastapi.responses import HTMLResponse
+
+    from taskcodec.server import dashboard
+    from taskcodec.server.query import iso
+
+    def _iso(ms):
+        return iso(ms) if ms else None
+
+    @app.get(f"{dashboard.PREFIX}/rollout", response_class=HTMLResponse, include_in_schema=False)
+    def rollout_page(request: Request, op=Depends(dashboard.operator)) -> HTMLResponse:
+        rows = [dict(r, updated=_iso(r["updated_ms"])) for r in registry.overview(default_id)]
+        models = [dict(asdict(m), added=_iso(m.added)) for m in registry.list()]
+        assignments = [dict(asdict(a), created=_iso(a.created)) for a in registry.assignments(active_only=False)]
+        return dashboard._page(request, "rollout.html", rows=rows, models=models, assignments=assignments,
+                               default_model_id=default_id, operator=op, now=iso(int(time.time() * 1000)))
+
     return registry

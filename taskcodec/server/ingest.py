@@ -155,7 +155,7 @@ class StorageState:
 class IngestService:
     def __init__(self, bundle: Bundle, storage: Storage, *, microbatch: bool = True,
                  max_microbatch_frames: int = 8192, metrics: ServerMetrics | None = None,
-                 storage_config: StorageConfig | None = None):
+                 storage_config: StorageConfig | None = None, linger_s: float = 0.02):
         self.bundle = bundle
         self.storage = storage
         self.model_id = bundle.model_id
@@ -169,6 +169,7 @@ class IngestService:
         self.metrics = metrics or ServerMetrics()
         self.microbatch = microbatch
         self.max_microbatch_frames = max_microbatch_frames
+        self.linger_s = linger_s
         self.config = storage_config or StorageConfig()
         self.started = time.monotonic()
         self.state = StorageState(self.metrics, str(getattr(storage, "path", "?")))
@@ -281,12 +282,19 @@ class IngestService:
 
     async def _run_worker(self) -> None:
         loop = asyncio.get_running_loop()
+        busy = False  # the previous micro-batch held several messages
         while True:
             jobs = [await self._queue.get()]
             frames = len(jobs[0].batch.frames)
+            if self.linger_s and (busy or not self._queue.empty()) and frames < self.max_microbatch_frames:
+                # Under load (many one-frame messages), wait a few ms for more: the per-micro-batch costs (the
+                # commit's fsync, the classifier call, the hop to the worker thread) are then shared by many more
+                # frames. A lone camera never waits (its micro-batch is one message, the queue stays empty).
+                await asyncio.sleep(self.linger_s)
             while frames < self.max_microbatch_frames and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
                 frames += len(jobs[-1].batch.frames)
+            busy = len(jobs) > 1
             results = await loop.run_in_executor(self._pool, self._process_safe,
                                                  [(j.session, j.batch) for j in jobs])
             for job, replies in zip(jobs, results):

@@ -157,12 +157,23 @@ def run_tasks(bundles: Sequence[str | Path], out: str | Path = "bench/results", 
             done = {r["representation"]: r for r in old["rows"]}
     rows = []
 
+    def save() -> dict:  # after every row: a crash later keeps what was measured (and --resume reuses it)
+        result = {
+            "benchmark": "tasks", "dataset": "fashion-mnist", "measured_at": utc_now(), "machine": machine_info(),
+            "protocol": protocol,
+            "coarse_groups": {n: [i for i in range(10) if COARSE[i] == g] for g, n in enumerate(COARSE_NAMES)},
+            "rows": rows + [r for n, r in done.items() if n not in {x["representation"] for x in rows}],
+        }
+        write_json(out / "tasks.json", result)
+        return result
+
     def add(name, make):
         if name in done:
             rows.append(done[name])
             return
         rows.append(make())
         log(rows[-1])
+        save()
 
     add("raw pixels", lambda: score("raw pixels", flat(x_tr), flat(x_te), data, epochs, x_te[0].size,
                                     "uint8, uncompressed"))
@@ -180,13 +191,9 @@ def run_tasks(bundles: Sequence[str | Path], out: str | Path = "bench/results", 
             continue
         rows.append(score(name, s_tr, s_te, data, epochs, nbytes, note + "; range-coded stream incl. 2-byte check"))
         log(rows[-1])
-    result = {
-        "benchmark": "tasks", "dataset": "fashion-mnist", "measured_at": utc_now(), "machine": machine_info(),
-        "protocol": protocol,
-        "coarse_groups": {n: [i for i in range(10) if COARSE[i] == g] for g, n in enumerate(COARSE_NAMES)},
-        "rows": rows,
-    }
-    write_json(out / "tasks.json", result)
+        save()
+    done = {}  # the final file holds exactly this call's representations
+    result = save()
     write_text(out / "tasks.md", markdown(result))
     return result
 

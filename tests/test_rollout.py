@@ -128,7 +128,7 @@ def test_canary_rollout_tamper_refusal_and_rollback(tmp_path):
 
             out = _cli(db, "models", "assign", B.model_id, "--group", "fleet", "--canary", "0.5").stdout
             canary = sorted(c for c, (m, _) in srv_resolve(db).items() if m == B.model_id)
-            assert len(canary) == 2, out
+            assert len(canary) == 2 and all(c in out for c in canary), out
             rest = sorted(set(CAMERAS) - set(canary))
             _cli(db, "models", "assign", C.model_id, "--camera", rest[0])   # bad signature
             _cli(db, "models", "assign", D.model_id, "--camera", rest[1])   # tampered encoder.onnx
@@ -182,6 +182,8 @@ def test_canary_rollout_tamper_refusal_and_rollback(tmp_path):
         if cam in canary:  # A, then B from the switch on, then A again after the rollback: contiguous segments
             segments = [m for j, m in enumerate(models) if j == 0 or models[j - 1] != m]
             assert segments == [A.model_id, B.model_id, A.model_id], segments
+            # what a restart runs (runtime.rollout.startup_bundle): the model it last switched to
+            assert (tmp_path / f"spool-{cam}" / "models" / "current").read_text().strip() == A.model_id
         else:
             assert set(models) == {A.model_id}, cam
             # the camera kept streaming under A after refusing the bad bundle

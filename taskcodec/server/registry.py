@@ -292,8 +292,10 @@ class Registry:
         cameras = [r[0] for r in self._query("SELECT id FROM cameras ORDER BY id")]
         groups = self.groups()
         members: dict[str, list[str]] = {}
+        registered = set(cameras)
         for cam, g in groups.items():
-            members.setdefault(g, []).append(cam)
+            if cam in registered:
+                members.setdefault(g, []).append(cam)
         active = self.assignments()
         out = {}
         for cam in cameras:
@@ -315,7 +317,22 @@ class Registry:
         return out
 
     def resolve(self, camera_id: str, default_model_id: str | None) -> tuple[str | None, str]:
-        return self.resolve_all(default_model_id).get(camera_id, (default_model_id, "default"))
+        """One camera's assignment (what a camera's poll costs: its own rows and its group's, not the fleet's)."""
+        rows = self._query("SELECT model_id FROM assignments WHERE active = 1 AND kind = 'camera' AND target = ? "
+                           "ORDER BY id DESC LIMIT 1", (camera_id,))
+        if rows:
+            return rows[0][0], "camera"
+        group = self._query("SELECT group_name FROM camera_groups WHERE camera_id = ?", (camera_id,))
+        if not group:
+            return default_model_id, "default"
+        g = group[0][0]
+        members = [r[0] for r in self._query("SELECT g.camera_id FROM camera_groups g JOIN cameras c ON c.id = "
+                                             "g.camera_id WHERE g.group_name = ?", (g,))]
+        for a in self.assignments("group", g):  # newest first
+            ranked = sorted(members, key=lambda c: _canary_rank(a.model_id, c))
+            if camera_id in ranked[:max(1, round(a.canary * len(ranked)))]:
+                return a.model_id, f"group {g}" + (f" canary {a.canary:g}" if a.canary < 1 else "")
+        return default_model_id, "default"
 
     # what cameras report -----------------------------------------------------------------------------------------
     def report(self, camera_id: str, model_id: str, state: str, reason: str, running_model_id: str | None) -> None:

@@ -58,6 +58,23 @@ def db_check(db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database f
     typer.echo(f"{db}: ok")
 
 
+@db_app.command("retention")
+def db_retention(days: float = typer.Option(..., "--days", min=0.0, help="Delete frames captured more than this many "
+                                            "days ago"),
+                 db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file")) -> None:
+    """Retention by age: delete frames captured before now - DAYS (in short transactions; safe while `serve`
+    runs). Run it periodically (cron / systemd timer); freed pages are reused for new frames."""
+    import time
+
+    if not db.is_file():
+        _fail(f"no database {db}")
+    storage = _storage(db)
+    cutoff = int((time.time() - days * 86400) * 1000)
+    n = storage.delete_before(cutoff)
+    storage.close()
+    typer.echo(f"{db}: deleted {n} frames captured before {cutoff} ms ({days:g} days)")
+
+
 @cameras_app.command("add")
 def cameras_add(camera_id: str = typer.Argument(..., help="Camera id, 1-128 of A-Z a-z 0-9 . _ : -"),
                 db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file"),

@@ -550,6 +550,26 @@ class SQLiteStorage:
         rows = self._reader().execute("SELECT camera_id, count(*) FROM frames GROUP BY camera_id").fetchall()
         return dict(rows)
 
+    def delete_before(self, ts_capture_ms: int, chunk: int = 20000) -> int:
+        """Retention by age: delete frames captured before ``ts_capture_ms`` in chunks of ``chunk`` rows (one short
+        transaction each, found through the frames_by_time index, so ingest is never blocked for long). Returns how
+        many were deleted. The file does not shrink; SQLite reuses the freed pages for new frames."""
+        total = 0
+        while True:
+            with self._write_lock:
+                try:
+                    self._writer.execute("BEGIN IMMEDIATE")
+                    n = self._writer.execute(
+                        "DELETE FROM frames WHERE rowid IN (SELECT rowid FROM frames INDEXED BY frames_by_time "
+                        "WHERE ts_capture_ms < ? LIMIT ?)", (int(ts_capture_ms), int(chunk))).rowcount
+                    self._writer.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    self._rollback()
+                    raise self._translate(exc) from exc
+            total += n
+            if n < chunk:
+                return total
+
     def ping(self) -> bool:
         try:
             return self._reader().execute("SELECT 1").fetchone() == (1,)

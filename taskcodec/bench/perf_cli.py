@@ -58,6 +58,9 @@ def runtime(
     cpu: bool = typer.Option(False, "--cpu/--no-cpu", help="Also paced runs: process CPU per frame (runtime_cpu.{json,md})."),
     fps: float = typer.Option(30.0, "--fps", min=1.0, help="Frame rate of the CPU runs."),
     cpu_frames: int = typer.Option(900, "--cpu-frames", min=100, help="Frames per CPU run (the first 60 are warm-up)."),
+    preprocess: bool = typer.Option(False, "--preprocess-check/--no-preprocess-check",
+                                    help="Also compare the runtime's preprocessing with the direct INTER_AREA resize "
+                                         "on 10k frames (preprocess_check.{json,md})."),
     capture_args: str = typer.Option("", "--capture-args", help="Extra `runtime capture` flags for the CPU runs, "
                                                                   "e.g. '--max-delay 0.2'."),
 ) -> None:
@@ -76,6 +79,11 @@ def runtime(
 
             typer.echo(markdown(result))
             typer.echo(f"wrote {out / 'runtime_profile.json'} and {out / 'runtime_profile.md'}")
+        if preprocess:
+            from taskcodec.bench.runtime_profile import preprocess_check
+
+            preprocess_check(bundle, out)
+            typer.echo((out / "preprocess_check.md").read_text())
         if cpu:
             from taskcodec.bench.runtime_profile import cpu_markdown, cpu_profile
 

@@ -330,6 +330,68 @@ def pacing_probe(bundle, fps: float = 30.0, frames: int = 120, rounds: int = 2) 
     return {"frames": frames, "rounds": rounds, "best_round": out}
 
 
+def preprocess_check(bundle_path: str | None, out: Path, frames: int = 10000) -> dict:
+    """The runtime's preprocessing against the direct OpenCV INTER_AREA resize on the 640x480 virtual camera (ROI
+    480x480): accuracy at the server's classifier, symbol agreement, pixel differences and CPU per frame; writes
+    preprocess_check.{json,md}."""
+    import cv2
+    import numpy as np
+
+    from taskcodec.report import machine_info, machine_line
+    from taskcodec.runtime.encoder import FrameEncoder
+    from taskcodec.runtime.preprocess import Preprocessor
+    from taskcodec.runtime.sources import open_source
+    from taskcodec.server.classify import Classifier
+
+    bundle = load_bundle(bundle_path)
+    roi = (80, 0, 480, 480)
+    pre = Preprocessor(bundle.input, roi)
+    if bundle.input.color_order != "gray":
+        raise RuntimeError("the preprocessing check compares the gray path; this bundle is not gray")
+
+    def direct(image):
+        crop = image[roi[1]:roi[1] + roi[3], roi[0]:roi[0] + roi[2]]
+        size = (bundle.input.width, bundle.input.height)
+        return cv2.resize(cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY), size, interpolation=cv2.INTER_AREA)[None, :, :, None]
+
+    ours, theirs, labels = [], [], []
+    cpu = np.zeros(2)
+    for frame in open_source(f"virtual://fashion-mnist?size=640x480&channels=3&count={frames}"):
+        t0 = time.thread_time()
+        ours.append(pre(frame.image))
+        t1 = time.thread_time()
+        theirs.append(direct(frame.image))
+        cpu += (t1 - t0, time.thread_time() - t1)
+        labels.append(frame.label)
+    ours, theirs, labels = np.concatenate(ours), np.concatenate(theirs), np.asarray(labels)
+    enc, clf = FrameEncoder(bundle, threads=1), Classifier(bundle)
+    sym_ours = np.concatenate([enc.symbols(ours[i:i + 500]) for i in range(0, len(ours), 500)])
+    sym_theirs = np.concatenate([enc.symbols(theirs[i:i + 500]) for i in range(0, len(theirs), 500)])
+    diff = np.abs(ours.astype(int) - theirs)
+    info = machine_info()
+    result = {"machine": info, "machine_line": machine_line(info), "model_id": bundle.model_id, "frames": len(labels),
+              "source": "virtual://fashion-mnist?size=640x480&channels=3 (test split), roi 80,0,480,480",
+              "accuracy_runtime": float((clf.predict(sym_ours)[0] == labels).mean()),
+              "accuracy_direct_inter_area": float((clf.predict(sym_theirs)[0] == labels).mean()),
+              "symbols_equal": float((sym_ours == sym_theirs).mean()),
+              "frames_all_symbols_equal": int((sym_ours == sym_theirs).all(axis=1).sum()),
+              "pixel_absdiff_mean": float(diff.mean()), "pixel_absdiff_max": int(diff.max()),
+              "cpu_ms_per_frame_runtime": 1000 * cpu[0] / len(labels),
+              "cpu_ms_per_frame_direct": 1000 * cpu[1] / len(labels),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preprocess_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    r = result
+    (out / "preprocess_check.md").write_text(
+        f"Preprocessing check — {r['machine_line']}; bundle {r['model_id']}; {r['frames']} frames of {r['source']}.\n\n"
+        "| preprocessing | accuracy at the classifier | CPU ms/frame (back to back) |\n|---|---|---|\n"
+        f"| runtime (two-step exact area) | {100 * r['accuracy_runtime']:.2f} % | {r['cpu_ms_per_frame_runtime']:.3f} |\n"
+        f"| direct cv2 INTER_AREA | {100 * r['accuracy_direct_inter_area']:.2f} % | {r['cpu_ms_per_frame_direct']:.3f} |\n\n"
+        f"Symbols equal: {100 * r['symbols_equal']:.2f} % ({r['frames_all_symbols_equal']} frames with all symbols "
+        f"equal); pixel |difference| mean {r['pixel_absdiff_mean']:.3f}, max {r['pixel_absdiff_max']}.\n")
+    return result
+
+
 def cpu_markdown(result: dict) -> str:
     lines = [f"Process CPU per frame of `runtime capture` at {result['fps_cap']:g} fps — {result['machine_line']}; "
              f"bundle {result['model_id']}, {result['threads']} encoder thread(s); source {result['source']}; "

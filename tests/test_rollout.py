@@ -221,20 +221,23 @@ def test_old_model_backlog_is_sent_and_decoded_under_the_old_model(tmp_path):
             Spool(tmp_path / "spool", camera_id="cam-b", model_id=B.model_id)
         spool = Spool(tmp_path / "spool", camera_id="cam-b", model_id=B.model_id, other_models=True)
         enc_b = FrameEncoder(B, threads=1)
-        for img in images[20:]:
+        for img in images[20:30]:
             spool.append(2000, enc_b.encode(Preprocessor(B.input).batch([img]))[0])
+        spool.set_model(A.model_id)  # rolled back: A, B, A within one send window
+        for img in images[30:]:
+            spool.append(3000, enc_a.encode(Preprocessor(A.input).batch([img]))[0])
         assert spool.oldest_model_id() == A.model_id
-        uplink = Uplink(spool, B.model_tag, UplinkConfig(srv.url, "cam-b", token, max_batch=8)).start()
+        uplink = Uplink(spool, A.model_tag, UplinkConfig(srv.url, "cam-b", token, max_batch=64)).start()
         try:
             assert uplink.wait_drained(60), uplink.last_error
         finally:
             uplink.stop()
             spool.close()
-        assert uplink.fatal is None and uplink.sessions >= 2  # one connection per model
+        assert uplink.fatal is None and uplink.sessions >= 3  # one connection per run of one model
     rows = _frames(db, "cam-b")
     assert [r[0] for r in rows] == list(range(40))
-    assert [r[1] for r in rows] == [A.model_id] * 20 + [B.model_id] * 20
-    want = list(_expected_images(A, images[:20])) + list(_expected_images(B, images[20:]))
+    assert [r[1] for r in rows] == [A.model_id] * 20 + [B.model_id] * 10 + [A.model_id] * 10
+    want = [*_expected_images(A, images[:20]), *_expected_images(B, images[20:30]), *_expected_images(A, images[30:])]
     assert [r[2] for r in rows] == want
 
 

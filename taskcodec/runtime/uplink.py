@@ -444,14 +444,12 @@ class Uplink:
     def _same_model(self, rows: list[SpooledFrame]) -> tuple[list[SpooledFrame], str | None]:
         """The leading rows captured under this connection's model, and the other model id if none is."""
         conn = self._conn_model
-        if not rows or not conn or rows[-1].model_id in ("", conn):
+        if not rows or not conn:
             return rows, None
-        keep = []
-        for r in rows:
+        for k, r in enumerate(rows):  # every row: a switch and a rollback can put A, B, A in one window
             if r.model_id not in ("", conn):
-                break
-            keep.append(r)
-        return keep, (None if keep else rows[0].model_id)
+                return rows[:k], (None if k else r.model_id)
+        return rows, None
 
     def _next_run(self, rows: list[SpooledFrame]) -> tuple[wire.Batch, bytes] | None:
         """The next BATCH from pending rows: one run of consecutive seqs, within the byte cap, halved around a batch

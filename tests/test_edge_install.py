@@ -9,6 +9,7 @@ interpreter (the first run downloads wheels, ~1 min); the package itself is re-i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -79,6 +80,18 @@ def _tree_copy(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def edge_venv(tmp_path_factory):
+    """The cached venv, held under an exclusive lock for the module: runs of this file in parallel (a developer and
+    the full suite) wait for each other instead of rebuilding or re-installing a venv the other is using."""
+    lock = open(Path(tempfile.gettempdir()) / "taskcodec-edge-venv.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        yield _edge_venv(tmp_path_factory)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _edge_venv(tmp_path_factory):
     python, version = _oldest_python()
     key = hashlib.sha256()
     for name in ("pyproject.toml", "setup.py"):
@@ -96,6 +109,8 @@ def edge_venv(tmp_path_factory):
         for stale in venv.parent.glob("taskcodec-edge-venv-*"):  # venvs of older pyproject.toml versions
             if stale.is_dir() and stale != venv:
                 shutil.rmtree(stale, ignore_errors=True)
+            elif stale.is_file() and stale != constraints:
+                stale.unlink(missing_ok=True)
         shutil.rmtree(venv, ignore_errors=True)
         _run([python, "-m", "venv", venv], timeout=120)
         _run([*pip, "install", tree], env=env, timeout=600, cwd=venv.parent)  # base package + its dependencies

@@ -245,7 +245,12 @@ def plot(rows: list[dict], path: Path, caption: str = "") -> None:
     ax.set_xscale("log")
     ax.set_xlabel("actual coded bits per image (mean, log scale)")
     ax.set_ylabel("MLP probe accuracy on symbols (%)")
-    ax.set_title("Fashion-MNIST: rate vs downstream accuracy")
+    runs = [r for r in rows if not str(r.get("run", "")).startswith("bundle")]
+    protocols = {(r.get("epochs"), r.get("n_train")) for r in runs}
+    sub = (f"\ncurves: {runs[0].get('epochs')} epochs on {runs[0].get('n_train')} training images each"
+           f"{'; ★ shipped bundles (own training)' if len(runs) < len(rows) else ''}" if len(protocols) == 1 and runs
+           else "")
+    ax.set_title("Fashion-MNIST: rate vs downstream accuracy" + sub, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     if caption:

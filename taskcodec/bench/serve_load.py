@@ -118,7 +118,7 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
             window = max(5.0, seconds - 4.0)
             spy = None
             if profile is not None:
-                spy = subprocess.Popen(["py-spy", "record", "-f", "raw", "-r", "200", "-d", str(int(window)),
+                spy = subprocess.Popen(["py-spy", "record", "-f", "raw", "--gil", "-r", "200", "-d", str(int(window)),
                                         "-o", str(profile), "-p", str(pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             mb0 = _microbatches(server)

@@ -49,6 +49,23 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def _set_max_size(self, size: int) -> None:
         self.conn.max_message_size = size
 
+    # Messages queued for the app before reading pauses (backpressure against a peer that does not wait for replies).
+    MAX_QUEUED = 4
+
+    def send_receive_event_to_app(self) -> None:
+        # uvicorn pauses reading after every message until the app has taken it (and resumes in receive()): two
+        # epoll_ctl system calls per message. A camera has one message in flight (it waits for the ACK), so pause
+        # only when messages pile up; receive() still resumes a paused connection once the queue is empty.
+        paused = self.read_paused
+        self.read_paused = True  # the base class then skips its own pause_reading()
+        try:
+            super().send_receive_event_to_app()
+        finally:
+            self.read_paused = paused
+        if not paused and self.queue.qsize() >= self.MAX_QUEUED:
+            self.read_paused = True
+            self.transport.pause_reading()
+
 
 class GuardedH11Protocol(H11Protocol):
     """Closes a connection whose request line + headers do not arrive within ``http_header_timeout_s`` of the

@@ -272,3 +272,22 @@ def test_models_add_verifies_and_remove_keeps_what_is_needed(tmp_path):
     _cli(db, "models", "remove", good.model_id)
     assert good.model_id not in _cli(db, "models", "list").stdout
     assert not (Path(str(db) + ".models") / good.model_id).exists()
+
+
+def test_restart_runs_the_model_last_switched_to(tmp_path):
+    """<spool>/models/current names the model a rollout switched to: a restart with rollout on runs it (whatever
+    --bundle says); without a trusted key, or when that bundle no longer verifies, the configured bundle is used."""
+    from taskcodec.runtime.capture import CaptureConfig
+    from taskcodec.runtime.rollout import startup_bundle
+
+    _, pub = generate_signing_key(tmp_path / "op.key")
+    B = _bundle(tmp_path / "spool" / "models", "b", 1)
+    (tmp_path / "spool" / "models" / "current").write_text(B.model_id + "\n")
+    (tmp_path / "spool" / "models" / "b").rename(tmp_path / "spool" / "models" / B.model_id)
+    base = dict(device="virtual://fashion-mnist", server="http://127.0.0.1:9", camera_id="cam-r",
+                spool=str(tmp_path / "spool"))
+    assert startup_bundle(CaptureConfig(**base, trusted_keys=[str(pub)])).model_id == B.model_id
+    assert startup_bundle(CaptureConfig(**base)) is None
+    enc = tmp_path / "spool" / "models" / B.model_id / "encoder.onnx"
+    enc.write_bytes(enc.read_bytes() + b"x")
+    assert startup_bundle(CaptureConfig(**base, trusted_keys=[str(pub)])) is None

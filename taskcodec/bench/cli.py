@@ -133,6 +133,24 @@ def serve_load(
     typer.echo(markdown(run(bundle, cameras, seconds, load_procs, out, variant, profile, name, log=typer.echo)))
 
 
+@bench_app.command("storage-size")
+def storage_size(
+    frames: int = typer.Option(300_000, "--frames", min=1000, help="Frames to store per layout."),
+    cameras: int = typer.Option(1000, "--cameras", min=1, help="One-fps cameras they come from."),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for storage_size{,_pg}.{json,md}."),
+    pg: bool = typer.Option(False, "--pg", help="Also PostgreSQL (a local instance; storage_size_pg.*)."),
+    sqlite: bool = typer.Option(True, "--sqlite/--no-sqlite", help="The SQLite layouts (storage_size.*)."),
+) -> None:
+    """Bytes on disk per 6-byte frame: SQLite (the server's schema vs compact rows vs packed camera-hours) and,
+    with --pg, PostgreSQL (the cluster schema vs packed camera-hours)."""
+    from taskcodec.bench.storage_size import markdown, run, run_pg
+
+    if sqlite:
+        typer.echo(markdown(run(frames, cameras, out, log=typer.echo)))
+    if pg:
+        run_pg(frames, cameras, out, log=typer.echo)
+
+
 @bench_app.command("temporal")
 def temporal(
     bundle: Optional[str] = typer.Option(None, "--bundle", "-b", help="Model bundle (default: the embedded one)."),

@@ -104,7 +104,12 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
         # every simulated camera connects from 127.0.0.1: lift the per-address cap on unauthenticated connections
         cfg = Path(tmp) / "bench.yaml"
         cfg.write_text(f"limits: {{max_pending_per_address: {cameras + 16}, max_pending: {cameras + 16}}}\n")
-        with LocalServer(bundle.path, db, "--config", str(cfg), "--log-level", "warning", *server_args) as server:
+        # A/B against another checkout: TASKCODEC_SERVE_LOAD_PYTHONPATH=/path/to/checkout runs *its* server code
+        other = os.environ.get("TASKCODEC_SERVE_LOAD_PYTHONPATH")
+        with LocalServer(bundle.path, db, "--config", str(cfg), "--log-level", "warning", *server_args,
+                         env={"PYTHONPATH": other} if other else None) as server:
+            if other:
+                log(f"server code from {other}")
             pid = server.proc.pid
             url = server.url.replace("http://", "ws://") + "/v1/stream"
             t0 = time.time() + 8.0 + cameras / 1000.0

@@ -198,3 +198,57 @@ def markdown(result: dict[str, Any]) -> str:
             + markdown_table(result["rows"], cols, {"frames": ",d", "bytes_per_frame": ".1f",
                                                     "bytes_per_frame_vacuumed": ".1f",
                                                     "write_cpu_us_per_frame": ".1f"}))
+
+
+def run_pg(frames: int, cameras: int, out: Path, log=print) -> dict[str, Any]:
+    """PostgreSQL (the scale-out store): the cluster bench's fill of ``frames`` 6-byte frames through the real schema
+    (daily partitions, unique key, class_counts rollup), then the same frames packed per camera, epoch and hour into
+    a table of the ``packed`` layout above; bytes = pg_total_relation_size (heap + indexes + TOAST)."""
+    import psycopg
+
+    from taskcodec.bench.cluster import query_latencies, storage_bytes
+    from taskcodec.server.cluster.local import LocalCluster
+
+    with LocalCluster([], gateways=0, workers=0, nats_nodes=0) as c:
+        q = query_latencies(c.pg_dsn, frames, cameras=cameras, log=log)
+        current = storage_bytes(c.pg_dsn)
+        with psycopg.connect(c.pg_dsn, autocommit=True) as conn:
+            conn.execute("""CREATE TABLE packs (camera INT NOT NULL, hour INT NOT NULL, epoch BIGINT NOT NULL,
+                first_seq BIGINT NOT NULL, n INT NOT NULL, model SMALLINT NOT NULL, seqs BYTEA NOT NULL,
+                ts BYTEA NOT NULL, stored BYTEA NOT NULL, lengths BYTEA NOT NULL, payloads BYTEA NOT NULL,
+                predictions BYTEA NOT NULL, confidences BYTEA NOT NULL,
+                PRIMARY KEY (camera, hour, epoch, first_seq))""")
+            rows = conn.execute("SELECT camera_id, epoch, seq, (extract(epoch FROM ts_capture) * 1000)::bigint, "
+                                "stored_ms_after, payload, prediction, confidence FROM frames "
+                                "ORDER BY camera_id, epoch, seq").fetchall()
+            groups: dict[tuple, list] = {}
+            ids: dict[str, int] = {}
+            for r in rows:
+                groups.setdefault((ids.setdefault(r[0], len(ids)), r[3] // 3_600_000, r[1]), []).append(r)
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO packs VALUES (%s, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s)", [
+                    (cam, hour, epoch, g[0][2], len(g), _varints([b[2] - a[2] for a, b in zip(g, g[1:])]),
+                     _varints([g[0][3]] + [b[3] - a[3] for a, b in zip(g, g[1:])]), _varints([r[4] for r in g]),
+                     bytes(len(r[5]) for r in g), b"".join(bytes(r[5]) for r in g), bytes(r[6] & 0xFF for r in g),
+                     _varints([r[7] for r in g])) for (cam, hour, epoch), g in groups.items()])
+            conn.execute("VACUUM ANALYZE packs")
+            packed = conn.execute("SELECT pg_total_relation_size('packs') + pg_total_relation_size('class_counts')"
+                                  ).fetchone()[0]
+    n = q["frames"]
+    result = {"machine": machine_info(), "time": utc_now(), "frames": n, "cameras": cameras,
+              "load_avg_1min": os.getloadavg()[0],
+              "rows": [{"layout": "current (partitioned frames + unique key + class_counts)", "frames": n,
+                        "bytes_per_frame": current / n},
+                       {"layout": "packed per camera-hour (+ class_counts)", "frames": n,
+                        "bytes_per_frame": packed / n}],
+              "queries_current": q["queries"]}
+    write_json(out / "storage_size_pg.json", result)
+    write_text(out / "storage_size_pg.md", (
+        f"# PostgreSQL bytes on disk per 6-byte frame\n\n{machine_line(result['machine'])}; {result['time']}; "
+        f"{n:,} frames of {cameras} cameras (the cluster bench's fill); load average {result['load_avg_1min']:.1f} "
+        f"(shared box). pg_total_relation_size: heap + indexes + TOAST.\n\n"
+        + markdown_table(result["rows"], [("layout", "layout"), ("frames", "frames"),
+                                          ("bytes_per_frame", "B/frame on disk")],
+                         {"frames": ",d", "bytes_per_frame": ".1f"})))
+    log(f"PostgreSQL: current {current / n:.1f} B/frame, packed {packed / n:.1f} B/frame")
+    return result

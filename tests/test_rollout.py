@@ -291,3 +291,29 @@ def test_restart_runs_the_model_last_switched_to(tmp_path):
     enc = tmp_path / "spool" / "models" / B.model_id / "encoder.onnx"
     enc.write_bytes(enc.read_bytes() + b"x")
     assert startup_bundle(CaptureConfig(**base, trusted_keys=[str(pub)])) is None
+
+
+def test_rollout_routes_need_the_cameras_own_token(tmp_path):
+    """Assignment, files and status answer 401 without the camera's own token (another camera's does not do)."""
+    import urllib.error
+    import urllib.request
+
+    A = _bundle(tmp_path, "A", 0)
+    with testing.ServerProcess(A.path, tmp_path / "server.db") as srv:
+        t1, t2 = srv.add_camera("cam-1").decode(), srv.add_camera("cam-2").decode()
+
+        def get(path: str, token: str | None, camera: str = "cam-1") -> int:
+            headers = {"X-Camera-Id": camera, **({"Authorization": f"Bearer {token}"} if token else {})}
+            try:
+                with urllib.request.urlopen(urllib.request.Request(srv.url + path, headers=headers), timeout=30) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        files = f"/v1/models/{A.model_id}/files/manifest.json"
+        assert get("/v1/cameras/cam-1/assignment", t1) == 200 and get(files, t1) == 200
+        assert get("/v1/cameras/cam-1/assignment", None) == 401 and get("/v1/cameras/cam-1/assignment", t2) == 401
+        assert get(files, None) == 401 and get(files, t2) == 401
+        assert get(f"/v1/models/{A.model_id}/files/..%2Fserver.db", t1) == 404  # only files the manifest names
+        assert srv.get_json("/v1/cameras/cam-1/assignment", key=t1)["model_id"] == A.model_id
+        assert "camera authentication failed" in srv.log()

@@ -67,7 +67,7 @@ fi
 mark root_s "$t"
 
 cleanup() {
-  for m in "$ROOT/proc" "$ROOT/dev" "$ROOT/opt/wheels" "$ROOT/opt/work"; do
+  for m in "$ROOT/proc" "$ROOT/dev" "$ROOT/opt/wheels"; do
     mountpoint -q "$m" 2>/dev/null && $SUDO umount -l "$m" || true
   done
 }
@@ -108,6 +108,7 @@ if [ ! -f "$WHEELS/.complete" ]; then
     exit 3
   fi
   touch "$WHEELS/.complete"
+  find "$CACHE" -maxdepth 1 -name 'wheels-*' ! -name "wheels-$KEY" -exec rm -rf {} +  # older dependency lists
 fi
 mountpoint -q "$ROOT/opt/wheels" || $SUDO mount --bind "$WHEELS" "$ROOT/opt/wheels"
 mark wheels_s "$t"
@@ -115,9 +116,11 @@ mark wheels_s "$t"
 # --- 4. the base package from this working tree, installed in the root's venv --------------------------------
 t=$(date +%s)
 if [ ! -x "$ROOT/opt/venv/bin/python" ] || [ "$(cat "$ROOT/opt/venv/.wheels" 2>/dev/null)" != "$KEY" ]; then
-  log "creating the root's venv and installing the aarch64 wheels"
-  rm -rf "$ROOT/opt/venv"
-  in_root python3 -m venv /opt/venv
+  if [ ! -x "$ROOT/opt/venv/bin/python" ]; then
+    log "creating the root's venv"
+    in_root python3 -m venv /opt/venv
+  fi
+  log "installing the aarch64 wheels into the root's venv (only what changed)"
   in_root /opt/venv/bin/pip install -q --no-index --find-links /opt/wheels -r /opt/wheels/requirements.txt
   echo "$KEY" > "$ROOT/opt/venv/.wheels"
 fi
@@ -137,7 +140,6 @@ WORK=$ROOT/opt/work
 rm -rf "${WORK:?}"/*
 log "x86: encoding the reference frames"
 $PY scripts/check_aarch64.py x86-prepare "$WORK"
-mountpoint -q "$ROOT/opt/work" || $SUDO mount --bind "$WORK" "$ROOT/opt/work"
 cp scripts/check_aarch64.py "$WORK/check_aarch64.py"
 for backend in c python; do
   log "aarch64: taskcodec verify-bundle (coder $backend)"

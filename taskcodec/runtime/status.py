@@ -48,6 +48,10 @@ class RuntimeStats:
         self.m_stage = Histogram("taskcodec_runtime_stage_seconds", "Per-frame time by stage", ["stage"], registry=r,
                                  buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1))
         self.m_rtt = Histogram("taskcodec_runtime_batch_ack_seconds", "Batch send to ack time", registry=r)
+        # labelled children bound once: labels() is a locked dict lookup with label validation, per frame and stage
+        self._stage_children: dict[str, object] = {s: self.m_stage.labels(s)
+                                                   for s in ("preprocess", "inference", "coding", "spool")}
+        self._drop_children: dict[str, object] = {}
 
     def frame(self, nbytes: int, stages: dict[str, float]) -> None:
         self.captured += 1
@@ -55,8 +59,12 @@ class RuntimeStats:
         self.m_captured.inc()
         self.m_bytes.inc(nbytes)
         self.m_bits.observe(8 * nbytes)
+        children = self._stage_children
         for stage, seconds in stages.items():
-            self.m_stage.labels(stage).observe(seconds)
+            child = children.get(stage)
+            if child is None:
+                child = children[stage] = self.m_stage.labels(stage)
+            child.observe(seconds)
 
     def ack(self, n: int, rtt: float | None = None) -> None:
         self.acked += n
@@ -74,7 +82,10 @@ class RuntimeStats:
         else:
             self.rejected += n
         self.drops[reason] = self.drops.get(reason, 0) + n
-        self.m_dropped.labels(reason).inc(n)
+        child = self._drop_children.get(reason)
+        if child is None:
+            child = self._drop_children[reason] = self.m_dropped.labels(reason)
+        child.inc(n)
 
     def set_connected(self, up: bool) -> None:
         self.connected = up

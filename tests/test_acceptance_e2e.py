@@ -6,12 +6,10 @@
    the server exactly once (no acknowledged or spooled frame lost, nothing stored twice).
 """
 
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import cv2
 import numpy as np
@@ -61,15 +59,6 @@ def stored_rows(db):
                            "ORDER BY epoch, seq").fetchall()
 
 
-def wait_for(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def test_server_predictions_agree_with_offline_predictions(video, tmp_path):
     bundle = load_bundle(None)
     expected = offline_predictions(bundle, video)
@@ -93,7 +82,7 @@ def test_runtime_sigkill_and_restart_loses_and_duplicates_nothing(video, tmp_pat
         first = subprocess.Popen(runtime_cmd(video, srv, token, spool, "--fps", "100", "--max-delay", "0.5"),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            wait_for(lambda: len(stored_rows(srv.db_path)) >= 100 or first.poll() is not None, 300,
+            testing.wait_for(lambda: len(stored_rows(srv.db_path)) >= 100 or first.poll() is not None, 300,
                      "the first frames to be stored")
         finally:
             first.send_signal(signal.SIGKILL)

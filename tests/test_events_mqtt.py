@@ -20,7 +20,7 @@ import pytest
 
 from taskcodec import wire
 from taskcodec.coding import RangeCoder, compress
-from taskcodec.testing import ServerError, ServerProcess
+from taskcodec.testing import ServerError, ServerProcess, wait_for
 from tiny_bundle import make_tiny_bundle
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -32,15 +32,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait_for(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +46,7 @@ def broker(tmp_path_factory):
         def up():
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
-        _wait_for(up, 15, "mosquitto to listen")
+        wait_for(up, 15, "mosquitto to listen")
         yield port
     finally:
         proc.terminate()
@@ -147,7 +138,7 @@ def test_every_frame_reaches_mqtt_and_the_webhook(broker, tmp_path, monkeypatch)
                 _stream(srv, bundle, cam, tokens[cam], 40, seed=k)
             rows = _db(tmp_path / "frames.db")
             assert len(rows) == 80
-            _wait_for(lambda: len(sub.events()) >= 80 and len(hook.received) >= 80, 30, "80 events on both sinks")
+            wait_for(lambda: len(sub.events()) >= 80 and len(hook.received) >= 80, 30, "80 events on both sinks")
             time.sleep(0.5)
             metrics = srv.get_text("/metrics")
         events = sub.events()
@@ -165,7 +156,7 @@ def test_every_frame_reaches_mqtt_and_the_webhook(broker, tmp_path, monkeypatch)
                    for body, sig in hook.signatures)
         assert ("taskcodec/available", "online") in [(t, p) for t, p, _ in sub.messages]
         late = Subscriber(broker)  # the server has stopped: a later subscriber gets the retained "offline"
-        _wait_for(lambda: late.messages, 10, "retained availability")
+        wait_for(lambda: late.messages, 10, "retained availability")
         late.close()
         assert late.messages[0] == ("taskcodec/available", "offline", True)
         assert 'taskcodec_server_events_published_total{sink="mqtt"} 80.0' in metrics
@@ -196,7 +187,7 @@ def test_change_mode_and_a_hanging_webhook_never_blocks_ingest(broker, tmp_path,
             preds = [p for _, _, p, *_ in rows]
             changes = [i for i in range(len(preds)) if i == 0 or preds[i] != preds[i - 1]]
             assert 1 < len(changes) < 200
-            _wait_for(lambda: len(sub.events()) >= len(changes), 30, "change events")
+            wait_for(lambda: len(sub.events()) >= len(changes), 30, "change events")
             time.sleep(0.5)
             metrics = srv.get_text("/metrics")
         assert ingest_s < 30, f"ingest took {ingest_s:.1f} s with a hanging webhook"
@@ -242,7 +233,7 @@ def test_a_broker_with_passwords(tmp_path, monkeypatch):
         def up():
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
-        _wait_for(up, 15, "mosquitto to listen")
+        wait_for(up, 15, "mosquitto to listen")
         sub = Subscriber.__new__(Subscriber)
         sub.messages, sub.connected = [], threading.Event()
         sub.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-sub-auth")
@@ -260,7 +251,7 @@ def test_a_broker_with_passwords(tmp_path, monkeypatch):
             with ServerProcess(bundle.path, db) as srv:
                 _stream(srv, bundle, f"cam-{expect}", srv.add_camera(f"cam-{expect}"), 20, seed=1)  # all acked
                 if expect:
-                    _wait_for(lambda: len(sub.events()) >= expect, 30, "events through the authenticated broker")
+                    wait_for(lambda: len(sub.events()) >= expect, 30, "events through the authenticated broker")
                 else:
                     time.sleep(2)
                     assert "event=mqtt_refused" in srv.log_path.read_text()

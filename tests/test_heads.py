@@ -18,21 +18,12 @@ from taskcodec.coding import RangeCoder, compress
 from taskcodec.data import load_fashion_mnist
 from taskcodec.export.golden import run_encoder
 from taskcodec.server.heads import Head, HeadError, HeadStore
-from taskcodec.testing import ServerProcess
+from taskcodec.testing import ServerProcess, wait_for
 
 
 def _labels(db, head):
     with sqlite3.connect(db) as conn:
         return {s: lab for s, lab in conn.execute("SELECT seq, label FROM head_labels WHERE head = ?", (head,))}
-
-
-def _wait_for(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_head_trained_on_stored_latents_labels_stored_and_new_frames(tmp_path):
@@ -67,7 +58,7 @@ def test_head_trained_on_stored_latents_labels_stored_and_new_frames(tmp_path):
         with srv.stream() as c:
             c.hello(wire.Hello(bundle.model_tag, "cam-1", token))
             assert c.send(wire.Batch(1, frames[500:])) == [wire.Ack(1, 500, 200)]
-        assert _wait_for(lambda: len(_labels(db, "coarse")) == 700), len(_labels(db, "coarse"))
+        wait_for(lambda: len(_labels(db, "coarse")) == 700, 60, "700 frames labelled by the head")
         new = _labels(db, "coarse")
         acc_new = np.mean([new[i] == truth[i] for i in range(500, 700)])
         assert acc_new > 0.9, acc_new

@@ -3,24 +3,14 @@ malformed messages, queries, /healthz, /metrics, and durability of acked frames 
 
 import sqlite3
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from taskcodec.testing import ServerProcess
+from taskcodec.testing import ServerProcess, wait_for
 from taskcodec import wire
 from taskcodec.coding import RangeCoder, compress
 from tiny_bundle import make_tiny_bundle
-
-
-def _wait_for(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _frames(bundle, first_seq, n, seed=0, ts0=1_700_000_000_000):
@@ -238,7 +228,7 @@ def test_every_acked_frame_survives_kill_9(tmp_path):
 
         t = threading.Thread(target=upload, daemon=True)
         t.start()
-        _wait_for(lambda: len(acked) >= 200, what="200 acked frames")
+        wait_for(lambda: len(acked) >= 200, what="200 acked frames")
         srv.kill()  # mid-stream, no shutdown handlers
         t.join(timeout=60)
         assert not t.is_alive()

@@ -15,7 +15,7 @@ import pytest
 from taskcodec import wire
 from taskcodec.coding import RangeCoder, compress
 from taskcodec.server.process import ServerError
-from taskcodec.testing import ServerProcess
+from taskcodec.testing import ServerProcess, wait_for
 from tiny_bundle import make_tiny_bundle
 
 
@@ -30,15 +30,6 @@ def _stored(db, cam=None):
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT camera_id, epoch, seq, payload FROM frames").fetchall()
     return {(c, e, s): bytes(p) for c, e, s, p in rows if cam is None or c == cam}
-
-
-def _wait_for(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _cli(*args):
@@ -178,7 +169,7 @@ def test_corrupted_page_refuses_to_start_and_turns_healthz_503(bundle, tmp_path)
     with ServerProcess(bundle.path, db, "--config", str(cfg)) as srv:
         assert srv.health()["integrity"] == "ok"
         _corrupt_page(db, pages // 2)
-        _wait_for(lambda: srv.health().get("http_status") == 503, 20, "healthz 503")
+        wait_for(lambda: srv.health().get("http_status") == 503, 20, "healthz 503")
         health = srv.health()
         assert health["integrity"] == "damaged" and health["status"] != "ok"
         assert "storage damaged" in srv.log()
@@ -278,7 +269,7 @@ def test_disk_full_busy_healthz_one_log_line_then_full_recovery(bundle, small_di
             r = h.post(hello, wire.Batch(7, sent[k:k + 5]))
             assert r.status == 503 and r.retry_after == "5" and r.replies[0].code == wire.Code.BUSY, r
         filler.unlink()
-        _wait_for(lambda: srv.health()["status"] == "ok", 20, "recovery")
+        wait_for(lambda: srv.health()["status"] == "ok", 20, "recovery")
         with srv.stream() as c:
             assert c.hello(hello) == wire.Welcome()
             for lo in range(k, 400, 50):

@@ -9,6 +9,8 @@ subprocess with crash and inspection helpers, and an in-memory protocol-speaking
 
 from __future__ import annotations
 
+import time
+
 from taskcodec.server.client import HttpIngestClient, StreamClient, read_replies  # noqa: F401  (re-exported)
 from taskcodec.server.process import LocalServer, ServerError, spawn, terminate, wait_for_port  # noqa: F401
 
@@ -21,3 +23,13 @@ class ServerProcess(LocalServer):
 
     def http(self, timeout: float = 30.0) -> HttpIngestClient:
         return HttpIngestClient(self.url, timeout, ssl_context=self.ssl_context)
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> None:
+    """Poll ``condition()`` until it holds; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")

@@ -92,17 +92,11 @@ class Gateway:
             first = await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT_S)
         except (asyncio.TimeoutError, websockets.ConnectionClosed):
             return
-        if not isinstance(first, bytes) or len(first) > MAX_HELLO_BYTES:
-            await self._refuse(ws, wire.Code.BAD_MESSAGE, "the first message must be a binary HELLO of at most "
-                               f"{MAX_HELLO_BYTES} bytes")
+        if isinstance(first, bytes) and len(first) > MAX_HELLO_BYTES:
+            await self._refuse(ws, wire.Code.BAD_MESSAGE, f"a HELLO is at most {MAX_HELLO_BYTES} bytes")
             return
-        try:
-            hello = wire.decode(first)
-        except wire.WireError as exc:
-            await self._refuse(ws, wire.Code.BAD_MESSAGE, f"bad HELLO: {exc}")
-            return
-        if not isinstance(hello, wire.Hello):
-            await self._refuse(ws, wire.Code.BAD_MESSAGE, "the first message must be HELLO")
+        hello = await self._expect(ws, first, wire.Hello)
+        if hello is None:
             return
         try:
             stored = await asyncio.to_thread(self._token_hash, hello.camera_id)
@@ -122,16 +116,8 @@ class Gateway:
         headers_base = {"camera": hello.camera_id, "model": hello.model_tag.hex()}
         try:
             async for raw in ws:
-                if not isinstance(raw, bytes):
-                    await self._refuse(ws, wire.Code.BAD_MESSAGE, "binary messages only")
-                    return
-                try:
-                    batch = wire.decode(raw)
-                except wire.WireError as exc:
-                    await self._refuse(ws, wire.Code.BAD_MESSAGE, f"bad BATCH: {exc}")
-                    return
-                if not isinstance(batch, wire.Batch):
-                    await self._refuse(ws, wire.Code.BAD_MESSAGE, "expected BATCH")
+                batch = await self._expect(ws, raw, wire.Batch)
+                if batch is None:
                     return
                 first_seq, count = batch.frames[0].seq, len(batch.frames)
                 digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
@@ -146,6 +132,18 @@ class Gateway:
                 await ws.send(wire.Ack(batch.epoch, first_seq, count).encode())
         except websockets.ConnectionClosed:
             return
+
+    async def _expect(self, ws: ServerConnection, raw, kind: type):
+        """The message decoded if it is a binary ``kind`` message; else the connection is refused and None returned."""
+        try:
+            message = wire.decode(raw) if isinstance(raw, bytes) else None
+        except wire.WireError as exc:
+            await self._refuse(ws, wire.Code.BAD_MESSAGE, f"bad {kind.__name__.upper()}: {exc}")
+            return None
+        if not isinstance(message, kind):
+            await self._refuse(ws, wire.Code.BAD_MESSAGE, f"expected a binary {kind.__name__.upper()} message")
+            return None
+        return message
 
     @staticmethod
     async def _refuse(ws: ServerConnection, code: int, reason: str) -> None:

@@ -247,3 +247,68 @@ def test_deleted_wal_after_a_crash_is_detected_and_counted(tmp_path, caplog):
     assert "write-ahead log was deleted" in caplog.text
     with Spool(tmp_path) as s:  # closed cleanly last time: nothing to report
         assert s.counters()["damaged_spools"] == 1
+
+
+def test_deferred_acks_leave_at_once_and_are_deleted_in_batches(tmp_path):
+    """ack_later (the uplink's acks): the frames leave depth() and pending() at once, their DELETE is batched; a full
+    spool deletes them first (they are not counted as dropped); close() deletes them for good."""
+    with Spool(tmp_path, max_frames=6) as s:
+        e = s.epoch
+        for i in range(6):
+            s.append(i, bytes([i]))
+        assert s.ack_later(e, 0, 2) == 2 and s.ack_later(e, 0, 2) == 0  # a duplicate ack is harmless
+        assert s.ack_later(e, 3, 1) == 1 and s.depth() == 3
+        assert s._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 6  # not deleted yet
+        assert [f.seq for f in s.pending(10, after=(e, 1))] == [2, 4, 5]  # a sender's next rows skip them
+        assert s._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 6
+        for i in range(3):
+            s.append(10 + i, b"n")  # fills up to max_frames with the acked rows deleted, nothing dropped
+        assert s.depth() == 6 and s.dropped == 0
+        assert s.append(20, b"m") is not None and s.dropped == 1  # now the oldest unacked frame goes
+        assert [f.seq for f in s.pending(10)] == [4, 5, 6, 7, 8, 9]
+        s.ack_later(e, 4, 3)
+        assert s._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 6
+    with Spool(tmp_path) as s:
+        assert s.depth() == 3 and [f.seq for f in s.pending(10)] == [7, 8, 9] and s.dropped == 1
+        s.ACK_BATCH = 2
+        s.ack_later(e, 7, 2)  # reaches the batch size: deleted now
+        assert s._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 1
+
+
+KILLED_ACKER = textwrap.dedent("""
+    import sys
+    from taskcodec.runtime.spool import Spool
+    spool = Spool(sys.argv[1], max_frames=10**6)
+    while True:
+        seq = spool.next_seq
+        spool.append(seq, b"frame-%d" % seq)
+        print("stored", seq, flush=True)
+        if seq % 2:
+            spool.ack_later(spool.epoch, seq - 1, 2)
+""")
+
+
+def test_kill_with_deferred_acks_loses_no_unacked_frame(tmp_path):
+    """A kill -9 with deferred acks pending: frames acked but not yet deleted may come back (they are re-sent and
+    the server acks duplicates), a frame that was not acked never goes missing, and seqs are never reused."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_ACKER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    stored = []
+    try:
+        while len(stored) < 300:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            stored.append(int(line.split()[1]))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert len(stored) >= 300, "writer did not get going"
+    stored += [int(line.split()[1]) for line in proc.stdout.read().splitlines()]
+    with Spool(tmp_path) as s:
+        seqs = [f.seq for f in s.pending(10**6)]
+        last = max(stored)
+        if last % 2 == 0:
+            assert last in seqs, "an unacked frame was lost"
+        assert len(seqs) == len(set(seqs))
+        assert s.ACK_BATCH < len(stored) and len(seqs) < len(stored)  # batches of deletes did commit
+        assert s.append(0, b"new")[1] > last

@@ -50,6 +50,18 @@ SCHEMA_VERSION = 2
 MAX_EPOCH = 2**63 - 1  # the wire format's limit
 MIN_MAX_BYTES = 256 * 1024
 _INSERT = "INSERT INTO frames VALUES (?, ?, ?, ?, ?)"
+_SEQS_IN = "SELECT seq FROM frames WHERE epoch = ? AND seq >= ? AND seq < ?"
+
+
+def _seq_ranges(seqs: set[int]) -> list[tuple[int, int]]:
+    """Sorted seqs as inclusive (lo, hi) runs."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(seqs):
+        if out and out[-1][1] + 1 == s:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
 COUNTERS = ("dropped_full", "dropped_rejected", "dropped_disk_full", "damaged_spools")
 
 
@@ -136,6 +148,11 @@ class Spool:
         self._keep_reserve()
         self.made_room = 0
         self._acked_since_ckpt = 0
+        # acks whose DELETE is deferred (ack_later): epoch -> seqs; flushed in one transaction per ACK_BATCH frames
+        # or ACK_DELAY seconds, before anything that reads or deletes rows by position, and at close
+        self._later: dict[int, set[int]] = {}
+        self._later_n = 0
+        self._later_since = 0.0
 
     # -- opening ---------------------------------------------------------------------------------------------------
     def _open(self, path: Path, sync: str) -> None:
@@ -449,6 +466,9 @@ class Spool:
         with self._lock:
             seq = self.next_seq
             excess = self._count + 1 - self.max_frames
+            if excess > 0 and self._later:
+                self._flush_later()  # the oldest rows may be acked ones: delete those, do not count them as dropped
+                excess = self._count + 1 - self.max_frames
             for attempt in range(7):
                 if attempt == 6 and not self._release_reserve():
                     continue
@@ -510,6 +530,10 @@ class Spool:
     def _make_room(self, k: int) -> int:
         """Called on SQLITE_FULL (outside a transaction): delete the k oldest frames; if even that cannot be written,
         truncate the WAL (gives its space back to the filesystem) and try once more."""
+        try:
+            self._flush_later()
+        except SpoolError:
+            pass  # the disk is full: the drop below gets the same treatment
         for _ in range(2):
             try:
                 with self._tx():
@@ -542,12 +566,16 @@ class Spool:
         """Up to ``limit`` unacked frames in (epoch, seq) order, strictly after ``after`` if given."""
         with self._lock:
             if after is None:
+                self._flush_later()  # a restart of the sending (a new connection): start from the durable truth
                 rows = self._db.execute("SELECT epoch, seq, ts_ms, payload, ident FROM frames ORDER BY epoch, seq "
                                         "LIMIT ?", (limit,)).fetchall()
             else:
                 rows = self._db.execute("SELECT epoch, seq, ts_ms, payload, ident FROM frames WHERE (epoch, seq) > "
                                         "(?, ?) ORDER BY epoch, seq LIMIT ?", (after[0], after[1], limit)).fetchall()
             models = self._ident_models
+            later = self._later
+            if later:
+                rows = [r for r in rows if r[1] not in later.get(r[0], ())]
         return [SpooledFrame(e, s, t, bytes(p), models.get(i, "")) for e, s, t, p, i in rows]
 
     # -- over-the-air rollout (runtime/rollout.py) -----------------------------------------------------------------
@@ -563,12 +591,62 @@ class Spool:
     def oldest_model_id(self) -> str:
         """The model of the oldest unsent frame (the next connection's HELLO names it), else the current one."""
         with self._lock:
+            self._flush_later()
             row = self._db.execute("SELECT ident FROM frames ORDER BY epoch, seq LIMIT 1").fetchone()
             return self._ident_models.get(row[0], self.model_id) if row else self.model_id
 
     def ack(self, epoch: int, first_seq: int, count: int) -> int:
         """The server stored these frames: delete them. Returns how many were still here."""
         return self._delete(epoch, first_seq, count, counter=None)
+
+    ACK_BATCH = 256     # deferred acked frames that trigger their DELETE
+    ACK_DELAY = 2.0     # seconds after the first deferred ack that trigger it
+
+    def ack_later(self, epoch: int, first_seq: int, count: int) -> int:
+        """Like :meth:`ack` (the frames leave ``depth()`` and ``pending()`` at once), but their DELETE is batched with
+        later acks into one transaction (every ``ACK_BATCH`` frames or ``ACK_DELAY`` seconds, and at close). A crash
+        before that only brings these frames back after a restart: they are re-sent and the server acknowledges them
+        as duplicates. For the uplink, which acks a few frames many times a second. Returns how many were here."""
+        with self._lock:
+            later = self._later.setdefault(epoch, set())
+            rows = self._db.execute(_SEQS_IN, (epoch, first_seq, first_seq + count)).fetchall()
+            n = 0
+            for (seq,) in rows:
+                if seq not in later:
+                    later.add(seq)
+                    n += 1
+            if not later:
+                del self._later[epoch]
+            if n:
+                if not self._later_n:
+                    self._later_since = time.monotonic()
+                self._later_n += n
+                self._count -= n
+            if self._later_n >= self.ACK_BATCH or (
+                    self._later_n and time.monotonic() - self._later_since >= self.ACK_DELAY):
+                self._flush_later()
+        return n
+
+    def flush_acks(self) -> None:
+        """Delete the frames acked with :meth:`ack_later` now."""
+        with self._lock:
+            self._flush_later()
+
+    def _flush_later(self) -> None:
+        """(Under the lock, outside a transaction.) One transaction for all deferred acks."""
+        if not self._later:
+            return
+        later, self._later, n = self._later, {}, self._later_n
+        self._later_n = 0
+        self._count += n  # _delete_locked subtracts what it deletes
+        relaxed = self._sync == "FULL"
+        if relaxed:  # as for ack(): losing these deletes only re-sends frames the server has
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._delete_locked(later, 0, 0, None)
+        finally:
+            if relaxed:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def drop(self, epoch: int, first_seq: int, count: int, reason: str = "") -> int:
         """The server will never accept these frames: delete them and count them as dropped (rejected)."""
@@ -585,6 +663,7 @@ class Spool:
         That fsync per ack was most of the uplink thread's CPU. Drops keep the full fsync (they are counted)."""
         relaxed = counter is None and self._sync == "FULL"
         with self._lock:
+            self._flush_later()
             if relaxed:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             try:
@@ -594,14 +673,26 @@ class Spool:
                     self._db.execute("PRAGMA synchronous=FULL")
         return n
 
-    def _delete_locked(self, epoch: int, first_seq: int, count: int, counter: str | None) -> int:
+    def _delete_locked(self, epoch: "int | dict[int, set[int]]", first_seq: int, count: int,
+                       counter: str | None) -> int:
+        """Delete one range of ``epoch``, or (``epoch`` a dict epoch -> seqs) those seqs, in one transaction."""
+        if isinstance(epoch, dict):
+            ranges = [(e, lo, hi + 1 - lo) for e, seqs in epoch.items() for lo, hi in _seq_ranges(seqs)]
+        else:
+            ranges = [(epoch, first_seq, count)]
         for attempt in range(2):
             try:
                 with self._tx():
-                    n = self._db.execute("DELETE FROM frames WHERE epoch = ? AND seq >= ? AND seq < ?",
-                                         (epoch, first_seq, first_seq + count)).rowcount
-                    if n:
-                        self._raise_floor(epoch, first_seq + count)
+                    n = 0
+                    floors: dict[int, int] = {}
+                    for e, first, cnt in ranges:
+                        k = self._db.execute("DELETE FROM frames WHERE epoch = ? AND seq >= ? AND seq < ?",
+                                             (e, first, first + cnt)).rowcount
+                        if k:
+                            floors[e] = max(floors.get(e, 0), first + cnt)
+                        n += k
+                    for e, upto in floors.items():
+                        self._raise_floor(e, upto)
                     if counter and n:
                         self._bump(counter, n)
                 break
@@ -626,6 +717,11 @@ class Spool:
 
     def close(self) -> None:
         with self._lock:
+            if self._finalizer.alive:
+                try:
+                    self._flush_later()
+                except SpoolError as exc:  # not fatal: those frames are re-sent and acked as duplicates
+                    log.warning("could not delete acked frames at close: %s", exc)
             self._finalizer()
 
     def __enter__(self) -> "Spool":

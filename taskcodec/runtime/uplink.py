@@ -390,7 +390,8 @@ class Uplink:
                         if isinstance(msg, wire.Reject):
                             self.temporal.lost()  # the server may have lost the reference with these frames
                     if isinstance(msg, wire.Ack):
-                        self.spool.ack(msg.epoch, msg.first_seq, msg.count)
+                        # the DELETE is batched (a lost one only re-sends frames the server acks as duplicates)
+                        getattr(self.spool, "ack_later", self.spool.ack)(msg.epoch, msg.first_seq, msg.count)
                         self.stats.ack(msg.count, rtt)
                         self._acked_in_connection += msg.count
                         self.failures = 0

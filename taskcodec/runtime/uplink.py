@@ -390,8 +390,7 @@ class Uplink:
                         if isinstance(msg, wire.Reject):
                             self.temporal.lost()  # the server may have lost the reference with these frames
                     if isinstance(msg, wire.Ack):
-                        # the DELETE is batched (a lost one only re-sends frames the server acks as duplicates)
-                        getattr(self.spool, "ack_later", self.spool.ack)(msg.epoch, msg.first_seq, msg.count)
+                        self._ack(msg.epoch, msg.first_seq, msg.count)
                         self.stats.ack(msg.count, rtt)
                         self._acked_in_connection += msg.count
                         self.failures = 0
@@ -490,6 +489,17 @@ class Uplink:
                     n = self.spool.drop(f.epoch, f.seq, 1, reason=f"unencodable: {exc}")
                     self.stats.drop(n, "unencodable")
             return None
+
+    def _ack(self, epoch: int, first_seq: int, count: int) -> None:
+        """Delete acked frames from the spool. The DELETE is batched (Spool.ack_later): a kill -9 before it only
+        brings acked frames back, re-sent and acknowledged as duplicates. Not with temporal coding: its store of
+        lossy reconstructions forgets a frame at its ack, and a re-sent frame coded differently is a CONFLICT."""
+        temporal = self.temporal
+        later = getattr(self.spool, "ack_later", None)
+        if later is not None and (temporal is None or not getattr(getattr(temporal, "settings", None), "enabled", 1)):
+            later(epoch, first_seq, count)
+        else:
+            self.spool.ack(epoch, first_seq, count)
 
     @staticmethod
     def _settle(outstanding: dict, msg) -> float | None:

@@ -259,19 +259,22 @@ def test_deferred_acks_leave_at_once_and_are_deleted_in_batches(tmp_path):
         assert s.ack_later(e, 0, 2) == 2 and s.ack_later(e, 0, 2) == 0  # a duplicate ack is harmless
         assert s.ack_later(e, 3, 1) == 1 and s.depth() == 3
         assert s._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 6  # not deleted yet
-        assert [f.seq for f in s.pending(10, after=(e, 1))] == [2, 4, 5]  # a sender's next rows skip them
+        assert [f.seq for f in s.pending(10, after=(e, 3))] == [4, 5]  # a sender's next rows
         assert s._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 6
-        for i in range(3):
+        assert [f.seq for f in s.pending(10, after=(e, 1))] == [2, 4, 5]  # acked ones are skipped (and deleted)
+        s.ack_later(e, 2, 1)
+        assert s.depth() == 2
+        for i in range(4):
             s.append(10 + i, b"n")  # fills up to max_frames with the acked rows deleted, nothing dropped
         assert s.depth() == 6 and s.dropped == 0
         assert s.append(20, b"m") is not None and s.dropped == 1  # now the oldest unacked frame goes
-        assert [f.seq for f in s.pending(10)] == [4, 5, 6, 7, 8, 9]
-        s.ack_later(e, 4, 3)
+        assert [f.seq for f in s.pending(10)] == [5, 6, 7, 8, 9, 10]
+        s.ack_later(e, 5, 3)
         assert s._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 6
     with Spool(tmp_path) as s:
-        assert s.depth() == 3 and [f.seq for f in s.pending(10)] == [7, 8, 9] and s.dropped == 1
+        assert s.depth() == 3 and [f.seq for f in s.pending(10)] == [8, 9, 10] and s.dropped == 1
         s.ACK_BATCH = 2
-        s.ack_later(e, 7, 2)  # reaches the batch size: deleted now
+        s.ack_later(e, 8, 2)  # reaches the batch size: deleted now
         assert s._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0] == 1
 
 
@@ -312,3 +315,34 @@ def test_kill_with_deferred_acks_loses_no_unacked_frame(tmp_path):
         assert len(seqs) == len(set(seqs))
         assert s.ACK_BATCH < len(stored) and len(seqs) < len(stored)  # batches of deletes did commit
         assert s.append(0, b"new")[1] > last
+
+
+def test_pending_skips_deferred_acks_yet_fills_its_limit(tmp_path):
+    """pending(after=...) with deferred acks: random appends, acks (now and deferred), drops and a full spool; it
+    returns the first ``limit`` frames still to send, never acked ones, never fewer because of acked ones."""
+    import random
+
+    rng = random.Random(7)
+    with Spool(tmp_path, max_frames=40, sync="normal") as s:
+        e = s.epoch
+        for step in range(600):
+            op = rng.random()
+            if op < 0.5:
+                s.append(step, b"f%d" % step)
+            elif s.depth():
+                first = rng.randrange(max(0, s.next_seq - 50), s.next_seq)
+                count = rng.randint(1, 4)
+                if op < 0.8:
+                    s.ack_later(e, first, count)
+                elif op < 0.9:
+                    s.ack(e, first, count)
+                else:
+                    s.drop(e, first, count)
+            after = (e, rng.randrange(max(0, s.next_seq - 45), s.next_seq + 1) - 1)
+            limit = rng.randint(1, 20)
+            got = s.pending(limit, after=after)
+            rows = s._db.execute("SELECT seq FROM frames WHERE epoch = ? AND seq > ? ORDER BY seq", after).fetchall()
+            later = s._later.get(e, set())
+            want = [q for (q,) in rows if q not in later][:limit]
+            assert [f.seq for f in got] == want, step
+            assert all(f.payload == b"f%d" % f.ts_ms and f.epoch == e for f in got)

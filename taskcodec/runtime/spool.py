@@ -570,12 +570,16 @@ class Spool:
                 rows = self._db.execute("SELECT epoch, seq, ts_ms, payload, ident FROM frames ORDER BY epoch, seq "
                                         "LIMIT ?", (limit,)).fetchall()
             else:
-                rows = self._db.execute("SELECT epoch, seq, ts_ms, payload, ident FROM frames WHERE (epoch, seq) > "
-                                        "(?, ?) ORDER BY epoch, seq LIMIT ?", (after[0], after[1], limit)).fetchall()
+                query = ("SELECT epoch, seq, ts_ms, payload, ident FROM frames WHERE (epoch, seq) > (?, ?) "
+                         "ORDER BY epoch, seq LIMIT ?")
+                rows = self._db.execute(query, (after[0], after[1], limit)).fetchall()
+                later = self._later
+                if later and any(r[1] in later.get(r[0], ()) for r in rows):
+                    # frames acked but not yet deleted (a sender normally asks only past what it sent): delete them
+                    # now, so that the LIMIT counts only frames still to send
+                    self._flush_later()
+                    rows = self._db.execute(query, (after[0], after[1], limit)).fetchall()
             models = self._ident_models
-            later = self._later
-            if later:
-                rows = [r for r in rows if r[1] not in later.get(r[0], ())]
         return [SpooledFrame(e, s, t, bytes(p), models.get(i, "")) for e, s, t, p, i in rows]
 
     # -- over-the-air rollout (runtime/rollout.py) -----------------------------------------------------------------

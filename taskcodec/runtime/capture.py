@@ -54,7 +54,7 @@ class CaptureConfig(BaseModel):
     size: Optional[tuple[int, int]] = None
     roi: Optional[tuple[int, int, int, int]] = None
     loop: bool = False
-    max_delay: float = Field(0.05, ge=0)
+    max_delay: float = Field(0.2, ge=0)  # batching wait of the uplink (UplinkConfig.max_delay: CPU vs latency)
     max_batch: int = Field(64, ge=1, le=4096)
     max_in_flight: int = Field(8, ge=1)
     spool: str = "~/.cache/taskcodec/spool"

@@ -52,7 +52,8 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
     storage = SQLiteStorage(config.db, check=store_cfg.integrity_check_at_start,
                             journal_size_limit=store_cfg.journal_size_limit_bytes,
                             wal_autocheckpoint=store_cfg.wal_autocheckpoint_pages)
-    service = IngestService(bundle, storage, microbatch=config.microbatch, storage_config=store_cfg)
+    service = IngestService(bundle, storage, microbatch=config.microbatch, storage_config=store_cfg,
+                            linger_s=config.microbatch_linger_ms / 1000.0)
     attach_heads(service, config.db)  # heads trained on stored latents label new frames (server/heads.py)
     if store_cfg.integrity_check_at_start:
         service.state.integrity_result([])  # the open above ran quick_check and refuses a damaged file

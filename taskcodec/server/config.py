@@ -84,6 +84,8 @@ class ServerConfig(_Strict):
     workers: int = Field(1, ge=1)
     port_file: Optional[Path] = None
     microbatch: bool = True
+    microbatch_linger_ms: float = Field(20.0, ge=0, le=1000, description="under load, wait this long for more "
+                                        "messages before a micro-batch (fewer commits per frame); 0: never")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "warning"
     ws_ping_interval: float = Field(120.0, ge=0)
     tls: Optional[TLSConfig] = None

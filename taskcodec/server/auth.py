@@ -149,6 +149,17 @@ log = logging.getLogger("taskcodec.server.auth")
 failed_logins = RateLimitedLog(log)
 
 
+def unauthorized(request: Request, who: str, rate_key: str, why: str, detail: str, realm: str) -> HTTPException:
+    """Log (rate-limited) and count a failed ``who`` ("operator" or "camera") authentication; the HTTP 401 to raise."""
+    address = request.client.host if request.client else "?"
+    failed_logins.warning(rate_key, f"{who} authentication failed from {address} for {request.method} "
+                                    f"{request.url.path}: {why}")
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.auth_failures.labels(who).inc()
+    return HTTPException(401, detail, headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})
+
+
 def require_operator(scope: str):
     """FastAPI dependency: the Operator behind ``Authorization: Bearer KEY`` if its scope covers ``scope``; 401
     without (valid) credentials, 403 with too small a scope. The app must set ``app.state.storage``.
@@ -165,13 +176,9 @@ def require_operator(scope: str):
         address = request.client.host if request.client else "?"
         operator = authenticate_operator(request.app.state.storage, key.strip()) if kind.lower() == "bearer" else None
         if operator is None:
-            failed_logins.warning(f"op:{address}", f"operator authentication failed from {address} for "
-                                  f"{request.method} {request.url.path}: {'bad' if header else 'no'} credentials")
-            metrics = getattr(request.app.state, "metrics", None)
-            if metrics is not None:
-                metrics.auth_failures.labels("operator").inc()
-            raise HTTPException(401, "operator API key required (Authorization: Bearer KEY)",
-                                headers={"WWW-Authenticate": 'Bearer realm="taskcodec"'})
+            raise unauthorized(request, "operator", f"op:{address}",
+                               f"{'bad' if header else 'no'} credentials",
+                               "operator API key required (Authorization: Bearer KEY)", "taskcodec")
         if not scope_allows(operator.scope, scope):
             raise HTTPException(403, f"operator {operator.name!r} has scope {operator.scope!r}; this needs {scope!r}")
         return operator

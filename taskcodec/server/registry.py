@@ -39,7 +39,7 @@ from fastapi import Body, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from taskcodec.server.auth import authenticate_camera, failed_logins, require_operator
+from taskcodec.server.auth import authenticate_camera, require_operator, unauthorized
 from taskcodec.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, check_golden, compute_model_id, load_bundle
 
 log = logging.getLogger("taskcodec.server.registry")
@@ -382,13 +382,8 @@ def _camera(request: Request, camera_id: str | None):
         camera = authenticate_camera(request.app.state.storage, camera_id, token.strip().encode())
     if camera is None:
         address = request.client.host if request.client else "?"
-        failed_logins.warning(f"rollout:{address}", f"camera authentication failed from {address} for "
-                              f"{request.method} {request.url.path} (camera {camera_id!r})")
-        metrics = getattr(request.app.state, "metrics", None)
-        if metrics is not None:
-            metrics.auth_failures.labels("camera").inc()
-        raise HTTPException(401, "camera token required (Authorization: Bearer TOKEN)",
-                            headers={"WWW-Authenticate": 'Bearer realm="taskcodec-camera"'})
+        raise unauthorized(request, "camera", f"rollout:{address}", f"camera {camera_id!r}",
+                           "camera token required (Authorization: Bearer TOKEN)", "taskcodec-camera")
     return camera
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import contextlib
 import sqlite3
 import stat
 import threading
@@ -359,16 +360,26 @@ class SQLiteStorage:
 
     def probe_write(self) -> None:
         """A small durable write (a page in and out), to see whether the disk has room again; StorageFull if not."""
+        with self._transaction() as w:
+            w.execute("CREATE TABLE IF NOT EXISTS _space_probe (x BLOB)")
+            w.execute("INSERT INTO _space_probe VALUES (zeroblob(8192))")
+            w.execute("DELETE FROM _space_probe")
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One durable write transaction on the writer connection (BEGIN IMMEDIATE … COMMIT) under the write lock;
+        rolled back on any error, SQLite's errors translated (StorageFull, StorageDamaged, StorageError)."""
         with self._write_lock:
             try:
                 self._writer.execute("BEGIN IMMEDIATE")
-                self._writer.execute("CREATE TABLE IF NOT EXISTS _space_probe (x BLOB)")
-                self._writer.execute("INSERT INTO _space_probe VALUES (zeroblob(8192))")
-                self._writer.execute("DELETE FROM _space_probe")
+                yield self._writer
                 self._writer.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
                 raise self._translate(exc) from exc
+            except BaseException:
+                self._rollback()
+                raise
 
     def _rollback(self) -> None:
         # SQLite rolls a transaction back by itself on some errors (SQLITE_FULL among them); a ROLLBACK then fails
@@ -447,18 +458,8 @@ class SQLiteStorage:
         (Tools and benches; the server uses store_batches, which also tells duplicates from conflicts.)"""
         if not rows:
             return 0
-        with self._write_lock:
-            try:
-                self._writer.execute("BEGIN IMMEDIATE")
-                inserted = self._writer.executemany(self._INSERT.replace("INSERT", "INSERT OR IGNORE", 1),
-                                                    rows).rowcount
-                self._writer.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise self._translate(exc) from exc
-            except BaseException:
-                self._rollback()
-                raise
+        with self._transaction() as w:
+            inserted = w.executemany(self._INSERT.replace("INSERT", "INSERT OR IGNORE", 1), rows).rowcount
         return inserted
 
     def store_batches(self, batches: Sequence[BatchRows]) -> list[list[int] | None]:
@@ -467,44 +468,34 @@ class SQLiteStorage:
         payload already stored) or CONFLICT (same key, another payload: not stored). Raises StorageFull (nothing
         stored) when the disk is full."""
         out: list[list[int] | None] = []
-        with self._write_lock:
-            w = self._writer
-            try:
-                w.execute("BEGIN IMMEDIATE")
-                tokens: dict[str, str | None] = {}
-                accepted = []
-                for b in batches:
-                    if b.token_hash is not None:
-                        if b.camera_id not in tokens:
-                            row = w.execute("SELECT token_hash FROM cameras WHERE id = ?", (b.camera_id,)).fetchone()
-                            tokens[b.camera_id] = row[0] if row else None
-                        if tokens[b.camera_id] != b.token_hash:
-                            out.append(None)
-                            continue
-                    out.append([])
-                    accepted.append((len(out) - 1, b))
-                # Fast path (the usual case: every frame is new): one INSERT OR IGNORE for the whole micro-batch. If
-                # any row was already there, undo it and classify row by row.
-                rows = [r for _, b in accepted for r in b.rows]
-                w.execute("SAVEPOINT fast")
-                inserted = w.executemany(self._INSERT.replace("INSERT", "INSERT OR IGNORE", 1), rows).rowcount \
-                    if rows else 0
-                if inserted == len(rows):
-                    w.execute("RELEASE fast")
-                    for i, b in accepted:
-                        out[i] = [NEW] * len(b.rows)
-                else:
-                    w.execute("ROLLBACK TO fast")
-                    w.execute("RELEASE fast")
-                    for i, b in accepted:
-                        out[i] = self._store_rows(w, b.rows)
-                w.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise self._translate(exc) from exc
-            except BaseException:
-                self._rollback()
-                raise
+        with self._transaction() as w:
+            tokens: dict[str, str | None] = {}
+            accepted = []
+            for b in batches:
+                if b.token_hash is not None:
+                    if b.camera_id not in tokens:
+                        row = w.execute("SELECT token_hash FROM cameras WHERE id = ?", (b.camera_id,)).fetchone()
+                        tokens[b.camera_id] = row[0] if row else None
+                    if tokens[b.camera_id] != b.token_hash:
+                        out.append(None)
+                        continue
+                out.append([])
+                accepted.append((len(out) - 1, b))
+            # Fast path (the usual case: every frame is new): one INSERT OR IGNORE for the whole micro-batch. If
+            # any row was already there, undo it and classify row by row.
+            rows = [r for _, b in accepted for r in b.rows]
+            w.execute("SAVEPOINT fast")
+            inserted = w.executemany(self._INSERT.replace("INSERT", "INSERT OR IGNORE", 1), rows).rowcount \
+                if rows else 0
+            if inserted == len(rows):
+                w.execute("RELEASE fast")
+                for i, b in accepted:
+                    out[i] = [NEW] * len(b.rows)
+            else:
+                w.execute("ROLLBACK TO fast")
+                w.execute("RELEASE fast")
+                for i, b in accepted:
+                    out[i] = self._store_rows(w, b.rows)
         return out
 
     def _store_rows(self, w: sqlite3.Connection, rows: Sequence[FrameRow]) -> list[int]:
@@ -556,16 +547,10 @@ class SQLiteStorage:
         many were deleted. The file does not shrink; SQLite reuses the freed pages for new frames."""
         total = 0
         while True:
-            with self._write_lock:
-                try:
-                    self._writer.execute("BEGIN IMMEDIATE")
-                    n = self._writer.execute(
-                        "DELETE FROM frames WHERE rowid IN (SELECT rowid FROM frames INDEXED BY frames_by_time "
-                        "WHERE ts_capture_ms < ? LIMIT ?)", (int(ts_capture_ms), int(chunk))).rowcount
-                    self._writer.execute("COMMIT")
-                except sqlite3.Error as exc:
-                    self._rollback()
-                    raise self._translate(exc) from exc
+            with self._transaction() as w:
+                n = w.execute(
+                    "DELETE FROM frames WHERE rowid IN (SELECT rowid FROM frames INDEXED BY frames_by_time "
+                    "WHERE ts_capture_ms < ? LIMIT ?)", (int(ts_capture_ms), int(chunk))).rowcount
             total += n
             if n < chunk:
                 return total

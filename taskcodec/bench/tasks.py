@@ -63,6 +63,8 @@ def fit_regressor(x_tr: np.ndarray, t_tr: np.ndarray, x_te: np.ndarray, t_te: np
     import torch.nn.functional as F
     from torch import nn
 
+    from taskcodec.training.probes import train_minibatch
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(x_tr, dtype=torch.float32)
@@ -71,21 +73,7 @@ def fit_regressor(x_tr: np.ndarray, t_tr: np.ndarray, x_te: np.ndarray, t_te: np
     tm, ts = t_tr.mean(0), t_tr.std(0) + 1e-9
     t = torch.as_tensor((t_tr - tm) / ts, dtype=torch.float32)
     net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, t.shape[1]))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps = max(1, epochs * ((len(x) + batch_size - 1) // batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    xs = (x - mu) / sd
-    net.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(xs), generator=gen)
-        for i in range(0, len(xs), batch_size):
-            b = order[i:i + batch_size]
-            loss = F.mse_loss(net(xs[b]), t[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
+    train_minibatch(net, (x - mu) / sd, t, F.mse_loss, epochs, batch_size, lr, gen)
     with torch.no_grad():
         pred = net((torch.as_tensor(x_te, dtype=torch.float32) - mu) / sd).numpy() * ts + tm
     sse = ((pred - t_te) ** 2).sum(0)

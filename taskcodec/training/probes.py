@@ -39,20 +39,27 @@ def fit_probe(symbols: np.ndarray, labels: np.ndarray, hidden: int = 0, epochs: 
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     std = x.std(0)
     probe = StandardisedClassifier(x.shape[1], hidden, n_classes, x.mean(0), torch.where(std > 1e-6, std, 1.0))
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+    return train_minibatch(probe, x, y, F.cross_entropy, epochs, batch_size, lr, gen)
+
+
+def train_minibatch(module: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, loss_fn, epochs: int,
+                    batch_size: int, lr: float, gen: torch.Generator) -> torch.nn.Module:
+    """The probes' recipe: AdamW (weight decay 1e-4) with a one-cycle schedule over shuffled minibatches; returns
+    ``module`` in eval mode. Shared by the classification probes and the attribute regressors of bench tasks."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
     steps = max(1, epochs * ((len(x) + batch_size - 1) // batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    probe.train()
+    module.train()
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):
             b = order[i:i + batch_size]
-            loss = F.cross_entropy(probe(x[b]), y[b])
+            loss = loss_fn(module(x[b]), target[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-    return probe.eval()
+    return module.eval()
 
 
 @torch.no_grad()

@@ -13,11 +13,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from taskcodec.bench import faults
+from taskcodec.testing import fill_filesystem
 
 RUNTIME = [sys.executable, "-m", "taskcodec.runtime.cli", "capture"]
 
@@ -31,19 +31,6 @@ def small_fs(tmp_path):
     yield mnt, mounted
     if mounted:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        for n in (1 << 16, 512):
-            try:
-                while True:
-                    os.write(fd, b"\0" * n)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
 
 
 def test_full_spool_filesystem_drops_oldest_counts_and_never_exits(small_fs, tmp_path):
@@ -63,7 +50,7 @@ def test_full_spool_filesystem_drops_oldest_counts_and_never_exits(small_fs, tmp
                                text=True, timeout=120)
         assert first.returncode == 3 and "nothing was delivered" in first.stderr, first.stderr[-2000:]
         if mounted:
-            _fill(mnt / "filler")  # to the brim: not one more 512-byte block fits
+            fill_filesystem(mnt / "filler")  # to the brim: not one more 512-byte block fits
             assert os.statvfs(mnt).f_bavail == 0
         report = tmp_path / "r.json"
         second = subprocess.run(RUNTIME + offline + ["--frames", "3000", "--drain-timeout", "0", "--report",

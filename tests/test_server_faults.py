@@ -15,7 +15,7 @@ import pytest
 from taskcodec import wire
 from taskcodec.coding import RangeCoder, compress
 from taskcodec.server.process import ServerError
-from taskcodec.testing import ServerProcess, wait_for
+from taskcodec.testing import ServerProcess, wait_for, fill_filesystem
 from tiny_bundle import make_tiny_bundle
 
 
@@ -211,20 +211,6 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def _fill(path: Path) -> None:
-    """Fill the filesystem to the last byte."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for size in (65536, 4096, 512, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * size)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-
-
 def test_disk_full_busy_healthz_one_log_line_then_full_recovery(bundle, small_disk):
     db = small_disk / "frames.db"
     filler = small_disk / "filler"
@@ -244,7 +230,7 @@ def test_disk_full_busy_healthz_one_log_line_then_full_recovery(bundle, small_di
         with srv.stream() as c:
             assert c.hello(hello) == wire.Welcome()
             send(c, 0, 50)
-        _fill(filler)
+        fill_filesystem(filler)
         busy = []
         # frames keep coming while the disk is full: a batch is answered BUSY (never "cannot rollback"), new
         # HELLOs get BUSY at once; /healthz says 503 throughout

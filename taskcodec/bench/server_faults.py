@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import sqlite3
 import subprocess
 import sys
@@ -96,23 +95,8 @@ def _stored(db: Path, camera: str) -> int:
         conn.close()
 
 
-def _fill(path: Path) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    written = 0
-    try:
-        for size in (1 << 20, 65536, 4096, 512, 1):
-            try:
-                while True:
-                    written += os.write(fd, b"\0" * size)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return written
-
-
 def disk_full(root: Path, bundle: str | None, full_s: float, fps: float, log: Callable[[str], None]) -> dict:
-    from taskcodec.testing import ServerProcess
+    from taskcodec.testing import ServerProcess, fill_filesystem
 
     if os.geteuid() != 0:
         return {"skipped": "needs root to mount a small tmpfs"}
@@ -127,7 +111,7 @@ def disk_full(root: Path, bundle: str | None, full_s: float, fps: float, log: Ca
             cam = _Camera(srv, root, "cam-full", fps, frames, bundle)
             time.sleep(warm_s)
             before = _metrics(srv)
-            filled = _fill(disk / "filler")
+            filled = fill_filesystem(disk / "filler")
             t0 = time.monotonic()
             log(f"disk_full: filled {filled / 1e6:.1f} MB; full for {full_s:.0f} s")
             codes = []

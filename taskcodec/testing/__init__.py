@@ -9,6 +9,7 @@ subprocess with crash and inspection helpers, and an in-memory protocol-speaking
 
 from __future__ import annotations
 
+import os
 import time
 
 from taskcodec.server.client import HttpIngestClient, StreamClient, read_replies  # noqa: F401  (re-exported)
@@ -33,3 +34,20 @@ def wait_for(condition, timeout: float = 30.0, what: str = "condition", interval
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def fill_filesystem(path) -> int:
+    """Fill the filesystem holding ``path`` to the last byte (a file written in ever smaller blocks until even one
+    byte no longer fits); returns the bytes written. For disk-full tests on a small tmpfs."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    written = 0
+    try:
+        for size in (1 << 20, 65536, 4096, 512, 1):
+            try:
+                while True:
+                    written += os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return written

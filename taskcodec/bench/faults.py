@@ -287,7 +287,7 @@ def run(rounds: int = 10, only: list[str] | None = None, out: Path | None = Path
         import taskcodec.bench.faults_server  # noqa: F401  (server-side scenarios register themselves)
     except ImportError:
         pass
-    from taskcodec.report import machine_info, utc_now
+    from taskcodec.report import machine_info, utc_now, write_json, write_text
 
     rng = random.Random(seed)
     names = only or list(SCENARIOS)
@@ -309,9 +309,8 @@ def run(rounds: int = 10, only: list[str] | None = None, out: Path | None = Path
               "ok": all(r.get("acked_missing", 0) == 0 and r.get("duplicates", 0) == 0 and r.get("wedged", 0) == 0
                         and r.get("wrong_times", 0) == 0 for r in results.values())}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "faults.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "faults.md").write_text(markdown(report))
+        write_json(out / "faults.json", report)
+        write_text(out / "faults.md", markdown(report))
     return report
 
 

@@ -201,7 +201,7 @@ SCENARIOS = ("disk_full", "flood")
 
 def run(only: list[str] | None, out: Path | None, bundle: str | None, full_s: float, fps: float, peers: int,
         mib: int, log: Callable[[str], None] = print) -> dict:
-    from taskcodec.report import machine_info, utc_now
+    from taskcodec.report import machine_info, utc_now, write_json, write_text
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="taskcodec-server-faults-") as tmp:
@@ -222,9 +222,8 @@ def run(only: list[str] | None, out: Path | None, bundle: str | None, full_s: fl
     report = {"command": command, "machine": machine_info(), "utc": utc_now(), "scenarios": results,
               "ok": all(r.get("ok", False) for r in results.values() if "skipped" not in r)}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "server_faults.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "server_faults.md").write_text(markdown(report))
+        write_json(out / "server_faults.json", report)
+        write_text(out / "server_faults.md", markdown(report))
     return report
 
 

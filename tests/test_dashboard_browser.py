@@ -91,6 +91,8 @@ def test_login_then_camera_page_matches_the_database(env, browser):
     assert urllib.parse.urlparse(browser.current_url).path == "/dashboard/login"  # not logged in: the form
     browser.find_element(By.ID, "key").send_keys("tco_not-a-key")
     browser.find_element(By.ID, "login-submit").click()
+    # the click only starts the form's POST: wait for the answer page instead of reading the old one
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.ID, "login-error"))
     assert "unknown or revoked key" in browser.find_element(By.ID, "login-error").text
     browser.get_log("browser")  # the 401 of the refused log-in is expected: start the console check after it
     browser.find_element(By.ID, "key").send_keys(key)

@@ -131,6 +131,8 @@ def up(bundle: List[Path] = typer.Option([], "--bundle", help="bundle(s) (defaul
             typer.echo(f"NATS {','.join(c.nats_urls)}\nPostgreSQL {c.pg_dsn}")
             for i in range(gateways):
                 typer.echo(f"gateway {i}: {c.gateway_url(i)}")
+            typer.echo(f"MQTT (cameras publish QoS 1 to taskcodec/v1/ingest/<camera>; see `taskcodec mqtt-capture`): "
+                       f"{', '.join(c.mqtt_url(i) for i in range(c.n_nats))}")
             typer.echo("add cameras with: taskcodec cluster add-camera ID --pg '<PostgreSQL above>'; Ctrl-C stops")
             try:
                 while True:

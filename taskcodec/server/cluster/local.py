@@ -58,6 +58,7 @@ class LocalCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.nats_ports = [free_port() for _ in range(nats_nodes)]
         self.route_ports = [free_port() for _ in range(nats_nodes)]
+        self.mqtt_ports = [free_port() for _ in range(nats_nodes)]  # nats-server's own MQTT listener, one per node
         self.pg_port = free_port()
         self.nats: list[subprocess.Popen | None] = [None] * nats_nodes
         self.gateways: list[tuple[subprocess.Popen, int] | None] = [None] * gateways
@@ -69,6 +70,10 @@ class LocalCluster:
     def nats_urls(self) -> list[str]:
         return [f"nats://127.0.0.1:{p}" for p in self.nats_ports]
 
+    def mqtt_url(self, i: int = 0) -> str:
+        """Where MQTT cameras connect (node ``i``): see taskcodec.server.cluster.mqtt."""
+        return f"mqtt://127.0.0.1:{self.mqtt_ports[i]}"
+
     def _nats_config(self, i: int) -> Path:
         routes = ", ".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != i)
         conf = self.dir / f"nats-{i}.conf"
@@ -76,6 +81,7 @@ class LocalCluster:
 listen: 127.0.0.1:{self.nats_ports[i]}
 jetstream {{ store_dir: "{self.dir / f'js-{i}'}", max_memory_store: 64MB, max_file_store: 2GB }}
 cluster {{ name: taskcodec, listen: 127.0.0.1:{self.route_ports[i]}, routes: [{routes}] }}
+mqtt {{ listen: 127.0.0.1:{self.mqtt_ports[i]}, stream_replicas: {min(3, self.n_nats)} }}
 """)
         return conf
 

@@ -79,6 +79,9 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
                                                         max_ack_pending=20000))
     store = None
     stop = stop or asyncio.Event()
+    from taskcodec.server.cluster import mqtt  # MQTT cameras (nats-server's MQTT listener): a second consumer loop
+
+    mqtt_task = asyncio.create_task(mqtt.consume_mqtt(nc, await mqtt.ensure_mqtt_stream(js), pg_dsn, models, stop))
     if ready_file:
         from pathlib import Path
 
@@ -123,4 +126,5 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
             log.warning("refused frames=%d reason=undecodable-or-unknown-model", refused)
     if store is not None:
         store.close()
+    await mqtt_task
     await nc.drain()

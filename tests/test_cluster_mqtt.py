@@ -113,3 +113,47 @@ def test_mqtt_frames_are_stored_once_refused_with_a_wrong_token_and_deduplicated
         with psycopg.connect(cluster.pg_dsn) as conn:
             assert conn.execute("SELECT sum(n) FROM class_counts WHERE camera_id = %s", (cam,)).fetchone()[0] == 35
         _wait(lambda: _stream_messages(cluster) == 0, 15, "nats-server's MQTT stream emptied by the workers' acks")
+
+
+def test_puback_does_not_imply_storage_in_a_stream_capturing_the_topic(tmp_path):
+    """Why workers read nats-server's own $MQTT_msgs stream: a stream of ours capturing the topic's subject gets a
+    plain publish that PUBACK does not wait for. Here it refuses all but the first message, yet every PUBACK comes."""
+    import paho.mqtt.client as mqtt
+    from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+
+    with LocalCluster([], gateways=0, workers=0) as cluster:
+        async def capture_stream():
+            nc = await nats.connect(servers=cluster.nats_urls)
+            js = nc.jetstream(timeout=10)
+            for _ in range(120):
+                try:
+                    await js.add_stream(StreamConfig(name="CAPTURE", subjects=["probe.>"], storage=StorageType.FILE,
+                                                     num_replicas=3, max_msgs=1, discard=DiscardPolicy.NEW))
+                    break
+                except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
+                        nats.js.errors.NoStreamResponseError):
+                    await asyncio.sleep(0.5)
+            await nc.close()
+
+        async def captured():
+            nc = await nats.connect(servers=cluster.nats_urls)
+            try:
+                return (await nc.jetstream().stream_info("CAPTURE")).state.messages
+            finally:
+                await nc.close()
+
+        asyncio.run(capture_stream())
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="probe", clean_session=True)
+        client.connect("127.0.0.1", cluster.mqtt_ports[0])
+        client.loop_start()
+        try:
+            acked = 0
+            for i in range(3):
+                info = client.publish("probe/cam", b"m%d" % i, qos=1)
+                info.wait_for_publish(15)
+                acked += info.is_published()
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        assert acked == 3
+        assert asyncio.run(captured()) == 1

@@ -509,6 +509,32 @@ class Spool:
             self._log_full(dropped)
         return self.epoch, seq
 
+    def append_many(self, items: "list[tuple[int, bytes]]") -> "list[tuple[int, int] | None]":
+        """Store several frames (``(ts_ms, payload)`` in capture order) in ONE transaction: one commit, and with
+        ``sync="full"`` one fsync for all of them (group commit: the capture loop hands over a window of frames at a
+        time). Durable when it returns, exactly like ``append`` for each; returns their (epoch, seq) in order. When
+        the spool or the disk is full it falls back to ``append`` frame by frame (each making room its own way)."""
+        if len(items) <= 1:
+            return [self.append(ts, p) for ts, p in items]
+        with self._lock:
+            if self._count + len(items) > self.max_frames and self._later:
+                self._flush_later()  # the oldest rows may be acked ones: delete those, do not count them as dropped
+            if self._count + len(items) <= self.max_frames:
+                first, epoch, ident = self.next_seq, self.epoch, self._identity
+                rows = [(epoch, first + k, int(ts), ident, p) for k, (ts, p) in enumerate(items)]
+                try:
+                    with self._tx():
+                        self._db.executemany(_INSERT, rows)
+                except sqlite3.Error as exc:
+                    if not _is_full(exc):
+                        raise SpoolError(f"cannot write to spool {self.path}: {exc}") from exc
+                    # disk full: nothing of this transaction was stored; frame by frame below (drops oldest frames)
+                else:
+                    self._count += len(rows)
+                    self.next_seq = first + len(rows)
+                    return [(epoch, first + k) for k in range(len(rows))]
+        return [self.append(ts, p) for ts, p in items]
+
     def _shrink_to_fit(self) -> None:
         db = self._db
         pages = int(db.execute("PRAGMA page_count").fetchone()[0])

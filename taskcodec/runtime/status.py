@@ -66,6 +66,27 @@ class RuntimeStats:
                 child = children[stage] = self.m_stage.labels(stage)
             child.observe(seconds)
 
+    def frames(self, sizes: list[int], stages: dict[str, float]) -> None:
+        """A window of frames (payload sizes) encoded together; ``stages``: seconds per frame of each stage."""
+        n = len(sizes)
+        if n == 1:
+            return self.frame(sizes[0], stages)
+        total = sum(sizes)
+        self.captured += n
+        self.payload_bytes += total
+        self.m_captured.inc(n)
+        self.m_bytes.inc(total)
+        bits = self.m_bits
+        for size in sizes:
+            bits.observe(8 * size)
+        children = self._stage_children
+        for stage, seconds in stages.items():
+            child = children.get(stage)
+            if child is None:
+                child = children[stage] = self.m_stage.labels(stage)
+            for _ in range(n):
+                child.observe(seconds)
+
     def ack(self, n: int, rtt: float | None = None) -> None:
         self.acked += n
         self.m_acked.inc(n)

@@ -1,4 +1,4 @@
-"""The uplink wire format (version 3), shared by runtime/, server/ and firmware_bridge/; see docs/wire-format.md.
+"""The uplink wire format (version 4), shared by runtime/, server/ and firmware_bridge/; see docs/wire-format.md.
 
 Every message starts with a one-byte type. Integers are unsigned LEB128 varints unless noted (``svarint``: a signed
 integer zig-zag mapped to an unsigned varint: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...), which keeps per-frame framing to
@@ -9,6 +9,10 @@ about 3 bytes (hand-written: a dozen lines, and protobuf would cost more bytes a
     BATCH  0x02  epoch  first_seq  count  base_ts_ms:svarint  then per frame: ts_delta_ms:svarint  length  payload
     TBATCH 0x07  (v3) as BATCH, but per frame: ts_delta_ms:svarint  (length << 2 | kind)  payload
                  kind 0 KEY, 1 COND, 2 SAME (length 0), 3 refused; only in a session whose WELCOME granted temporal
+    CBATCH 0x08  (v4) compact TBATCH: flags:u8  [epoch] [first_seq] [base_ts_ms:svarint] [interval_ms]  count
+                 then items (head varint, low 2 bits): KEY/COND (length << 2 | kind, payload), SAME run
+                 ((run - 1) << 2 | 2), TIME (the next frame's deviation from the nominal interval, or an absolute
+                 time); absent header fields continue the connection's previous CBATCH (``Link``)
     ACK    0x03  epoch  first_seq  count                       (frames durably stored, duplicates included)
     REJECT 0x04  epoch  first_seq  count  code:u8  reason      (frames that will never be accepted)
     ERROR  0x05  code:u8  reason                               (the connection is refused; the server closes it)
@@ -19,15 +23,22 @@ camera draws once when its spool is created (never derived from its clock). A fr
 ``base_ts_ms`` plus the running sum of the signed deltas, so any clock step (forwards or backwards, by years) inside
 a batch encodes the true per-frame times. ``reason`` is a varint length plus utf-8.
 
-Version 2 (this one) changed from version 1: epoch limit 2^63-1 (was 2^32), signed zig-zag base time and deltas
+Version 2 changed from version 1: epoch limit 2^63-1 (was 2^32), signed zig-zag base time and deltas
 (were unsigned, deltas capped at 2^32 and clamped at 0 for a clock going backwards), first_seq limit 2^63-1, reply
 code 6 CONFLICT. A HELLO of version 1 is refused (``decode`` raises WireError naming both versions).
 
-Version 3 (this one) adds temporal coding as a per-connection capability: HELLO v3 ends with a capabilities varint
+Version 3 adds temporal coding as a per-connection capability: HELLO v3 ends with a capabilities varint
 (bit 0 CAP_TEMPORAL, followed by the 8-byte residual tag of the camera's residual tables); WELCOME v3 ends with the
 capabilities the server grants; TBATCH (0x07) carries each frame's kind in the low 2 bits of its length; ERROR code 7
 RESYNC ("I lost this connection's reference: reconnect, starting with a key frame"). Version 2 HELLOs are still
 accepted (answered with a version-2 WELCOME; such a session is plain BATCHes only).
+
+Version 4 (this one) adds CBATCH (0x08), the compact form of TBATCH for temporally coded frames: header fields that
+continue the connection's previous CBATCH are left out (epoch, first_seq = previous last + 1, times from the previous
+frame plus a nominal interval), a frame's capture time is implied unless a TIME item gives its deviation, and a run
+of SAME frames is one item. Decoding a CBATCH that leaves fields out needs the connection's context
+(``Connection.decode``; ``decode`` alone refuses it by name). HELLO and WELCOME keep their v3 layout; v3 HELLOs (and
+their TBATCHes) and v2 HELLOs are still accepted, each answered with a WELCOME of its own version.
 
 This module is the ONLY parser of uplink messages. Server and clients use, instead of parsing bytes themselves:
 
@@ -46,8 +57,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VERSION = 3
-SUPPORTED_VERSIONS = (2, 3)
+VERSION = 4
+SUPPORTED_VERSIONS = (2, 3, 4)
 CAP_TEMPORAL = 1                # HELLO/WELCOME capability bit: TBATCH frames (KEY / COND / SAME) on this connection
 MAX_CAPABILITIES = (1 << 32) - 1
 KEY, COND, SAME = 0, 1, 2       # TBATCH frame kinds (taskcodec.coding.temporal uses the same numbers)
@@ -57,6 +68,11 @@ MAX_EPOCH = (1 << 63) - 1       # epochs and sequence numbers fit a signed 64-bi
 MAX_SEQ = (1 << 63) - 1
 MAX_ABS_TS_MS = (1 << 62) - 1   # |capture time| in ms; any two such times differ by less than 2^63
 MAX_REASON_BYTES = 1024
+MAX_INTERVAL_MS = (1 << 32) - 1  # CBATCH nominal frame interval
+MAX_DEVIATION_MS = 1 << 60      # CBATCH TIME item: larger deviations (clock steps) are sent as absolute times
+MAX_RUN_ITEM = 32               # CBATCH: frames per SAME-run item (its head stays one byte)
+CB_EPOCH, CB_SEQ, CB_TIME, CB_INTERVAL = 1, 2, 4, 8   # CBATCH header flags: the field follows
+TIME_ITEM = 3                   # CBATCH item kind 3
 MAX_HELLO_BYTES = 1 + 1 + 8 + 1 + 255 + 1 + 255 + 5 + 8  # 535: a server may refuse a longer first message unread
 _U64 = (1 << 64) - 1
 
@@ -238,6 +254,224 @@ class TemporalBatch(Batch):
 
 
 @dataclass(frozen=True)
+class Link:
+    """What a CBATCH leaves for the next CBATCH on its connection: its epoch, last sequence number, last capture time
+    and nominal frame interval."""
+    epoch: int
+    last_seq: int
+    last_ts: int
+    interval_ms: int
+
+
+_NO_LINK = Link(0, -1, 0, 0)  # stands in for the connection's link while a dependent CBATCH is parsed without it
+
+
+@dataclass(frozen=True)
+class CompactBatch(TemporalBatch):
+    """CBATCH (v4): the frames of a TBATCH (kinds KEY / COND / SAME), coded compactly. ``interval_ms`` is the
+    nominal frame interval: a frame captured ``interval_ms`` after the previous one carries no time at all; other
+    frames carry their deviation (a TIME item). Consecutive SAME frames at the nominal interval are one SAME-run item.
+    ``after`` is the connection's previous CBATCH (``Link``): header fields that continue it are left out (the
+    epoch, first_seq = its last seq + 1, the interval, and the base time: frame 0 is expected ``interval_ms`` after
+    its last frame). ``after=None`` makes a self-contained CBATCH (every field present; the first on a connection,
+    and the only form over HTTP).
+
+    ``decode`` (no connection) parses a CBATCH that leaves fields out as far as it can without them (so malformed
+    bytes are refused at once) and returns it *pending*: ``pending`` holds its bytes, its epoch, sequence numbers
+    and times are placeholders until ``Connection.resolve`` completes it in place with the connection's link (the
+    server does that in arrival order, where it also decodes the frames against the connection's reference:
+    taskcodec/server/temporal.py)."""
+    interval_ms: int = 0
+    after: Link | None = None
+    pending: bytes = field(default=b"", compare=False, repr=False)
+    TYPE = 0x08
+
+    def link(self) -> Link:
+        return Link(self.epoch, self.frames[-1].seq, self.frames[-1].ts_ms, self.interval_ms)
+
+    def encode(self) -> bytes:
+        frames, a = self.frames, self.after
+        if not frames or len(frames) > MAX_FRAMES_PER_BATCH:
+            raise ValueError(f"a batch holds 1..{MAX_FRAMES_PER_BATCH} frames")
+        first = frames[0]
+        if not 0 <= self.epoch <= MAX_EPOCH or not 0 <= first.seq or first.seq + len(frames) - 1 > MAX_SEQ:
+            raise ValueError(f"epoch and sequence numbers are 0..{MAX_EPOCH}")
+        if not 0 <= self.interval_ms <= MAX_INTERVAL_MS:
+            raise ValueError(f"the nominal interval is 0..{MAX_INTERVAL_MS} ms")
+        flags = 0
+        if a is None or a.epoch != self.epoch:
+            flags |= CB_EPOCH
+        if a is None or a.last_seq + 1 != first.seq:
+            flags |= CB_SEQ
+        if a is None:
+            flags |= CB_TIME
+        if a is None or a.interval_ms != self.interval_ms:
+            flags |= CB_INTERVAL
+        out = bytearray([self.TYPE, flags])
+        if flags & CB_EPOCH:
+            put_varint(out, self.epoch)
+        if flags & CB_SEQ:
+            put_varint(out, first.seq)
+        if flags & CB_TIME:
+            if not -MAX_ABS_TS_MS <= first.ts_ms <= MAX_ABS_TS_MS:
+                raise ValueError(f"capture time {first.ts_ms} ms is outside ±{MAX_ABS_TS_MS}")
+            put_svarint(out, first.ts_ms)
+        if flags & CB_INTERVAL:
+            put_varint(out, self.interval_ms)
+        put_varint(out, len(frames))
+        run_at, run = -1, 0          # the open SAME-run item (its head byte) and its length
+        prev = None
+        for i, f in enumerate(frames):
+            if f.seq != first.seq + i:
+                raise ValueError("frames in a batch need consecutive sequence numbers")
+            if not -MAX_ABS_TS_MS <= f.ts_ms <= MAX_ABS_TS_MS:
+                raise ValueError(f"capture time {f.ts_ms} ms is outside ±{MAX_ABS_TS_MS}")
+            if f.kind not in (KEY, COND, SAME) or (f.kind == SAME and f.payload):
+                raise ValueError(f"frame kind {f.kind}: KEY, COND or SAME (SAME has no payload)")
+            if len(f.payload) > MAX_FRAME_BYTES:
+                raise ValueError(f"a payload is at most {MAX_FRAME_BYTES} bytes")
+            if i == 0:
+                expected = f.ts_ms if a is None else a.last_ts + self.interval_ms
+            else:
+                expected = prev + self.interval_ms
+            prev = f.ts_ms
+            dev = f.ts_ms - expected
+            if dev:
+                run_at = -1
+                if abs(dev) <= MAX_DEVIATION_MS:
+                    put_varint(out, (zigzag(dev) + 1) << 2 | TIME_ITEM)
+                else:  # a clock step: the absolute time
+                    put_varint(out, TIME_ITEM)
+                    put_svarint(out, f.ts_ms)
+            if f.kind == SAME:
+                if run_at >= 0 and run < MAX_RUN_ITEM:
+                    run += 1
+                    out[run_at] = (run - 1) << 2 | SAME
+                else:
+                    run_at, run = len(out), 1
+                    out.append(SAME)
+            else:
+                run_at = -1
+                put_varint(out, len(f.payload) << 2 | f.kind)
+                out += f.payload
+        return bytes(out)
+
+
+class Connection:
+    """One connection's CBATCH context, kept alike by both ends: the ``Link`` of the last CBATCH on it (None: none
+    yet, or forgotten). The camera makes its batches with ``batch`` (in the order it sends them); the server decodes
+    every message of the connection with ``decode`` (in the order it receives them). ``version`` is the connection's
+    HELLO version: a CBATCH on a version-2/3 connection is refused."""
+
+    def __init__(self, version: int = VERSION):
+        self.version = version
+        self.link: Link | None = None
+
+    def reset(self) -> None:
+        """The next CBATCH is self-contained (nothing sent since, or a batch that was made was not sent)."""
+        self.link = None
+
+    def batch(self, epoch: int, frames: list[Frame], interval_ms: int) -> CompactBatch:
+        b = CompactBatch(epoch, frames, interval_ms, self.link)
+        self.link = b.link()
+        return b
+
+    def decode(self, data: bytes) -> Message:
+        r = Reader(data)
+        msg = _read_message(r, self)
+        r.end()
+        if isinstance(msg, CompactBatch):
+            self.link = msg.link()
+        return msg
+
+    def resolve(self, batch: CompactBatch) -> CompactBatch:
+        """The next CBATCH received on this connection (decoded by ``decode`` without it): a pending one is completed
+        in place from the connection's link (WireError if it cannot be: no previous CBATCH, or its values leave
+        the limits); the link moves on to it."""
+        if batch.pending:
+            r = Reader(batch.pending)
+            full = _read_message(r, self)
+            r.end()
+            for name in ("epoch", "frames", "interval_ms", "after"):
+                object.__setattr__(batch, name, getattr(full, name))  # noqa: PLC2801 (completed once, in place)
+            object.__setattr__(batch, "pending", b"")
+        elif self.version < 4:
+            raise WireError(f"CBATCH (0x08) on a version-{self.version} connection (version 4 HELLO first)")
+        self.link = batch.link()
+        return batch
+
+
+def _read_compact(r: Reader, conn: Connection | None, start: int) -> CompactBatch:
+    a = conn.link if conn is not None else None
+    if conn is not None and conn.version < 4:
+        raise WireError(f"CBATCH (0x08) on a version-{conn.version} connection (version 4 HELLO first)")
+    flags = r.u8()
+    if flags & ~(CB_EPOCH | CB_SEQ | CB_TIME | CB_INTERVAL):
+        raise WireError(f"CBATCH flags 0x{flags:02x}: unknown bits")
+    missing = [name for bit, name in ((CB_EPOCH, "epoch"), (CB_SEQ, "first_seq"), (CB_TIME, "base time"),
+                                      (CB_INTERVAL, "interval")) if not flags & bit]
+    pending = bool(missing) and conn is None
+    if pending:
+        a = _NO_LINK
+    elif missing and a is None:
+        raise WireError(f"CBATCH leaves out {', '.join(missing)} but there is no previous CBATCH on this connection "
+                        "(a connection's first CBATCH carries every field)")
+    epoch = r.varint(MAX_EPOCH) if flags & CB_EPOCH else a.epoch
+    first = r.varint(MAX_SEQ) if flags & CB_SEQ else a.last_seq + 1
+    base = r.svarint(MAX_ABS_TS_MS) if flags & CB_TIME else None
+    interval = r.varint(MAX_INTERVAL_MS) if flags & CB_INTERVAL else a.interval_ms
+    count = r.varint(MAX_FRAMES_PER_BATCH)
+    if count == 0:
+        raise WireError("empty batch")
+    if first + count - 1 > MAX_SEQ:
+        raise WireError(f"sequence numbers beyond {MAX_SEQ}")
+    frames: list[Frame] = []
+    prev = None
+    time_set: int | None = None   # a TIME item's time for the next frame
+    while len(frames) < count:
+        head = r.varint(_U64)
+        kind, value = head & 3, head >> 2
+        if kind == TIME_ITEM:
+            if time_set is not None:
+                raise WireError("two TIME items in a row")
+            if value == 0:
+                time_set = r.svarint(MAX_ABS_TS_MS)
+            else:
+                dev = unzigzag(value - 1)
+                if abs(dev) > MAX_DEVIATION_MS:
+                    raise WireError(f"time deviation {dev} ms outside ±{MAX_DEVIATION_MS}")
+                time_set = _expected(prev, base, a, interval) + dev
+                if abs(time_set) > MAX_ABS_TS_MS:
+                    raise WireError(f"capture time {time_set} ms outside ±{MAX_ABS_TS_MS}")
+            continue
+        if kind == SAME:
+            n, payload = value + 1, b""
+            if n > count - len(frames):
+                raise WireError(f"a SAME run of {n} frames passes the batch's count {count}")
+        else:
+            if value > MAX_FRAME_BYTES:
+                raise WireError(f"value {value} exceeds {MAX_FRAME_BYTES}")
+            n, payload = 1, r.take(value)
+        for _ in range(n):
+            ts = time_set if time_set is not None else _expected(prev, base, a, interval)
+            if abs(ts) > MAX_ABS_TS_MS:
+                raise WireError(f"capture time {ts} ms outside ±{MAX_ABS_TS_MS}")
+            time_set = None
+            frames.append(Frame(first + len(frames), ts, payload, kind))
+            prev = ts
+    if pending:
+        return CompactBatch(-1, frames, interval, None, bytes(r.data[start:r.pos]))
+    return CompactBatch(epoch, frames, interval, a)
+
+
+def _expected(prev: int | None, base: int | None, a: Link | None, interval: int) -> int:
+    """The capture time a CBATCH frame has without a TIME item."""
+    if prev is not None:
+        return prev + interval
+    return base if base is not None else a.last_ts + interval
+
+
+@dataclass(frozen=True)
 class Ack:
     epoch: int
     first_seq: int
@@ -300,7 +534,7 @@ class Welcome:
         return bool(self.capabilities & CAP_TEMPORAL)
 
 
-Message = Hello | Batch | TemporalBatch | Ack | Reject | Error | Welcome
+Message = Hello | Batch | TemporalBatch | CompactBatch | Ack | Reject | Error | Welcome
 REPLY_TYPES = (Ack, Reject, Error, Welcome)
 
 
@@ -314,14 +548,18 @@ def _text(r: Reader) -> str:
     return r.take(r.varint(MAX_REASON_BYTES)).decode("utf-8", errors="replace")
 
 
-def _read_message(r: Reader) -> Message:
-    """Parse one message at the reader's position (the reader ends just after it)."""
+def _read_message(r: Reader, conn: Connection | None = None) -> Message:
+    """Parse one message at the reader's position (the reader ends just after it); ``conn``: the connection's CBATCH
+    context (None: a CBATCH must be self-contained)."""
+    start = r.pos
     kind = r.u8()
+    if kind == CompactBatch.TYPE:
+        return _read_compact(r, conn, start)
     if kind == Hello.TYPE:
         version = r.u8()
         if version not in SUPPORTED_VERSIONS:
             raise WireError(f"wire version {version} is not supported: this side speaks version {VERSION} (and "
-                            f"accepts version 2) "
+                            f"accepts version 2 and version 3) "
                             f"(update the camera's taskcodec runtime or firmware library)")
         tag = r.take(8)
         cam_raw = r.take(r.u8())

@@ -133,7 +133,7 @@ def test_server_killed_twice_mid_stream_leaves_no_undecodable_frame(tmp_path, bu
 
 def test_server_negotiates_and_never_decodes_without_the_reference(tmp_path, bundle):
     """Protocol edges at the real server: a v2 camera gets a v2 WELCOME and its BATCH is stored; other residual tables
-    get no grant and a TBATCH there is refused; a COND frame without a reference on a fresh connection (a camera that
+    get no grant and a TBATCH there is refused; a version-3 camera's TBATCHes are stored; a COND frame without a reference on a fresh connection (a camera that
     did not start with a KEY frame) gets the frames before it acked and ERROR RESYNC, never a wrong decode; so does
     a COND frame after a KEY frame the server refused."""
     from taskcodec import wire
@@ -155,11 +155,12 @@ def test_server_negotiates_and_never_decodes_without_the_reference(tmp_path, bun
             assert c.send(wire.Batch(epoch, [wire.Frame(0, 1000, compress(sym[0], key, tag))])) == [
                 wire.Ack(epoch, 0, 1)]
         with srv.stream() as c:  # other residual tables: no grant, and a TBATCH is refused
-            hello = wire.Hello(tag, "cam-p", token, capabilities=wire.CAP_TEMPORAL, residual_tag=b"\0" * 8)
+            hello = wire.Hello(tag, "cam-p", token, version=3, capabilities=wire.CAP_TEMPORAL, residual_tag=b"\0" * 8)
             assert c.hello(hello) == wire.Welcome(3, 0)
             reply = c.send(wire.TemporalBatch(epoch, [wire.Frame(1, 1200, coded[0][1], coded[0][0])]))
             assert isinstance(reply[0], wire.Error) and reply[0].code == wire.Code.BAD_MESSAGE
-        hello = wire.Hello(tag, "cam-p", token, capabilities=wire.CAP_TEMPORAL, residual_tag=rtag)
+        # a version-3 camera (TBATCH) keeps working with a version-4 server
+        hello = wire.Hello(tag, "cam-p", token, version=3, capabilities=wire.CAP_TEMPORAL, residual_tag=rtag)
         with srv.stream() as c:  # granted; a normal KEY, COND/SAME sequence is stored
             assert c.hello(hello) == wire.Welcome(3, wire.CAP_TEMPORAL)
             frames = [wire.Frame(1 + i, 1200 + 200 * i, p, k) for i, (k, p) in enumerate(coded[:3])]
@@ -190,3 +191,55 @@ def test_server_negotiates_and_never_decodes_without_the_reference(tmp_path, bun
     assert sorted(stored) == [0, 1, 2, 3, 4, 5, 6]
     for i, s in enumerate([sym[0], sym[0], sym[1], sym[2], sym[3], sym[4], sym[5]]):  # seq 0: v2; i: sym[i - 1]
         np.testing.assert_array_equal(decompress(stored[i][0], key, tag), s)
+
+
+def test_v4_cbatch_headers_continue_the_connection(tmp_path, bundle):
+    """Wire v4 at the real server: CBATCHes that leave out the epoch, first seq and times (continuing the previous
+    CBATCH of the connection) are stored with the right keys and capture times, SAME runs included; a CBATCH that
+    leaves fields out as the first of a connection (or of an HTTP request) is refused as malformed, never stored
+    under guessed keys; a CBATCH on a version-3 connection is refused."""
+    from taskcodec import wire
+
+    key, res = RangeCoder(bundle.tables), RangeCoder(bundle.residual_tables)
+    tag, rtag = bundle.model_tag, bundle.residual_tag
+    sym = camera_symbols(bundle, 4, 12)
+    enc = TemporalEncoder(key, res, tag, 50, 10**6, rtag)  # everything after the KEY frame is SAME
+    coded = [enc.encode(s) for s in sym]
+    assert [k for k, _ in coded] == [wire.KEY] + [wire.SAME] * 11
+    epoch, t0 = 2**62 + 5, 1_700_000_000_000
+    frames = [wire.Frame(100 + i, t0 + 200 * i + (7 if i == 6 else 0), p, k) for i, (k, p) in enumerate(coded)]
+    with testing.ServerProcess(None, tmp_path / "server.db") as srv:
+        token = srv.add_camera("cam-v4")
+        hello = wire.Hello(tag, "cam-v4", token, capabilities=wire.CAP_TEMPORAL, residual_tag=rtag)
+        camera = wire.Connection()
+        with srv.stream() as c:
+            assert c.hello(hello) == wire.Welcome(4, wire.CAP_TEMPORAL)
+            sent = []
+            for part in (frames[:4], frames[4:9], frames[9:]):
+                b = camera.batch(epoch, part, 200)
+                sent.append(b.encode())
+                assert c.send_raw(sent[-1], len(part)) == [wire.Ack(epoch, part[0].seq, len(part))]
+            assert sent[0][1] == wire.CB_EPOCH | wire.CB_SEQ | wire.CB_TIME | wire.CB_INTERVAL
+            assert sent[1][1] == 0 and len(sent[2]) == 4  # type, flags, count, one SAME-run item
+        with srv.stream() as c:  # a new connection has no link: the continuation is refused, nothing stored
+            assert c.hello(hello) == wire.Welcome(4, wire.CAP_TEMPORAL)
+            reply = c.send_raw(wire.CompactBatch(epoch, [wire.Frame(112, t0 + 2400, coded[0][1])], 200,
+                                                 wire.Link(epoch, 111, t0 + 2200, 200)).encode())
+            assert [type(m) for m in reply] == [wire.Error] and reply[0].code == wire.Code.BAD_MESSAGE, reply
+        with srv.stream() as c:  # version 3 connection: no CBATCH
+            assert c.hello(wire.Hello(tag, "cam-v4", token, version=3, capabilities=wire.CAP_TEMPORAL,
+                                      residual_tag=rtag)) == wire.Welcome(3, wire.CAP_TEMPORAL)
+            reply = c.send_raw(wire.CompactBatch(epoch, [wire.Frame(113, t0, coded[0][1])], 200).encode())
+            assert [type(m) for m in reply] == [wire.Error] and reply[0].code == wire.Code.BAD_MESSAGE, reply
+        with srv.http() as h:  # HTTP: one session per request, a self-contained CBATCH
+            r = h.post(hello, wire.CompactBatch(epoch, [wire.Frame(120, t0 + 4000, coded[0][1]),
+                                                        wire.Frame(121, t0 + 4200, b"", wire.SAME)], 200))
+            assert r.status == 200 and r.replies == [wire.Ack(epoch, 120, 2)], r
+    con = sqlite3.connect(str(tmp_path / "server.db"))
+    rows = con.execute("SELECT epoch, seq, ts_capture_ms, payload FROM frames WHERE camera_id = 'cam-v4' "
+                       "ORDER BY seq").fetchall()
+    con.close()
+    assert [(e, s, t) for e, s, t, _ in rows] == [(epoch, f.seq, f.ts_ms) for f in frames] + [
+        (epoch, 120, t0 + 4000), (epoch, 121, t0 + 4200)]
+    for _, s, _, p in rows:  # every SAME frame stored as the KEY frame's symbols
+        np.testing.assert_array_equal(decompress(bytes(p), key, tag), sym[0])

@@ -1,5 +1,5 @@
 """Wire v3: the temporal capability in HELLO / WELCOME, TBATCH frame kinds in the low 2 bits of the length, ERROR
-RESYNC; version-2 HELLOs still parse (and get a version-2 WELCOME), version 1 is refused."""
+RESYNC; version-2 HELLOs still parse (v4 keeps all of it: tests/test_wire_v4.py) (and get a version-2 WELCOME), version 1 is refused."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from taskcodec import wire
 def test_v3_hello_welcome_and_tbatch_round_trip():
     hello = wire.Hello(b"\x01" * 8, "cam-7", b"secret", capabilities=wire.CAP_TEMPORAL, residual_tag=b"\x02" * 8)
     assert wire.decode(hello.encode()) == hello and hello.temporal
-    plain = wire.Hello(b"\x01" * 8, "cam-7", b"secret")
+    plain = wire.Hello(b"\x01" * 8, "cam-7", b"secret", version=3)
     assert plain.encode()[1] == 3 and plain.encode()[-1] == 0 and wire.decode(plain.encode()) == plain
     v2 = wire.Hello(b"\x01" * 8, "cam-7", b"secret", version=2)
     assert wire.decode(v2.encode()) == v2 and v2.encode() == plain.encode()[:1] + b"\x02" + plain.encode()[2:-1]

@@ -99,14 +99,30 @@ def _tbatch() -> wire.TemporalBatch:
                                       wire.Frame(43, 1_700_000_000_400, cond, wire.COND)])
 
 
+def _cbatches() -> tuple[wire.CompactBatch, wire.CompactBatch]:
+    """v4: the TBATCH example's three frames as a connection's first CBATCH (every header field), then the next
+    CBATCH on the same connection: seq 44..49, five SAME frames at the nominal 200 ms and a COND frame captured 3 ms
+    late."""
+    conn = wire.Connection()
+    first = conn.batch(EPOCH, _tbatch().frames, 200)
+    cond = compress(np.array([0, 0, 0, 0, 1, 0, 0, 0], np.int32), example_tables(), RESIDUAL_TAG)
+    t = 1_700_000_000_400
+    frames = [wire.Frame(44 + i, t + 200 * (i + 1), b"", wire.SAME) for i in range(5)]
+    frames.append(wire.Frame(49, t + 1203, cond, wire.COND))
+    return first, conn.batch(EPOCH, frames, 200)
+
+
 EXAMPLES: dict[str, Callable[[], bytes]] = {
     "hello": lambda: wire.Hello(TAG, "cam-7", b"secret").encode(),
     "hello_temporal": lambda: wire.Hello(TAG, "cam-7", b"secret", capabilities=wire.CAP_TEMPORAL,
                                          residual_tag=RESIDUAL_TAG).encode(),
     "welcome": lambda: wire.Welcome().encode(),
-    "welcome_temporal": lambda: wire.Welcome(3, wire.CAP_TEMPORAL).encode(),
+    "welcome_temporal": lambda: wire.Welcome(4, wire.CAP_TEMPORAL).encode(),
+    "welcome_v3": lambda: wire.Welcome(3, wire.CAP_TEMPORAL).encode(),
     "welcome_v2": lambda: wire.Welcome(2).encode(),
     "tbatch": lambda: _tbatch().encode(),
+    "cbatch": lambda: _cbatches()[0].encode(),
+    "cbatch_next": lambda: _cbatches()[1].encode(),
     "error_resync": lambda: wire.Error(wire.Code.RESYNC, "reconnect").encode(),
     "stream": lambda: _stream([0, 1, -1, 0, 2, 0, 0, -1]),
     "batch": lambda: _batch().encode(),

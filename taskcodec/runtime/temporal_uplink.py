@@ -15,6 +15,11 @@ another server process can never be asked to decode against a frame it does not 
   as exactly what was sent the first time: its lossy reconstruction, if it had one, is kept (in memory and in a small
   SQLite file next to the spool, so a kill -9 does not forget it) until the frame is acknowledged; otherwise the
   server would see another payload for the same (epoch, seq) and refuse it as a CONFLICT.
+
+On a version-4 connection the frames go as CBATCHes (wire.CompactBatch): the connection's ``wire.Connection`` leaves
+out what continues the previous CBATCH (epoch, first seq, base time), capture times at the batch's nominal interval
+(the most common gap between its frames) cost nothing, and a run of SAME frames is one byte. Whatever resets the
+temporal reference (a new connection, ``lost``) also makes the next CBATCH self-contained.
 """
 
 from __future__ import annotations
@@ -107,6 +112,7 @@ class TemporalTranscoder:
         self.tokens = self.depth
         self.last_ts: int | None = None
         self.active = False       # this connection granted CAP_TEMPORAL
+        self.conn: wire.Connection | None = None  # v4: this connection's CBATCH link
         start_epoch = getattr(spool, "epoch", None)
         self.fresh_from = (start_epoch, getattr(spool, "next_seq", 0))  # frames before: maybe sent by an earlier run
         self.sent_upto: dict[int, int] = {}                                # epoch -> highest seq sent by this process
@@ -139,12 +145,15 @@ class TemporalTranscoder:
         if self.settings.enabled and same_model and not welcome.temporal:
             log.warning("the server does not accept temporal coding (no or other residual tables, or wire v2): "
                         "sending independent key frames")
+        self.conn = wire.Connection(welcome.version) if welcome.version >= 4 else None
         self.lost()
 
     def lost(self) -> None:
         """The server may not have this connection's reference any more: the next frame is a KEY frame."""
         if self.encoder is not None:
             self.encoder.reset()
+        if self.conn is not None:
+            self.conn.reset()  # and the next CBATCH carries every header field
 
     def settled(self, epoch: int, first: int, count: int) -> None:
         """Acked or rejected: these frames are never sent again."""
@@ -171,7 +180,25 @@ class TemporalTranscoder:
         if bad:
             return None, bad
         frames = [self._encode(r, sym) for r, sym in zip(rows, targets)]
+        if self.conn is not None:
+            return self.conn.batch(rows[0].epoch, frames, self._interval(rows[0].epoch, frames)), []
         return wire.TemporalBatch(rows[0].epoch, frames), []
+
+    def _interval(self, epoch: int, frames: list[wire.Frame]) -> int:
+        """The CBATCH's nominal frame interval: the most common gap between its frames (and from the previous
+        CBATCH's last frame), so that regularly captured frames carry no time at all."""
+        link = self.conn.link
+        times = [f.ts_ms for f in frames]
+        if link is not None and link.epoch == epoch and link.last_seq + 1 == frames[0].seq:
+            times.insert(0, link.last_ts)
+        gaps = [b - a for a, b in zip(times, times[1:]) if 0 <= b - a <= wire.MAX_INTERVAL_MS]
+        if not gaps:
+            return link.interval_ms if link is not None else 0
+        values, counts = np.unique(gaps, return_counts=True)
+        best = int(values[counts == counts.max()].max())
+        if link is not None and counts.max() == counts[values == link.interval_ms].sum():
+            return link.interval_ms  # as good as the previous one: leave it out
+        return best
 
     def _encode(self, row, target: np.ndarray) -> wire.Frame:
         enc = self.encoder

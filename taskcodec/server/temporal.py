@@ -10,6 +10,12 @@ or an HTTP request (one session per request) starts without one, and the camera 
 frame. A frame that cannot be decoded (a COND or SAME frame with no reference, which only a broken camera or a
 refused frame before it can cause) is never decoded against a wrong reference: the frames before it are stored and
 acked, and the server answers ERROR RESYNC and closes; the camera reconnects and re-sends the rest from a KEY frame.
+
+Wire v4 CBATCHes leave out header fields that continue the connection's previous CBATCH (epoch, first_seq, times):
+the front ends decode them without the connection (``wire.decode``: a *pending* CompactBatch) and ``decode`` here
+completes each in arrival order with the session's ``wire.Connection`` before anything reads its sequence numbers,
+so no front end (ASGI, picows, HTTP) keeps wire state. The camera's and the server's links agree because both move
+with every CBATCH of the connection in order, and any batch the server does not process ends the connection (ERROR).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ log = logging.getLogger("taskcodec.server.temporal")
 class SessionTemporal:
     """One connection's temporal state: its decoder (reference) and what it received."""
     decoder: TemporalDecoder
+    wire: wire.Connection = field(default_factory=wire.Connection)  # the CBATCH link (v4)
     kinds: dict = field(default_factory=lambda: {"key": 0, "cond": 0, "same": 0})
     payload_bytes: int = 0
 
@@ -59,7 +66,8 @@ class TemporalIngest:
                      hello.camera_id, hello.residual_tag.hex(), self.residual_tag.hex())
             return None
         self.sessions += 1
-        return SessionTemporal(TemporalDecoder(self.key, self.residual, self.model_tag, self.residual_tag))
+        return SessionTemporal(TemporalDecoder(self.key, self.residual, self.model_tag, self.residual_tag),
+                               wire.Connection(hello.version))
 
     @staticmethod
     def capabilities(state: SessionTemporal | None) -> int:
@@ -81,6 +89,11 @@ class TemporalIngest:
             return [], wire.Error(wire.Code.BAD_MESSAGE, "TBATCH on a connection that did not negotiate temporal "
                                                          "coding (HELLO v3 with CAP_TEMPORAL and the server's "
                                                          "residual tag)")
+        if isinstance(batch, wire.CompactBatch):
+            try:
+                state.wire.resolve(batch)  # in arrival order: the epoch, seqs and times from the previous CBATCH
+            except wire.WireError as exc:
+                return [], wire.Error(wire.Code.BAD_MESSAGE, f"malformed CBATCH: {exc}")
         out = []
         dec = state.decoder
         for f in batch.frames:

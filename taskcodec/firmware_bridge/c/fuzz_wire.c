@@ -59,6 +59,12 @@ static uint64_t read_u64(const uint8_t *data, size_t size, size_t at)
     return v;
 }
 
+static int same_link(const tcw_link *a, const tcw_link *b)
+{
+    return a->have == b->have && a->epoch == b->epoch && a->last_seq == b->last_seq && a->last_ts == b->last_ts &&
+           a->interval_ms == b->interval_ms;
+}
+
 /* Encoders: fields and buffer sizes come from the input; outputs must respect the caller's capacity and agree
  * between a tight buffer and a roomy one. */
 static void fuzz_encoders(const uint8_t *data, size_t size)
@@ -107,6 +113,51 @@ static void fuzz_encoders(const uint8_t *data, size_t size)
         CHECK(rc2 == TCW_OK && len == len2 && len <= cap && memcmp(tight, roomy, len) == 0 && tight[0] == TCW_BATCH);
     } else {
         CHECK(rc == rc2 || rc == TCW_E_NOSPACE); /* a tight buffer may run out before a bad frame is seen */
+    }
+
+    /* CBATCH (v4): the same frames with kinds, after a link taken from the input; a tight and a roomy buffer agree,
+     * and only a finished CBATCH moves the link */
+    {
+        tcw_link l1, l2, before;
+        tcw_cbatch c1, c2;
+        uint64_t epoch = read_u64(data, size, 4) >> (data[5] % 64);
+        uint32_t interval = (uint32_t)(read_u64(data, size, 7) >> (data[8] % 64));
+        int rc1b, rc2b;
+        tcw_link_reset(&l1);
+        if (data[9] & 1) {
+            l1.have = 1;
+            l1.epoch = data[9] & 2 ? epoch : epoch / 3;
+            l1.last_seq = data[10] & 1 ? (uint64_t)data[6] - 1 : data[10];
+            l1.last_ts = n ? frames[0].ts_ms - (int64_t)(data[11] % 4) : 0;
+            l1.interval_ms = data[11] & 4 ? interval : 200;
+        }
+        l2 = before = l1;
+        rc1b = tcw_cbatch_begin(&c1, tight, cap, &l1, epoch, data[6], interval);
+        rc2b = tcw_cbatch_begin(&c2, roomy, sizeof(roomy), &l2, epoch, data[6], interval);
+        CHECK(rc1b == rc2b);
+        for (i = 0; rc1b == TCW_OK && i < n; i++) {
+            unsigned kind = (data[(11 + i) % size] >> 2) % 3;
+            size_t plen = kind == TCW_KIND_SAME ? 0 : frames[i].len;
+            rc = tcw_cbatch_add(&c1, frames[i].ts_ms, kind, frames[i].payload, plen);
+            rc2 = tcw_cbatch_add(&c2, frames[i].ts_ms, kind, frames[i].payload, plen);
+            CHECK(rc == rc2 || rc == TCW_E_NOSPACE);
+            if (rc2 != TCW_OK)
+                break;
+            if (rc != TCW_OK)
+                rc1b = rc; /* the tight one stops; the roomy one goes on */
+        }
+        if (rc1b == TCW_OK && i == n) {
+            rc = tcw_cbatch_finish(&c1, &len);
+            rc2 = tcw_cbatch_finish(&c2, &len2);
+            CHECK(rc == rc2);
+            if (rc == TCW_OK)
+                CHECK(len == len2 && len <= cap && memcmp(tight, roomy, len) == 0 && tight[0] == TCW_CBATCH &&
+                      l1.have && same_link(&l1, &l2));
+            else
+                CHECK(same_link(&l1, &before));
+        } else {
+            CHECK(same_link(&l1, &before));
+        }
     }
     free(tight);
 }

@@ -1,4 +1,4 @@
-/* taskcodec uplink wire format v2: encoders for camera messages, decoder for server replies. See taskcodec_wire.h. */
+/* taskcodec uplink wire format v4: encoders for camera messages, decoder for server replies. See taskcodec_wire.h. */
 #include "taskcodec_wire.h"
 
 #include <string.h>
@@ -242,6 +242,165 @@ int tcw_encode_batch(uint8_t *out, size_t cap, size_t *out_len, uint64_t epoch, 
         if ((rc = tcw_batch_add(&b, frames[i].ts_ms, frames[i].payload, frames[i].len)) != TCW_OK)
             return rc;
     return tcw_batch_finish(&b, out_len);
+}
+
+void tcw_link_reset(tcw_link *link)
+{
+    if (link)
+        memset(link, 0, sizeof(*link));
+}
+
+int tcw_cbatch_begin(tcw_cbatch *c, uint8_t *buf, size_t cap, tcw_link *link, uint64_t epoch, uint64_t first_seq,
+                     uint32_t interval_ms)
+{
+    if (!c || !buf || !link)
+        return TCW_E_ARG;
+    memset(c, 0, sizeof(*c));
+    if (epoch > TCW_MAX_EPOCH || first_seq > TCW_MAX_SEQ)
+        return TCW_E_ARG;
+    c->buf = buf;
+    c->cap = cap;
+    c->link = link;
+    c->epoch = epoch;
+    c->first_seq = first_seq;
+    c->interval_ms = interval_ms;
+    return TCW_OK; /* the header is written with the first frame (its time is the base time of a first CBATCH) */
+}
+
+static unsigned cbatch_flags(const tcw_cbatch *c)
+{
+    const tcw_link *l = c->link;
+    unsigned flags = 0;
+    if (!l->have || l->epoch != c->epoch)
+        flags |= TCW_CB_EPOCH;
+    if (!l->have || l->last_seq + 1 != c->first_seq) /* last_seq <= 2^63-1: no wrap */
+        flags |= TCW_CB_SEQ;
+    if (!l->have)
+        flags |= TCW_CB_TIME;
+    if (!l->have || l->interval_ms != c->interval_ms)
+        flags |= TCW_CB_INTERVAL;
+    return flags;
+}
+
+int tcw_cbatch_add(tcw_cbatch *c, int64_t ts_ms, unsigned kind, const uint8_t *payload, size_t payload_len)
+{
+    unsigned flags = 0;
+    int64_t expected, dev = 0;
+    uint64_t time_head = 0, item_head = 0;
+    size_t need = 0, pos, grow;
+    int extend, absolute = 0;
+    if (!c || !c->buf || !c->link || (payload_len && !payload))
+        return TCW_E_ARG;
+    if (kind > TCW_KIND_SAME || (kind == TCW_KIND_SAME && payload_len))
+        return TCW_E_ARG;
+    if (c->finished || c->count >= TCW_MAX_FRAMES_PER_BATCH)
+        return TCW_E_STATE;
+    if (payload_len > TCW_MAX_FRAME_BYTES || c->first_seq + c->count > TCW_MAX_SEQ)
+        return TCW_E_ARG;
+    if (ts_ms > TCW_MAX_ABS_TS_MS || ts_ms < -TCW_MAX_ABS_TS_MS)
+        return TCW_E_ARG;
+    if (c->count == 0) {
+        flags = cbatch_flags(c);
+        expected = (flags & TCW_CB_TIME) ? ts_ms : c->link->last_ts + (int64_t)c->interval_ms;
+        need = 2 + 1; /* type, flags, count (1 byte reserved) */
+        if (flags & TCW_CB_EPOCH)
+            need += varint_size(c->epoch);
+        if (flags & TCW_CB_SEQ)
+            need += varint_size(c->first_seq);
+        if (flags & TCW_CB_TIME)
+            need += varint_size(tcw_zigzag(ts_ms));
+        if (flags & TCW_CB_INTERVAL)
+            need += varint_size(c->interval_ms);
+    } else {
+        expected = c->prev_ts + (int64_t)c->interval_ms;
+    }
+    dev = ts_ms - expected; /* |ts| <= 2^62-1 and |expected| <= 2^62 + 2^32: no overflow */
+    if (dev) {
+        if (dev <= TCW_MAX_DEVIATION_MS && dev >= -TCW_MAX_DEVIATION_MS) {
+            time_head = (tcw_zigzag(dev) + 1) << 2 | 3;
+            need += varint_size(time_head);
+        } else {
+            absolute = 1;
+            need += 1 + varint_size(tcw_zigzag(ts_ms));
+        }
+    }
+    extend = kind == TCW_KIND_SAME && !dev && c->run > 0 && c->run < TCW_MAX_RUN_ITEM;
+    if (!extend) {
+        item_head = kind == TCW_KIND_SAME ? TCW_KIND_SAME : ((uint64_t)payload_len << 2 | kind);
+        need += varint_size(item_head) + payload_len;
+    }
+    grow = c->count == 0x7F; /* the 128th frame makes the count a 2-byte varint */
+    need += grow;
+    if (c->cap - c->len < need || c->cap < c->len)
+        return TCW_E_NOSPACE;
+    if (c->count == 0) {
+        pos = 0;
+        c->buf[pos++] = TCW_CBATCH;
+        c->buf[pos++] = (uint8_t)flags;
+        if (flags & TCW_CB_EPOCH)
+            tcw_put_varint(c->buf, c->cap, &pos, c->epoch);
+        if (flags & TCW_CB_SEQ)
+            tcw_put_varint(c->buf, c->cap, &pos, c->first_seq);
+        if (flags & TCW_CB_TIME)
+            tcw_put_varint(c->buf, c->cap, &pos, tcw_zigzag(ts_ms));
+        if (flags & TCW_CB_INTERVAL)
+            tcw_put_varint(c->buf, c->cap, &pos, c->interval_ms);
+        c->count_pos = pos;
+        c->len = pos + 1;
+    }
+    if (grow) {
+        memmove(c->buf + c->count_pos + 2, c->buf + c->count_pos + 1, c->len - c->count_pos - 1);
+        c->len += 1;
+        c->run_pos += 1;
+    }
+    pos = c->len;
+    if (dev) {
+        c->run = 0;
+        if (absolute) {
+            c->buf[pos++] = 3;
+            tcw_put_varint(c->buf, c->cap, &pos, tcw_zigzag(ts_ms));
+        } else {
+            tcw_put_varint(c->buf, c->cap, &pos, time_head);
+        }
+    }
+    if (extend) {
+        c->run++;
+        c->buf[c->run_pos] = (uint8_t)((c->run - 1) << 2 | TCW_KIND_SAME);
+    } else {
+        if (kind == TCW_KIND_SAME) {
+            c->run = 1;
+            c->run_pos = pos;
+        } else {
+            c->run = 0;
+        }
+        tcw_put_varint(c->buf, c->cap, &pos, item_head);
+        if (payload_len)
+            memcpy(c->buf + pos, payload, payload_len);
+        pos += payload_len;
+    }
+    c->len = pos;
+    c->prev_ts = ts_ms;
+    c->count++;
+    return TCW_OK;
+}
+
+int tcw_cbatch_finish(tcw_cbatch *c, size_t *out_len)
+{
+    size_t pos;
+    if (!c || !c->buf || !c->link || !out_len)
+        return TCW_E_ARG;
+    if (c->finished || c->count == 0)
+        return TCW_E_STATE;
+    pos = c->count_pos;
+    tcw_put_varint(c->buf, c->cap, &pos, c->count);
+    c->finished = 1;
+    c->link->have = 1;
+    c->link->epoch = c->epoch;
+    c->link->last_seq = c->first_seq + c->count - 1;
+    c->link->last_ts = c->prev_ts;
+    c->link->interval_ms = c->interval_ms;
+    *out_len = c->len;
+    return TCW_OK;
 }
 
 static int get_u8(const uint8_t *msg, size_t len, size_t *pos, uint8_t *v)

@@ -1,4 +1,4 @@
-/* taskcodec uplink wire format, version 3 (see docs/wire-format.md; taskcodec/wire.py is the reference).
+/* taskcodec uplink wire format, version 4 (see docs/wire-format.md; taskcodec/wire.py is the reference).
  *
  * C99, no allocation: every function works on caller buffers, checks every bound and returns a tcw_status.
  * Cameras encode HELLO and BATCH and decode the server's replies (WELCOME, ACK, REJECT, ERROR).
@@ -13,7 +13,7 @@
 extern "C" {
 #endif
 
-#define TCW_VERSION 3u
+#define TCW_VERSION 4u
 #define TCW_CAP_TEMPORAL 1u     /* HELLO/WELCOME capability bit (v3): TBATCH frames KEY / COND / SAME */
 #define TCW_RESIDUAL_TAG_BYTES 8u
 #define TCW_MODEL_TAG_BYTES 8u
@@ -34,8 +34,18 @@ enum tcw_type {
     TCW_REJECT = 0x04,
     TCW_ERROR = 0x05,
     TCW_WELCOME = 0x06,
-    TCW_TBATCH = 0x07 /* v3: a BATCH whose frames carry their kind (only after a WELCOME granting TCW_CAP_TEMPORAL) */
+    TCW_TBATCH = 0x07, /* v3: a BATCH whose frames carry their kind (only after a WELCOME granting TCW_CAP_TEMPORAL) */
+    TCW_CBATCH = 0x08  /* v4: the compact TBATCH (header continues the connection's previous CBATCH, SAME runs) */
 };
+
+/* CBATCH (v4) header flags: the field is present (absent: it continues the connection's previous CBATCH). */
+#define TCW_CB_EPOCH 1u
+#define TCW_CB_SEQ 2u
+#define TCW_CB_TIME 4u
+#define TCW_CB_INTERVAL 8u
+#define TCW_MAX_INTERVAL_MS 4294967295ull /* 2^32-1 */
+#define TCW_MAX_DEVIATION_MS 1152921504606846976ll /* 2^60: larger steps are sent as absolute times */
+#define TCW_MAX_RUN_ITEM 32u  /* SAME frames per run item (its head stays one byte) */
 
 /* TBATCH frame kinds (the low 2 bits of each frame's length varint: length << 2 | kind). */
 enum tcw_kind {
@@ -116,6 +126,47 @@ int tcw_batch_add(tcw_batch *b, int64_t ts_ms, const uint8_t *payload, size_t pa
 int tcw_batch_begin_temporal(tcw_batch *b, uint8_t *buf, size_t cap, uint64_t epoch, uint64_t first_seq);
 int tcw_batch_add_kind(tcw_batch *b, int64_t ts_ms, unsigned kind, const uint8_t *payload, size_t payload_len);
 int tcw_batch_finish(tcw_batch *b, size_t *out_len);
+
+/* CBATCH (v4), the compact TBATCH, built in place like a BATCH:
+ *   tcw_link link; tcw_link_reset(&link);                     once per connection (after its WELCOME)
+ *   tcw_cbatch_begin(&c, buf, cap, &link, epoch, first_seq, interval_ms);
+ *   tcw_cbatch_add(&c, ts_ms, kind, payload, len);            ... 1..4096 times
+ *   tcw_cbatch_finish(&c, &msg_len);                          -> buf[0..msg_len), and the link moves on to it
+ * The link is the connection's previous CBATCH: header fields that continue it are left out (epoch; first_seq =
+ * its last + 1; the base time: the first frame is expected interval_ms after its last frame). A frame captured
+ * interval_ms after the previous one carries no time (else a TIME item: the deviation, or the absolute time for a
+ * clock step); consecutive SAME frames at the interval share one-byte run items. Send every finished CBATCH, in
+ * order, on the connection whose link it used; reset the link on a new connection and whenever a finished CBATCH
+ * was not sent. A failed add leaves the batch as it was. Only on a version-4 connection granted TCW_CAP_TEMPORAL. */
+typedef struct {
+    int have; /* 0: no CBATCH yet on this connection: the next one carries every field */
+    uint64_t epoch;
+    uint64_t last_seq;
+    int64_t last_ts;
+    uint32_t interval_ms;
+} tcw_link;
+
+typedef struct {
+    uint8_t *buf;
+    size_t cap;
+    size_t len;
+    size_t count_pos; /* where the count goes (after the header; 1 byte reserved, 2 from the 128th frame) */
+    size_t run_pos;   /* the open SAME-run item's byte (valid while run > 0) */
+    uint32_t run;     /* frames in the open SAME-run item */
+    uint64_t epoch;
+    uint64_t first_seq;
+    uint32_t count;
+    uint32_t interval_ms;
+    int64_t prev_ts;
+    int finished;
+    tcw_link *link;
+} tcw_cbatch;
+
+void tcw_link_reset(tcw_link *link);
+int tcw_cbatch_begin(tcw_cbatch *c, uint8_t *buf, size_t cap, tcw_link *link, uint64_t epoch, uint64_t first_seq,
+                     uint32_t interval_ms);
+int tcw_cbatch_add(tcw_cbatch *c, int64_t ts_ms, unsigned kind, const uint8_t *payload, size_t payload_len);
+int tcw_cbatch_finish(tcw_cbatch *c, size_t *out_len);
 
 /* One-shot BATCH from an array of frames (frame i has sequence number first_seq + i). */
 typedef struct {

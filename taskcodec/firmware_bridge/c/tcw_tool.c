@@ -4,6 +4,9 @@
  *   hello CAP TAG_HEX CAMERA_HEX TOKEN_HEX [CAPABILITIES RESIDUAL_TAG_HEX] -> ok MESSAGE_HEX
  *   batch CAP EPOCH FIRST_SEQ TS:PAYLOAD_HEX ... -> ok MESSAGE_HEX
  *   tbatch CAP EPOCH FIRST_SEQ TS:KIND:PAYLOAD_HEX ... -> ok MESSAGE_HEX   (v3 TBATCH)
+ *   cbatch CAP EPOCH FIRST_SEQ INTERVAL TS:KIND:PAYLOAD_HEX ... -> ok MESSAGE_HEX   (v4 CBATCH; the tool keeps one
+ *                                      connection link across lines, moved on by every CBATCH built)
+ *   link reset                         -> ok -   (a new connection)
  *   check TAG_HEX PAYLOAD_HEX          -> ok CHECK_HEX
  *   varint CAP VALUE                   -> ok HEX
  * Output buffers are allocated with exactly CAP bytes so that AddressSanitizer catches any write past them. */
@@ -196,6 +199,54 @@ static void cmd_tbatch(char *save)
         free(payloads[i]);
 }
 
+static tcw_link tool_link; /* one connection's CBATCH link across lines */
+
+static void cmd_cbatch(char *save)
+{
+    char *cap_s = strtok_r(NULL, " ", &save), *epoch_s = strtok_r(NULL, " ", &save);
+    char *first_s = strtok_r(NULL, " ", &save), *interval_s = strtok_r(NULL, " ", &save), *item;
+    static int64_t ts[TCW_MAX_FRAMES_PER_BATCH + 1];
+    static unsigned kinds[TCW_MAX_FRAMES_PER_BATCH + 1];
+    static uint8_t *payloads[TCW_MAX_FRAMES_PER_BATCH + 1];
+    static size_t lens[TCW_MAX_FRAMES_PER_BATCH + 1];
+    size_t n = 0, i, cap, len = 0;
+    uint8_t *out;
+    tcw_cbatch c;
+    int rc, bad = !interval_s;
+    while (!bad && (item = strtok_r(NULL, " ", &save)) != NULL) {
+        char *c1 = strchr(item, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+        if (!c2 || n > TCW_MAX_FRAMES_PER_BATCH) {
+            bad = 1;
+            break;
+        }
+        *c1 = 0;
+        *c2 = 0;
+        ts[n] = strtoll(item, NULL, 10);
+        kinds[n] = (unsigned)strtoul(c1 + 1, NULL, 10);
+        if (unhex(c2 + 1, &payloads[n], &lens[n])) {
+            bad = 1;
+            break;
+        }
+        n++;
+    }
+    if (bad || n == 0) {
+        puts("err usage");
+    } else {
+        cap = strtoull(cap_s, NULL, 10);
+        out = malloc(cap ? cap : 1);
+        rc = tcw_cbatch_begin(&c, out, cap, &tool_link, strtoull(epoch_s, NULL, 10), strtoull(first_s, NULL, 10),
+                              (uint32_t)strtoul(interval_s, NULL, 10));
+        for (i = 0; rc == TCW_OK && i < n; i++)
+            rc = tcw_cbatch_add(&c, ts[i], kinds[i], payloads[i], lens[i]);
+        if (rc == TCW_OK)
+            rc = tcw_cbatch_finish(&c, &len);
+        answer(rc, out, len);
+        free(out);
+    }
+    for (i = 0; i < n; i++)
+        free(payloads[i]);
+}
+
 static void cmd_check(char *save)
 {
     char *tag_s = strtok_r(NULL, " ", &save), *pay_s = strtok_r(NULL, " ", &save);
@@ -242,7 +293,12 @@ int main(void)
             cmd_reply(strtok_r(NULL, " ", &save));
         else if (strcmp(cmd, "tbatch") == 0)
             cmd_tbatch(save);
-        else if (strcmp(cmd, "hello") == 0)
+        else if (strcmp(cmd, "cbatch") == 0)
+            cmd_cbatch(save);
+        else if (strcmp(cmd, "link") == 0) {
+            tcw_link_reset(&tool_link);
+            puts("ok -");
+        } else if (strcmp(cmd, "hello") == 0)
             cmd_hello(save);
         else if (strcmp(cmd, "batch") == 0)
             cmd_batch(save);

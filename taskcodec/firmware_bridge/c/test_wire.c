@@ -47,8 +47,8 @@ static void test_varint(void)
 
 static void test_hello(void)
 {
-    /* wire.Hello(bytes.fromhex("0123456789abcdef"), "cam-7", b"secret").encode(): v3, capabilities 0 */
-    static const uint8_t expected[] = {0x01, 0x03, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x05, 'c', 'a',
+    /* wire.Hello(bytes.fromhex("0123456789abcdef"), "cam-7", b"secret").encode(): v4, capabilities 0 */
+    static const uint8_t expected[] = {0x01, 0x04, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0x05, 'c', 'a',
                                        'm', '-', '7', 0x06, 's', 'e', 'c', 'r', 'e', 't', 0x00};
     static const uint8_t rtag[8] = {0x86, 0x11, 0x7e, 0x70, 0x55, 0x88, 0x99, 0x66};
     uint8_t out[64];

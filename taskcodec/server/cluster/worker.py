@@ -96,7 +96,7 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
                 continue
         try:
             messages = await sub.fetch(FETCH, timeout=0.5)
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:  # nats-py raises the plain one too (fetch deadline passed under CPU load)
             continue
         except Exception as exc:  # JetStream leader election after a node loss: retry, the messages stay pending
             if isinstance(exc, (nats.js.errors.APIError, nats.errors.Error)):

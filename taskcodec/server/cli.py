@@ -75,6 +75,23 @@ def db_retention(days: float = typer.Option(..., "--days", min=0.0, help="Delete
     typer.echo(f"{db}: deleted {n} frames captured before {cutoff} ms ({days:g} days)")
 
 
+@db_app.command("compact")
+def db_compact(db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file"),
+               older_than_s: float = typer.Option(600.0, "--older-than-s", min=0.0, help="pack frames stored before "
+                                                  "now - this (rounded down to the hour unless --no-align)"),
+               align: bool = typer.Option(True, "--align/--no-align", help="round the cutoff down to the hour")
+               ) -> None:
+    """Pack closed camera-hours of frames into compressed blocks (what `serve` does in the background every few
+    minutes; safe while it runs). Readers see packed and recent frames alike."""
+    if not db.is_file():
+        _fail(f"no database {db}")
+    storage = _storage(db)
+    r = storage.compact(settle_s=older_than_s, align_hour=align)
+    storage.close()
+    typer.echo(f"{db}: packed {r['frames']} frames of {r['cameras']} cameras ({r['blocks_written']} blocks written, "
+               f"stored before {r['cutoff_ms']} ms) in {r['seconds']:.1f} s")
+
+
 @cameras_app.command("add")
 def cameras_add(camera_id: str = typer.Argument(..., help="Camera id, 1-128 of A-Z a-z 0-9 . _ : -"),
                 db: Path = typer.Option(DEFAULT_DB, "--db", help="SQLite database file"),

@@ -25,6 +25,7 @@ from fastapi.templating import Jinja2Templates
 
 from taskcodec.server.auth import require_operator
 from taskcodec.server.query import CountQuery, FleetStats, Reader, iso, query_counts
+from taskcodec.server.storage import FrameFilter, select_frames
 
 HERE = Path(__file__).parent
 COOKIE = "taskcodec_operator"
@@ -147,10 +148,8 @@ def camera(request: Request, camera_id: str = PathParam(..., max_length=255),
     conn = reader.conn()
     recent = [{"epoch": e, "seq": s, "ts": iso(ts), "ts_ms": ts, "class_name": reader.class_name(p) or str(p),
                "confidence": conf, "model_id": m, "bytes": n}
-              for e, s, ts, p, conf, m, n in conn.execute(
-                  "SELECT epoch, seq, ts_capture_ms, prediction, confidence, model_id, length(payload) FROM frames "
-                  "WHERE camera_id = ? ORDER BY ts_capture_ms DESC, epoch DESC, seq DESC LIMIT ?",
-                  (camera_id, RECENT))]
+              for _, e, s, ts, _, m, n, p, conf in select_frames(conn, FrameFilter(cameras=(camera_id,)),
+                                                                  order="desc", limit=RECENT)]
     chart = None
     if c.last_capture_ms is not None:
         until = c.last_capture_ms + 1  # the window ends at the camera's newest frame (its clock, not ours)
@@ -158,7 +157,7 @@ def camera(request: Request, camera_id: str = PathParam(..., max_length=255),
         interval = _nice_interval(until - since)
         since = (since // interval) * interval
         counts = query_counts(CountQuery(camera=[camera_id], since=str(since), until=str(until),
-                                         interval=f"{interval}ms"), reader)
+                                         interval=f"{interval}ms"), reader, with_bytes=True)
         starts = list(range(since, until, interval))
         index = {s: i for i, s in enumerate(starts)}
         classes = sorted({name for b in counts["buckets"] for name in b["counts"]},
@@ -168,10 +167,8 @@ def camera(request: Request, camera_id: str = PathParam(..., max_length=255),
             for name, n in b["counts"].items():
                 series[name][index[b["start_ms"]]] = n
         nbytes = [0] * len(starts)
-        for start, total in conn.execute(
-                "SELECT (ts_capture_ms / ?) * ?, sum(length(payload)) FROM frames WHERE camera_id = ? AND "
-                "ts_capture_ms >= ? AND ts_capture_ms < ? GROUP BY 1", (interval, interval, camera_id, since, until)):
-            nbytes[index[start]] = total
+        for b in counts["buckets"]:
+            nbytes[index[b["start_ms"]]] += b["payload_bytes"]
         chart = {"t": [s / 1000 for s in starts], "interval_s": interval / 1000, "classes": classes,
                  "counts": [series[n] for n in classes], "bytes_per_s": [b / (interval / 1000) for b in nbytes],
                  "since": iso(since), "until": iso(until)}

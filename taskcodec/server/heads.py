@@ -24,6 +24,7 @@ import numpy as np
 
 from taskcodec.bundle import Bundle
 from taskcodec.coding import RangeCoder, StreamError, decompress
+from taskcodec.server.storage import frames_by_keys, frames_of_model
 
 log = logging.getLogger("taskcodec.server.heads")
 
@@ -152,22 +153,15 @@ class HeadStore:
                  unlabelled_by: str | None = None) -> list[tuple[str, int, int, bytes]]:
         """Stored (camera_id, epoch, seq, payload) of one model: the given keys, or all (optionally only those that
         ``unlabelled_by`` has not labelled yet)."""
-        if keys is None:
-            sql = "SELECT f.camera_id, f.epoch, f.seq, f.payload FROM frames f"
-            args: tuple = (model_id,)
+        if keys is None:  # recent rows and packed blocks (storage's reader API)
+            rows = [r[:3] + (r[6],) for r in frames_of_model(self.conn, model_id)]
             if unlabelled_by:
-                sql += (" LEFT JOIN head_labels h ON h.head = ? AND h.camera_id = f.camera_id AND h.epoch = f.epoch "
-                        "AND h.seq = f.seq")
-                args = (unlabelled_by, model_id)
-            sql += " WHERE f.model_id = ?" + (" AND h.head IS NULL" if unlabelled_by else "")
-            return self.conn.execute(sql + " ORDER BY f.camera_id, f.epoch, f.seq", args).fetchall()
-        out = []
-        for cam, epoch, seq in keys:
-            row = self.conn.execute("SELECT payload FROM frames WHERE camera_id = ? AND epoch = ? AND seq = ? AND "
-                                    "model_id = ?", (cam, int(epoch), int(seq), model_id)).fetchone()
-            if row is not None:
-                out.append((cam, int(epoch), int(seq), row[0]))
-        return out
+                done = set(self.conn.execute("SELECT camera_id, epoch, seq FROM head_labels WHERE head = ?",
+                                             (unlabelled_by,)).fetchall())
+                rows = [r for r in rows if r[:3] not in done]
+            return sorted(rows, key=lambda r: r[:3])
+        return [(cam, int(epoch), int(seq), payload) for cam, epoch, seq, *_, payload, _, _ in
+                frames_by_keys(self.conn, [(c, int(e), int(s)) for c, e, s in keys], model_id)]
 
     def write_labels(self, head: Head, keys: Iterable[tuple[str, int, int]], idx: np.ndarray,
                      conf: np.ndarray) -> int:

@@ -9,8 +9,10 @@ that check to the whole app), so ``until_ts=`` or a misspelt ``clas_name=`` neve
 
 Times: ``since`` is inclusive, ``until`` exclusive, both on the camera's capture clock, given as milliseconds since
 the epoch or ISO 8601 (``2026-12-04T10:00:00Z``; no zone means UTC). Every query is answered from an index
-(``frames_by_capture_time`` for one camera, ``frames_by_time`` otherwise: see storage.SCHEMA); the tests check the
-query plans. Reads use their own read-only connections, so they never wait for the ingest writer (WAL).
+(``frames_by_capture_time`` for one camera, ``frames_by_time`` otherwise: see storage.SCHEMA) for the recent part,
+from the hourly rollup and the packed blocks of the hours the query covers for the packed part (storage's reader API:
+select_frames, count_frames); the tests check the query plans. Reads use their own read-only connections, so they
+never wait for the ingest writer (WAL).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from starlette.routing import Match
 
 from taskcodec.server.ood import UNKNOWN, UNKNOWN_NAME
 from taskcodec.server.auth import require_operator
+from taskcodec.server.storage import (FrameFilter, count_frames, hot_counts_sql, hot_frames_sql, packed_totals,
+                                      select_frames)
 
 MAX_ROWS = 100_000
 MAX_BUCKETS = 100_000
@@ -144,29 +148,16 @@ class Where:
     single_camera: bool
 
 
-def build_where(f: Filters, reader: Reader) -> Where:
-    where, args = [], []
-
-    def any_of(column: str, values: list) -> None:
-        if values:
-            where.append(f"{column} IN ({', '.join('?' * len(values))})")
-            args.extend(values)
-
-    any_of("camera_id", sorted(set(f.camera)))
+def frame_filter(f: Filters, reader: Reader) -> FrameFilter:
     predictions = set(f.prediction) | {reader.class_index(n) for n in f.class_name}
-    any_of("prediction", sorted(predictions))
-    any_of("model_id", sorted(set(f.model_id)))
-    since, until = parse_time(f.since, "since"), parse_time(f.until, "until")
-    if since is not None:
-        where.append("ts_capture_ms >= ?")
-        args.append(since)
-    if until is not None:
-        where.append("ts_capture_ms < ?")
-        args.append(until)
-    if f.min_confidence is not None:
-        where.append("confidence >= ?")
-        args.append(f.min_confidence)
-    return Where(" AND ".join(where) or "1", args, len(set(f.camera)) == 1)
+    return FrameFilter(cameras=tuple(sorted(set(f.camera))), predictions=tuple(sorted(predictions)),
+                       models=tuple(sorted(set(f.model_id))), since=parse_time(f.since, "since"),
+                       until=parse_time(f.until, "until"), min_confidence=f.min_confidence)
+
+
+def build_where(f: Filters, reader: Reader) -> Where:
+    sql, args = frame_filter(f, reader).hot_where()
+    return Where(sql, args, len(set(f.camera)) == 1)
 
 
 def _encode_cursor(row: tuple) -> str:
@@ -182,23 +173,16 @@ def _decode_cursor(cursor: str) -> tuple[int, str, int, int]:
 
 
 def frames_sql(q: FrameQuery, reader: Reader) -> tuple[str, list]:
-    w = build_where(q, reader)
-    sql, args = w.sql, list(w.args)
-    key = "(ts_capture_ms, camera_id, epoch, seq)"
-    if q.cursor:
-        sql += f" AND {key} {'>' if q.order == 'asc' else '<'} (?, ?, ?, ?)"
-        args.extend(_decode_cursor(q.cursor))
-    direction = "ASC" if q.order == "asc" else "DESC"
-    order = ", ".join(f"{c} {direction}" for c in ("ts_capture_ms", "camera_id", "epoch", "seq"))
-    # One camera: its (camera_id, ts_capture_ms) index gives the order directly; otherwise the time index does.
-    return (f"SELECT camera_id, epoch, seq, ts_capture_ms, ts_stored_ms, model_id, length(payload), prediction, "
-            f"confidence FROM frames WHERE {sql} ORDER BY {order} LIMIT ?", [*args, q.limit])
+    """The recent part's SQL of a frame query (the packed part is read by storage.select_frames)."""
+    return hot_frames_sql(frame_filter(q, reader), order=q.order,
+                          after=_decode_cursor(q.cursor) if q.cursor else None, limit=q.limit)
 
 
 def query_frames(q: FrameQuery, reader: Reader) -> list[dict]:
-    sql, args = frames_sql(q, reader)
+    rows = select_frames(reader.conn(), frame_filter(q, reader), order=q.order,
+                         after=_decode_cursor(q.cursor) if q.cursor else None, limit=q.limit)
     out = []
-    for cam, epoch, seq, ts, stored, model, nbytes, pred, conf in reader.conn().execute(sql, args):
+    for cam, epoch, seq, ts, stored, model, nbytes, pred, conf in rows:
         out.append({"camera_id": cam, "epoch": epoch, "seq": seq, "ts_capture_ms": ts, "ts_capture": iso(ts),
                     "ts_stored_ms": stored, "model_id": model, "prediction": pred,
                     "class_name": reader.class_name(pred), "confidence": conf, "payload_bytes": nbytes})
@@ -206,26 +190,31 @@ def query_frames(q: FrameQuery, reader: Reader) -> list[dict]:
 
 
 def counts_sql(q: CountQuery, reader: Reader, interval_ms: int) -> tuple[str, list]:
-    w = build_where(q, reader)
-    cam = "camera_id" if q.by_camera else "NULL"
-    return (f"SELECT (ts_capture_ms / ?) * ? AS bucket, {cam} AS cam, prediction, count(*) FROM frames "
-            f"WHERE {w.sql} GROUP BY bucket, cam, prediction ORDER BY bucket, cam, prediction",
-            [interval_ms, interval_ms, *w.args])
+    """The recent part's SQL of a count query (the packed part: rollup and blocks, storage.count_frames)."""
+    return hot_counts_sql(frame_filter(q, reader), interval_ms, q.by_camera)
 
 
-def query_counts(q: CountQuery, reader: Reader) -> dict:
+def query_counts(q: CountQuery, reader: Reader, with_bytes: bool = False) -> dict:
     interval_ms = parse_interval(q.interval)
-    sql, args = counts_sql(q, reader, interval_ms)
+    counts = count_frames(reader.conn(), frame_filter(q, reader), interval_ms, by_camera=q.by_camera,
+                          with_bytes=with_bytes)
     buckets: dict[tuple[int, str | None], dict] = {}
-    for start, cam, pred, n in reader.conn().execute(sql, args):
+    for (start, cam, pred), (n, nbytes) in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1] or "",
+                                                                                  kv[0][2])):
+        if n <= 0:
+            continue
         b = buckets.get((start, cam))
         if b is None:
             if len(buckets) >= MAX_BUCKETS:
                 raise _bad("interval", f"more than {MAX_BUCKETS} buckets: use a wider interval or a shorter range")
             b = buckets[(start, cam)] = {"start_ms": start, "start": iso(start), "end_ms": start + interval_ms,
                                          **({"camera_id": cam} if q.by_camera else {}), "total": 0, "counts": {}}
+            if with_bytes:
+                b["payload_bytes"] = 0
         b["counts"][reader.class_name(pred) or str(pred)] = n
         b["total"] += n
+        if with_bytes:
+            b["payload_bytes"] += nbytes
     return {"interval_ms": interval_ms, "classes": reader.classes, "buckets": list(buckets.values())}
 
 
@@ -307,8 +296,10 @@ ROW_AT_SQL = "SELECT rowid, ts_stored_ms FROM frames WHERE rowid >= ? ORDER BY r
 
 class FleetStats:
     """Per-camera totals computed from the database, so every server process (``--workers N``) reports the same
-    numbers. Totals are kept incrementally: each refresh reads only the rows added since the last one (by rowid; the
-    frames table is append-only), so a scrape costs O(new frames), the first one O(all frames)."""
+    numbers. Recent rows are counted incrementally: each refresh reads only the rows added since the last one (by
+    rowid; the frames table is append-only), so a scrape costs O(new frames), the first one O(all recent frames).
+    Packed frames come from the per-camera totals compaction keeps (packed_cameras); when a camera's generation there
+    changes (compaction moved some of its rows), its recent part is counted again from its remaining rows."""
 
     def __init__(self, reader: Reader, window_s: float = 60.0, online_s: float = 120.0):
         self.reader = reader
@@ -316,7 +307,8 @@ class FleetStats:
         self.online_s = online_s  # a camera is online when it stored a frame this recently
         self._lock = threading.Lock()
         self._rowid = 0
-        self._cams: dict[str, CameraFigures] = {}
+        self._cams: dict[str, CameraFigures] = {}  # recent part (frames table) only
+        self._generation: dict[str, int] = {}
 
     def _first_rowid_stored_after(self, conn: sqlite3.Connection, ms: int) -> int:
         """Smallest rowid whose ts_stored_ms >= ms, by bisection on rowid (rows are appended in stored-time order;
@@ -354,15 +346,35 @@ class FleetStats:
                         c.model_id = conn.execute("SELECT model_id FROM frames WHERE rowid = ?", (rowid,)).fetchone()[0]
                         c._model_rowid = rowid
                     self._rowid = max(self._rowid, rowid)
+                packed = packed_totals(conn)
+                for cam, (generation, *_rest) in packed.items():
+                    if self._generation.get(cam) != generation:  # compaction moved rows: count what is left
+                        c = self._cams.setdefault(cam, CameraFigures(cam))
+                        c.frames, c.payload_bytes = conn.execute(
+                            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM frames WHERE camera_id = ? "
+                            "AND rowid <= ?", (cam, self._rowid)).fetchone()
+                        self._generation[cam] = generation
                 first = self._first_rowid_stored_after(conn, now_ms - int(self.window_s * 1000))
                 recent = dict((cam, (n, b)) for cam, n, b in conn.execute(
                     RECENT_SQL, (first, now_ms - int(self.window_s * 1000))))
             finally:
                 conn.execute("COMMIT")
-            for cam, c in self._cams.items():
+            out = {}
+            for cam, c in sorted(self._cams.items()):
                 c.recent_frames, c.recent_bytes = recent.get(cam, (0, 0))
                 c.recent_bytes = c.recent_bytes or 0
-            return {k: CameraFigures(**vars(v)) for k, v in sorted(self._cams.items())}
+                f = CameraFigures(**vars(c))
+                p = packed.get(cam)
+                if p is not None:
+                    _, n, nbytes, stored, captured, model = p
+                    f.frames += n
+                    f.payload_bytes += nbytes
+                    f.last_stored_ms = max(f.last_stored_ms or 0, stored)
+                    f.last_capture_ms = max(f.last_capture_ms or 0, captured)
+                    if f.model_id is None:
+                        f.model_id = model
+                out[cam] = f
+            return out
 
     def warm_up(self) -> None:
         try:

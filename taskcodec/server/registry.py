@@ -40,6 +40,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from taskcodec.server.auth import authenticate_camera, require_operator, unauthorized
+from taskcodec.server.storage import model_has_frames
 from taskcodec.bundle import MANIFEST, SIGNATURE, Bundle, BundleError, check_golden, compute_model_id, load_bundle
 
 log = logging.getLogger("taskcodec.server.registry")
@@ -202,8 +203,12 @@ class Registry:
         running = self._query("SELECT camera_id FROM rollout_status WHERE running_model_id = ?", (model_id,))
         if running:
             why.append(f"running on camera(s) {', '.join(r[0] for r in running)}")
-        frames = self._query("SELECT count(*) FROM (SELECT 1 FROM frames WHERE model_id = ? LIMIT 1)", (model_id,))
-        if frames and frames[0][0]:
+        conn = self._conn()
+        try:
+            referenced = model_has_frames(conn, model_id)  # recent rows and packed blocks (storage's reader API)
+        finally:
+            conn.close()
+        if referenced:
             why.append("stored frames reference it")
         return why
 

@@ -25,16 +25,20 @@ applies the missing steps, one transaction each, with a log line. A database new
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
-import contextlib
 import sqlite3
 import stat
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
 
 log = logging.getLogger("taskcodec.server.storage")
 
@@ -113,6 +117,51 @@ MIGRATIONS: list[str] = [
         updated INTEGER NOT NULL
     );
     """,
+    # packed frames (issue 12 item 4): compaction moves frames stored more than COMPACT_SETTLE_S before the last
+    # hour boundary out of `frames` into one block per (camera, epoch, capture hour) (columns, zlib; see
+    # encode_block), counts them in an hourly rollup and in per-camera totals; `frames` keeps the recent part.
+    """
+    CREATE TABLE IF NOT EXISTS frame_blocks (
+        camera_id TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        hour INTEGER NOT NULL,
+        seq_lo INTEGER NOT NULL,
+        seq_hi INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        ts_lo INTEGER NOT NULL,
+        ts_hi INTEGER NOT NULL,
+        payload_bytes INTEGER NOT NULL,
+        models TEXT NOT NULL,
+        format INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (camera_id, epoch, hour)
+    );
+    CREATE INDEX IF NOT EXISTS frame_blocks_by_seq ON frame_blocks (camera_id, epoch, seq_hi);
+    CREATE INDEX IF NOT EXISTS frame_blocks_by_hour ON frame_blocks (hour, camera_id);
+    CREATE TABLE IF NOT EXISTS frame_rollup (
+        camera_id TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        prediction INTEGER NOT NULL,
+        model_id TEXT NOT NULL,
+        frames INTEGER NOT NULL,
+        payload_bytes INTEGER NOT NULL,
+        PRIMARY KEY (camera_id, hour, prediction, model_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS frame_rollup_by_hour ON frame_rollup (hour, camera_id, prediction);
+    CREATE TABLE IF NOT EXISTS packed_cameras (
+        camera_id TEXT PRIMARY KEY,
+        generation INTEGER NOT NULL,
+        frames INTEGER NOT NULL,
+        payload_bytes INTEGER NOT NULL,
+        last_stored_ms INTEGER NOT NULL,
+        last_capture_ms INTEGER NOT NULL,
+        model_id TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS compaction (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        last_run_ms INTEGER NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 SCHEMA = "\n".join(MIGRATIONS)  # the whole current schema, for readers of the code
@@ -123,6 +172,13 @@ WAL_AUTOCHECKPOINT_PAGES = 256
 JOURNAL_SIZE_LIMIT = 4 << 20
 
 NEW, DUPLICATE, CONFLICT = 0, 1, 2
+
+# packed frames (see encode_block and SQLiteStorage.compact)
+HOUR_MS = 3_600_000
+BLOCK_FORMAT = 1
+COMPACT_SETTLE_S = 600.0   # frames stored before (now - this), rounded down to the hour, are packed
+COMPACT_INTERVAL_S = 300.0  # the server's background compaction looks this often (shared by all its processes)
+COMPACT_CHUNK = 50_000     # rows per compaction transaction (one camera at a time)
 
 
 class StorageError(RuntimeError):
@@ -240,9 +296,18 @@ def _tighten(path: Path) -> None:
 class SQLiteStorage:
     """One writer connection (serialised by a lock) and one reader connection per thread; WAL lets them overlap.
 
+    Frames live in two parts: the frames table (one row per frame; the recent part, where writers insert) and packed
+    blocks (one per camera, epoch and capture hour), filled by ``compact()``. The first periodic ``checkpoint()`` of
+    a server starts a background thread that compacts every ``compact_interval_s`` (class attributes; environment
+    TASKCODEC_COMPACT_INTERVAL_S / TASKCODEC_COMPACT_SETTLE_S override them, TASKCODEC_COMPACT=0 turns it off).
+
     ``migrate``: apply missing schema steps at open (else an old schema refuses to open; see `taskcodec db migrate`).
     ``check``: run ``PRAGMA quick_check`` at open and refuse a damaged file.
     """
+
+    auto_compact = os.environ.get("TASKCODEC_COMPACT", "1") != "0"
+    compact_interval_s = float(os.environ.get("TASKCODEC_COMPACT_INTERVAL_S", COMPACT_INTERVAL_S))
+    compact_settle_s = float(os.environ.get("TASKCODEC_COMPACT_SETTLE_S", COMPACT_SETTLE_S))
 
     def __init__(self, path: str | Path, *, migrate: bool = True, check: bool = False,
                  journal_size_limit: int = JOURNAL_SIZE_LIMIT, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT_PAGES):
@@ -256,6 +321,8 @@ class SQLiteStorage:
         self._readers_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
+        self._compactor: threading.Thread | None = None
+        self._compactor_stop = threading.Event()
         try:
             _create_private(self.path)
             _tighten(self.path)
@@ -352,6 +419,9 @@ class SQLiteStorage:
         Returns SQLite's (busy, WAL pages, pages checkpointed)."""
         if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise ValueError(mode)
+        if self.auto_compact and self._compactor is None:
+            # the server's upkeep calls checkpoint() periodically: that is what starts its background compaction
+            self.start_compaction(self.compact_interval_s, self.compact_settle_s)
         with self._write_lock:
             try:
                 return tuple(self._writer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
@@ -459,7 +529,15 @@ class SQLiteStorage:
         if not rows:
             return 0
         with self._transaction() as w:
-            inserted = w.executemany(self._INSERT.replace("INSERT", "INSERT OR IGNORE", 1), rows).rowcount
+            spans: dict[tuple[str, int], list[int]] = {}
+            for r in rows:
+                spans.setdefault((r[0], r[1]), []).append(r[2])
+            packed = {(cam, epoch): set(_packed_payloads(w, cam, epoch, seqs)) for (cam, epoch), seqs in spans.items()
+                      if _has_overlap(w, cam, epoch, min(seqs), max(seqs))}
+            if packed:
+                rows = [r for r in rows if r[2] not in packed.get((r[0], r[1]), ())]
+            inserted = w.executemany(self._INSERT.replace("INSERT", "INSERT OR IGNORE", 1), rows).rowcount \
+                if rows else 0
         return inserted
 
     def store_batches(self, batches: Sequence[BatchRows]) -> list[list[int] | None]:
@@ -470,17 +548,30 @@ class SQLiteStorage:
         out: list[list[int] | None] = []
         with self._transaction() as w:
             tokens: dict[str, str | None] = {}
-            accepted = []
+            accepted, slow = [], []
             for b in batches:
-                if b.token_hash is not None:
-                    if b.camera_id not in tokens:
+                # A batch's frames share camera and epoch; a block holding any of its seqs (a re-sent frame whose
+                # hour is packed already) sends it to the row-by-row path. The block lookup rides on the token check.
+                packed = False
+                if b.rows:
+                    seqs = [r[2] for r in b.rows]
+                    span = (b.rows[0][1], min(seqs), max(seqs))
+                if b.token_hash is not None and b.camera_id not in tokens:
+                    if b.rows:
+                        row = w.execute(self._TOKEN_AND_BLOCK, (b.camera_id, *span)).fetchone()
+                        packed = bool(row and row[1])
+                    else:
                         row = w.execute("SELECT token_hash FROM cameras WHERE id = ?", (b.camera_id,)).fetchone()
-                        tokens[b.camera_id] = row[0] if row else None
-                    if tokens[b.camera_id] != b.token_hash:
-                        out.append(None)
-                        continue
+                    tokens[b.camera_id] = row[0] if row else None
+                elif b.rows:
+                    packed = _has_overlap(w, b.camera_id, *span)
+                if b.token_hash is not None and tokens[b.camera_id] != b.token_hash:
+                    out.append(None)
+                    continue
                 out.append([])
-                accepted.append((len(out) - 1, b))
+                (slow if packed else accepted).append((len(out) - 1, b))
+            for i, b in slow:
+                out[i] = self._store_rows(w, b.rows)
             # Fast path (the usual case: every frame is new): one INSERT OR IGNORE for the whole micro-batch. If
             # any row was already there, undo it and classify row by row.
             rows = [r for _, b in accepted for r in b.rows]
@@ -498,6 +589,10 @@ class SQLiteStorage:
                     out[i] = self._store_rows(w, b.rows)
         return out
 
+    # The camera's token and whether a block of (camera, epoch) meets the seq range, in one statement.
+    _TOKEN_AND_BLOCK = ("SELECT token_hash, EXISTS (SELECT 1 FROM frame_blocks INDEXED BY frame_blocks_by_seq WHERE "
+                        "camera_id = ?1 AND epoch = ?2 AND seq_hi >= ?3 AND seq_lo <= ?4) FROM cameras WHERE id = ?1")
+
     def _store_rows(self, w: sqlite3.Connection, rows: Sequence[FrameRow]) -> list[int]:
         if not rows:
             return []
@@ -505,6 +600,7 @@ class SQLiteStorage:
         seqs = [r[2] for r in rows]
         stored = dict(w.execute("SELECT seq, payload FROM frames WHERE camera_id = ? AND epoch = ? AND seq BETWEEN ? "
                                 "AND ?", (cam, epoch, min(seqs), max(seqs))).fetchall())
+        stored.update(_packed_payloads(w, cam, epoch, seqs))
         status, new = [], []
         for r in rows:
             if r[0] != cam or r[1] != epoch:
@@ -522,38 +618,220 @@ class SQLiteStorage:
 
     def frames(self, camera_id: str, *, since_seq: int | None = None, since_ts: int | None = None,
                epoch: int | None = None, limit: int = 100) -> list[StoredFrame]:
-        """Frames of one camera in (epoch, seq) order, after ``since_seq`` / captured after ``since_ts``."""
-        where, args = ["camera_id = ?"], [camera_id]
-        if epoch is not None:
-            where.append("epoch = ?")
-            args.append(epoch)
-        if since_seq is not None:
-            where.append("seq > ?")
-            args.append(since_seq)
-        if since_ts is not None:
-            where.append("ts_capture_ms > ?")
-            args.append(since_ts)
-        sql = ("SELECT camera_id, epoch, seq, ts_capture_ms, ts_stored_ms, model_id, length(payload), prediction, "
-               f"confidence FROM frames WHERE {' AND '.join(where)} ORDER BY epoch, seq LIMIT ?")
-        return [StoredFrame(*r) for r in self._reader().execute(sql, (*args, limit)).fetchall()]
+        """Frames of one camera in (epoch, seq) order, after ``since_seq`` / captured after ``since_ts`` (recent rows
+        and packed blocks alike)."""
+        return [StoredFrame(*r) for r in camera_frames(self._reader(), camera_id, since_seq=since_seq,
+                                                       since_ts=since_ts, epoch=epoch, limit=limit)]
 
     def frame_counts(self) -> dict[str, int]:
-        rows = self._reader().execute("SELECT camera_id, count(*) FROM frames GROUP BY camera_id").fetchall()
-        return dict(rows)
+        conn = self._reader()
+        out = dict(conn.execute("SELECT camera_id, count(*) FROM frames GROUP BY camera_id").fetchall())
+        for cam, n in conn.execute("SELECT camera_id, sum(n) FROM frame_blocks GROUP BY camera_id"):
+            out[cam] = out.get(cam, 0) + n
+        return out
 
     def delete_before(self, ts_capture_ms: int, chunk: int = 20000) -> int:
-        """Retention by age: delete frames captured before ``ts_capture_ms`` in chunks of ``chunk`` rows (one short
-        transaction each, found through the frames_by_time index, so ingest is never blocked for long). Returns how
-        many were deleted. The file does not shrink; SQLite reuses the freed pages for new frames."""
+        """Retention by age: delete frames captured before ``ts_capture_ms``: recent rows in chunks of ``chunk`` rows
+        (one short transaction each, found through the frames_by_time index, so ingest is never blocked for long),
+        packed blocks whole (hours before the cutoff's hour, with their rollup rows) and the blocks of the cutoff's
+        hour rewritten without their older frames. Returns how many frames were deleted. The file does not shrink;
+        SQLite reuses the freed pages for new frames."""
+        cutoff = int(ts_capture_ms)
         total = 0
         while True:
             with self._transaction() as w:
                 n = w.execute(
                     "DELETE FROM frames WHERE rowid IN (SELECT rowid FROM frames INDEXED BY frames_by_time "
-                    "WHERE ts_capture_ms < ? LIMIT ?)", (int(ts_capture_ms), int(chunk))).rowcount
+                    "WHERE ts_capture_ms < ? LIMIT ?)", (cutoff, int(chunk))).rowcount
             total += n
             if n < chunk:
-                return total
+                break
+        hour = cutoff // HOUR_MS
+        blocks = max(1, chunk // 1000)
+        while True:  # whole blocks of earlier hours, a few per transaction
+            with self._transaction() as w:
+                keys = w.execute("SELECT camera_id, epoch, hour, n FROM frame_blocks INDEXED BY frame_blocks_by_hour "
+                                 "WHERE hour < ? LIMIT ?", (hour, blocks)).fetchall()
+                w.executemany("DELETE FROM frame_blocks WHERE camera_id = ? AND epoch = ? AND hour = ?",
+                              [k[:3] for k in keys])
+            total += sum(k[3] for k in keys)
+            if len(keys) < blocks:
+                break
+        while True:  # their rollup rows
+            with self._transaction() as w:
+                n = w.execute("DELETE FROM frame_rollup WHERE (camera_id, hour, prediction, model_id) IN (SELECT "
+                              "camera_id, hour, prediction, model_id FROM frame_rollup INDEXED BY frame_rollup_by_hour "
+                              "WHERE hour < ? LIMIT ?)", (hour, int(chunk))).rowcount
+            if n < chunk:
+                break
+        with self._transaction() as w:  # the cutoff hour's blocks: split
+            for cam, epoch, models, fmt, data in w.execute(
+                    "SELECT camera_id, epoch, models, format, data FROM frame_blocks INDEXED BY frame_blocks_by_hour "
+                    "WHERE hour = ? AND ts_lo < ?", (hour, cutoff)).fetchall():
+                b = decode_block(cam, epoch, models, fmt, data)
+                old = b.ts < cutoff
+                gone = b.rows(np.flatnonzero(old).tolist())
+                self._rollup(w, gone, -1)
+                kept = b.rows(np.flatnonzero(~old).tolist())
+                w.execute("DELETE FROM frame_blocks WHERE camera_id = ? AND epoch = ? AND hour = ?", (cam, epoch, hour))
+                if kept:
+                    self._write_block(w, cam, epoch, hour, kept)
+                total += len(gone)
+        return total
+
+    # compaction --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _rollup(w: sqlite3.Connection, rows: Sequence[ReadRow], sign: int) -> None:
+        """Add (sign 1) or take away (-1) rows (with payloads) in the hourly rollup."""
+        acc: dict[tuple, list[int]] = {}
+        for r in rows:
+            a = acc.setdefault((r[0], r[3] // HOUR_MS, r[7], r[5]), [0, 0])
+            a[0] += 1
+            a[1] += len(r[6])
+        w.executemany("INSERT INTO frame_rollup (camera_id, hour, prediction, model_id, frames, payload_bytes) "
+                      "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET frames = frames + excluded.frames, "
+                      "payload_bytes = payload_bytes + excluded.payload_bytes",
+                      [(*k, sign * n, sign * b) for k, (n, b) in acc.items()])
+        if sign < 0 and acc:
+            w.executemany("DELETE FROM frame_rollup WHERE camera_id = ? AND hour = ? AND prediction = ? AND "
+                          "model_id = ? AND frames <= 0", list(acc))
+
+    @staticmethod
+    def _write_block(w: sqlite3.Connection, cam: str, epoch: int, hour: int, rows: Sequence[ReadRow]) -> None:
+        data, models = encode_block(rows)
+        seqs = [r[2] for r in rows]
+        ts = [r[3] for r in rows]
+        w.execute("INSERT OR REPLACE INTO frame_blocks (camera_id, epoch, hour, seq_lo, seq_hi, n, ts_lo, ts_hi, "
+                  "payload_bytes, models, format, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (cam, epoch, hour, min(seqs), max(seqs), len(rows), min(ts), max(ts), sum(len(r[6]) for r in rows),
+                   json.dumps(models), BLOCK_FORMAT, data))
+
+    @staticmethod
+    def _last_rowid_stored_before(conn: sqlite3.Connection, ms: int) -> int:
+        """The largest rowid of `frames` whose row was stored before ``ms`` (bisection on rowid: rows are appended in
+        stored-time order), never the table's newest row (a rowid must not be handed out twice)."""
+        lo, hi = conn.execute("SELECT coalesce((SELECT min(rowid) FROM frames), 0), "
+                              "coalesce((SELECT max(rowid) FROM frames), 0)").fetchone()
+        if hi == 0:
+            return 0
+        top = hi
+        hi += 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            row = conn.execute("SELECT rowid, ts_stored_ms FROM frames WHERE rowid >= ? ORDER BY rowid LIMIT 1",
+                               (mid,)).fetchone()
+            if row is None or row[1] >= ms:
+                hi = mid
+            else:
+                lo = row[0] + 1
+        return min(lo - 1, top - 1)
+
+    def compact(self, *, settle_s: float = COMPACT_SETTLE_S, align_hour: bool = True, now: int | None = None,
+                chunk: int = COMPACT_CHUNK, stop: threading.Event | None = None) -> dict:
+        """Move frames stored before ``now - settle_s`` (rounded down to the hour when ``align_hour``) from the
+        frames table into packed blocks, camera by camera, each step one transaction (block(s) written, rollup and
+        per-camera totals updated, rows deleted), so readers always see every frame exactly once and ingest waits at
+        most one step. A frame arriving later for a packed hour lands in `frames` and joins its block at the next
+        compaction. Safe to run from several processes at once. Returns what it did."""
+        t0 = time.monotonic()
+        now = now_ms() if now is None else int(now)
+        cutoff = now - int(settle_s * 1000)
+        if align_hour:
+            cutoff = cutoff // HOUR_MS * HOUR_MS
+        conn = self._reader()
+        watermark = self._last_rowid_stored_before(conn, cutoff)
+        frames = blocks = cameras = 0
+        cam = ""
+        while watermark > 0 and not (stop is not None and stop.is_set()):
+            row = conn.execute("SELECT camera_id FROM frames WHERE camera_id > ? ORDER BY camera_id LIMIT 1",
+                               (cam,)).fetchone()
+            if row is None:
+                break
+            cam = row[0]
+            moved_any = False
+            while True:
+                with self._transaction() as w:
+                    moved, nb = self._compact_camera(w, cam, watermark, chunk)
+                frames += moved
+                blocks += nb
+                moved_any = moved_any or moved > 0
+                if moved < chunk:
+                    break
+            cameras += moved_any
+        with self._transaction() as w:
+            w.execute("INSERT INTO compaction (id, last_run_ms) VALUES (0, ?) ON CONFLICT DO UPDATE SET "
+                      "last_run_ms = excluded.last_run_ms", (now,))
+        result = {"frames": frames, "blocks_written": blocks, "cameras": cameras, "cutoff_ms": cutoff,
+                  "seconds": round(time.monotonic() - t0, 3)}
+        if frames:
+            log.info("compaction: %d frames of %d cameras packed into %d blocks (stored before %d) in %.1f s",
+                     frames, cameras, blocks, cutoff, result["seconds"])
+        return result
+
+    def _compact_camera(self, w: sqlite3.Connection, cam: str, watermark: int, chunk: int) -> tuple[int, int]:
+        rows = w.execute("SELECT rowid, camera_id, epoch, seq, ts_capture_ms, ts_stored_ms, model_id, payload, "
+                         "prediction, confidence FROM frames INDEXED BY frames_by_capture_time WHERE camera_id = ? "
+                         "AND rowid <= ? ORDER BY ts_capture_ms LIMIT ?", (cam, watermark, chunk)).fetchall()
+        if not rows:
+            return 0, 0
+        groups: dict[tuple[int, int], list] = {}
+        for r in rows:
+            groups.setdefault((r[2], r[4] // HOUR_MS), []).append(r[1:])
+        moved: list[ReadRow] = []
+        for (epoch, hour), new in groups.items():
+            old = w.execute("SELECT models, format, data FROM frame_blocks WHERE camera_id = ? AND epoch = ? AND "
+                            "hour = ?", (cam, epoch, hour)).fetchone()
+            if old is not None:
+                have = decode_block(cam, epoch, *old).rows()
+                seen = {r[2] for r in have}
+                new = [r for r in new if r[2] not in seen]  # never the case (writers check blocks): kept once
+                self._write_block(w, cam, epoch, hour, have + new)
+            else:
+                self._write_block(w, cam, epoch, hour, new)
+            moved.extend(new)
+        self._rollup(w, moved, 1)
+        newest = max(rows, key=lambda r: (r[5], r[0]))
+        w.execute("INSERT INTO packed_cameras (camera_id, generation, frames, payload_bytes, last_stored_ms, "
+                  "last_capture_ms, model_id) VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                  "generation = generation + 1, frames = frames + excluded.frames, "
+                  "payload_bytes = payload_bytes + excluded.payload_bytes, "
+                  "model_id = CASE WHEN excluded.last_stored_ms >= last_stored_ms THEN excluded.model_id "
+                  "ELSE model_id END, last_stored_ms = max(last_stored_ms, excluded.last_stored_ms), "
+                  "last_capture_ms = max(last_capture_ms, excluded.last_capture_ms)",
+                  (cam, len(moved), sum(len(r[6]) for r in moved), newest[5], max(r[4] for r in rows), newest[6]))
+        w.executemany("DELETE FROM frames WHERE rowid = ?", [(r[0],) for r in rows])
+        return len(rows), len(groups)
+
+    def last_compaction_ms(self) -> int | None:
+        row = self._reader().execute("SELECT last_run_ms FROM compaction WHERE id = 0").fetchone()
+        return row[0] if row else None
+
+    def start_compaction(self, interval_s: float = COMPACT_INTERVAL_S, settle_s: float = COMPACT_SETTLE_S) -> None:
+        """Run compaction in a background thread of this process every ``interval_s`` (skipped while another
+        process of the same database compacted within the interval). Idempotent; close() stops it."""
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+        stop = self._compactor_stop = threading.Event()
+
+        def loop() -> None:
+            # a short wait first: a server that stops right after its first checkpoint (the one at shutdown) does
+            # not start a compaction then
+            stop.wait(min(interval_s, 5.0))
+            while not stop.is_set():
+                try:
+                    last = self.last_compaction_ms()
+                    if last is None or now_ms() - last >= interval_s * 1000 * 0.9:
+                        self.compact(settle_s=settle_s, stop=stop)
+                except StorageError as exc:
+                    log.warning("compaction: %s", exc)
+                except Exception:  # noqa: BLE001 (never let the thread die silently)
+                    if stop.is_set():
+                        return
+                    log.exception("compaction failed")
+                stop.wait(interval_s)
+
+        self._compactor = threading.Thread(target=loop, name="storage-compaction", daemon=True)
+        self._compactor.start()
 
     def ping(self) -> bool:
         try:
@@ -562,6 +840,9 @@ class SQLiteStorage:
             return False
 
     def close(self) -> None:
+        if self._compactor is not None:
+            self._compactor_stop.set()
+            self._compactor.join(timeout=60)
         with self._write_lock:
             self._close_writer()
         with self._readers_lock:
@@ -572,6 +853,434 @@ class SQLiteStorage:
                     pass
             self._readers.clear()
         self._local = threading.local()
+
+
+# packed frames -------------------------------------------------------------------------------------------------------
+# Compaction moves frames out of `frames` (one row per frame: ~180 B on disk) into one block per (camera, epoch,
+# capture hour): the block's columns (seq, capture and stored times delta-coded, class, confidence, model index,
+# payload length; each byte-transposed so that zlib finds the zero high bytes) and the concatenated payloads, in one
+# zlib stream. A frame is in exactly one of the two parts: compaction inserts a block and deletes its rows in one
+# transaction, and writers look a batch's (camera, epoch, seq range) up in frame_blocks_by_seq before inserting.
+
+# (camera_id, epoch, seq, ts_capture_ms, ts_stored_ms, model_id, payload or its length, prediction, confidence)
+ReadRow = tuple
+
+
+def _shuffle(a: np.ndarray) -> bytes:
+    return a.view(np.uint8).reshape(len(a), a.itemsize).T.tobytes()
+
+
+def _unshuffle(buf: bytes, offset: int, n: int, dtype) -> tuple[np.ndarray, int]:
+    dt = np.dtype(dtype)
+    size = n * dt.itemsize
+    a = np.frombuffer(buf, np.uint8, size, offset).reshape(dt.itemsize, n).T.copy().view(dt).ravel()
+    return a, offset + size
+
+
+def encode_block(rows: Sequence[FrameRow]) -> tuple[bytes, list[str]]:
+    """One block from the rows of one camera and epoch (any order; stored in seq order). Returns (data, models);
+    lossless: decode_block gives the rows back exactly (confidences as float32 where that is exact, else float64)."""
+    rows = sorted(rows, key=lambda r: r[2])
+    n = len(rows)
+    seq = np.fromiter((r[2] for r in rows), np.int64, n)
+    ts = np.fromiter((r[3] for r in rows), np.int64, n)
+    stored = np.fromiter((r[4] for r in rows), np.int64, n)
+    models = sorted({r[5] for r in rows})
+    index = {m: i for i, m in enumerate(models)}
+    model_idx = np.fromiter((index[r[5]] for r in rows), np.uint16, n)
+    pred = np.fromiter((r[7] for r in rows), np.int32, n)
+    conf = np.fromiter((r[8] for r in rows), np.float64, n)
+    conf32 = conf.astype(np.float32)
+    exact32 = bool(np.array_equal(conf32.astype(np.float64), conf, equal_nan=True))
+    lengths = np.fromiter((len(r[6]) for r in rows), np.uint32, n)
+    body = b"".join([_shuffle(np.diff(seq, prepend=0)), _shuffle(np.diff(ts, prepend=0)),
+                     _shuffle(np.diff(stored, prepend=0)), _shuffle(pred), _shuffle(conf32 if exact32 else conf),
+                     _shuffle(model_idx), _shuffle(lengths), *(bytes(r[6]) for r in rows)])
+    return bytes([1 if exact32 else 0]) + n.to_bytes(4, "little") + zlib.compress(body, 6), models
+
+
+@dataclass
+class Block:
+    """A decoded block: numpy columns in seq order, the payloads by offset."""
+    camera_id: str
+    epoch: int
+    seq: np.ndarray
+    ts: np.ndarray
+    stored: np.ndarray
+    pred: np.ndarray
+    conf: np.ndarray
+    model_idx: np.ndarray
+    models: list[str]
+    lengths: np.ndarray
+    offsets: np.ndarray
+    body: bytes
+
+    def payload(self, i: int) -> bytes:
+        return self.body[self.offsets[i]:self.offsets[i] + self.lengths[i]]
+
+    def rows(self, index: Iterable[int] | None = None, payload: bool = True) -> list[ReadRow]:
+        """Rows in FrameRow order (payload bytes, or its length when ``payload`` is False)."""
+        idx = range(len(self.seq)) if index is None else index
+        seq, ts, stored, pred = self.seq.tolist(), self.ts.tolist(), self.stored.tolist(), self.pred.tolist()
+        conf, midx, lengths = self.conf.tolist(), self.model_idx.tolist(), self.lengths.tolist()
+        cam, epoch, models = self.camera_id, self.epoch, self.models
+        return [(cam, epoch, seq[i], ts[i], stored[i], models[midx[i]], self.payload(i) if payload else lengths[i],
+                 pred[i], conf[i]) for i in idx]
+
+
+def decode_block(camera_id: str, epoch: int, models_json: str | list[str], fmt: int, data: bytes) -> Block:
+    if fmt != BLOCK_FORMAT:
+        raise StorageError(f"frame block of camera {camera_id!r} has format {fmt}; this taskcodec reads "
+                           f"{BLOCK_FORMAT}: upgrade taskcodec")
+    data = bytes(data)
+    exact32 = data[0] == 1
+    n = int.from_bytes(data[1:5], "little")
+    body = zlib.decompress(data[5:])
+    models = json.loads(models_json) if isinstance(models_json, str) else models_json
+    off = 0
+    dseq, off = _unshuffle(body, off, n, np.int64)
+    dts, off = _unshuffle(body, off, n, np.int64)
+    dstored, off = _unshuffle(body, off, n, np.int64)
+    pred, off = _unshuffle(body, off, n, np.int32)
+    conf, off = _unshuffle(body, off, n, np.float32 if exact32 else np.float64)
+    midx, off = _unshuffle(body, off, n, np.uint16)
+    lengths, off = _unshuffle(body, off, n, np.uint32)
+    offsets = off + np.concatenate(([0], np.cumsum(lengths[:-1], dtype=np.int64))) if n else np.zeros(0, np.int64)
+    return Block(camera_id, int(epoch), np.cumsum(dseq), np.cumsum(dts), np.cumsum(dstored), pred,
+                 conf.astype(np.float64), midx, models, lengths.astype(np.int64), offsets, body)
+
+
+
+def _no_blocks_table(exc: sqlite3.OperationalError) -> bool:
+    return "no such table: frame_blocks" in str(exc)  # a database not migrated yet (readers that do not migrate)
+
+
+def _overlapping_blocks(conn: sqlite3.Connection, camera_id: str, epoch: int, lo: int, hi: int) -> list[Block]:
+    """Decoded blocks of (camera, epoch) whose seq range meets [lo, hi] (frame_blocks_by_seq)."""
+    try:
+            rows = conn.execute("SELECT models, format, data FROM frame_blocks INDEXED BY frame_blocks_by_seq "
+                            "WHERE camera_id = ? AND epoch = ? AND seq_hi >= ? AND seq_lo <= ?",
+                            (camera_id, epoch, lo, hi)).fetchall()
+    except sqlite3.OperationalError as exc:
+        if _no_blocks_table(exc):
+            return []
+        raise
+    return [decode_block(camera_id, epoch, m, f, d) for m, f, d in rows]
+
+
+def _has_overlap(conn: sqlite3.Connection, camera_id: str, epoch: int, lo: int, hi: int) -> bool:
+    return conn.execute("SELECT 1 FROM frame_blocks INDEXED BY frame_blocks_by_seq WHERE camera_id = ? AND epoch = ? "
+                        "AND seq_hi >= ? AND seq_lo <= ? LIMIT 1", (camera_id, epoch, lo, hi)).fetchone() is not None
+
+
+def _packed_payloads(conn: sqlite3.Connection, camera_id: str, epoch: int, seqs: Sequence[int]) -> dict[int, bytes]:
+    """seq -> payload of the packed frames among ``seqs`` of one camera and epoch."""
+    out: dict[int, bytes] = {}
+    if not seqs:
+        return out
+    wanted = set(seqs)
+    for b in _overlapping_blocks(conn, camera_id, epoch, min(seqs), max(seqs)):
+        for i in np.flatnonzero(np.isin(b.seq, np.fromiter(wanted, np.int64, len(wanted)))).tolist():
+            out[int(b.seq[i])] = b.payload(i)
+    return out
+
+
+@dataclass(frozen=True)
+class FrameFilter:
+    """What the readers select (every field optional): capture time in [since, until), cameras, classes, models,
+    a lowest confidence. The same filter applies to the recent rows (SQL, ``hot_where``) and to the packed blocks."""
+    cameras: tuple[str, ...] = ()
+    predictions: tuple[int, ...] = ()
+    models: tuple[str, ...] = ()
+    since: int | None = None
+    until: int | None = None
+    min_confidence: float | None = None
+
+    def hot_where(self) -> tuple[str, list]:
+        where, args = [], []
+        for column, values in (("camera_id", self.cameras), ("prediction", self.predictions),
+                               ("model_id", self.models)):
+            if values:
+                where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                args.extend(values)
+        if self.since is not None:
+            where.append("ts_capture_ms >= ?")
+            args.append(self.since)
+        if self.until is not None:
+            where.append("ts_capture_ms < ?")
+            args.append(self.until)
+        if self.min_confidence is not None:
+            where.append("confidence >= ?")
+            args.append(self.min_confidence)
+        return " AND ".join(where) or "1", args
+
+    def hours(self) -> tuple[int | None, int | None]:
+        """The capture hours a matching frame may lie in (inclusive bounds, None: open)."""
+        return (None if self.since is None else self.since // HOUR_MS,
+                None if self.until is None else (self.until - 1) // HOUR_MS)
+
+    def block_where(self, hours: tuple[int | None, int | None] | None = None) -> tuple[str, list]:
+        lo, hi = hours or self.hours()
+        where, args = [], []
+        if self.cameras:
+            where.append(f"camera_id IN ({', '.join('?' * len(self.cameras))})")
+            args.extend(self.cameras)
+        if lo is not None:
+            where.append("hour >= ?")
+            args.append(lo)
+        if hi is not None:
+            where.append("hour <= ?")
+            args.append(hi)
+        return " AND ".join(where) or "1", args
+
+    def mask(self, b: Block) -> np.ndarray | None:
+        """Which of a block's frames match (None: none can, from the block's models alone)."""
+        m = np.ones(len(b.seq), bool)
+        if self.models:
+            wanted = [i for i, name in enumerate(b.models) if name in self.models]
+            if not wanted:
+                return None
+            m &= np.isin(b.model_idx, wanted)
+        if self.predictions:
+            m &= np.isin(b.pred, list(self.predictions))
+        if self.since is not None:
+            m &= b.ts >= self.since
+        if self.until is not None:
+            m &= b.ts < self.until
+        if self.min_confidence is not None:
+            m &= b.conf >= self.min_confidence
+        return m
+
+
+_HOT_COLUMNS = "camera_id, epoch, seq, ts_capture_ms, ts_stored_ms, model_id, {payload}, prediction, confidence"
+
+
+def hot_frames_sql(f: FrameFilter, *, order: str = "asc", after: tuple | None = None, limit: int = 1000,
+                   payload: bool = False) -> tuple[str, list]:
+    """The recent part (the frames table) in (ts_capture_ms, camera_id, epoch, seq) order, after the key ``after``.
+    One camera: its (camera_id, ts_capture_ms) index gives the order; otherwise frames_by_time does."""
+    sql, args = f.hot_where()
+    if after is not None:
+        sql += f" AND (ts_capture_ms, camera_id, epoch, seq) {'>' if order == 'asc' else '<'} (?, ?, ?, ?)"
+        args.extend(after)
+    direction = "ASC" if order == "asc" else "DESC"
+    by = ", ".join(f"{c} {direction}" for c in ("ts_capture_ms", "camera_id", "epoch", "seq"))
+    cols = _HOT_COLUMNS.format(payload="payload" if payload else "length(payload)")
+    return f"SELECT {cols} FROM frames WHERE {sql} ORDER BY {by} LIMIT ?", [*args, limit]
+
+
+def _time_key(r: ReadRow) -> tuple:
+    return (r[3], r[0], r[1], r[2])
+
+
+def select_frames(conn: sqlite3.Connection, f: FrameFilter, *, order: str = "asc", after: tuple | None = None,
+                  limit: int = 1000, payload: bool = False) -> list[ReadRow]:
+    """Frames matching ``f`` from both parts (recent rows and packed blocks), in (capture time, camera, epoch, seq)
+    order (``order`` asc or desc), strictly after the key ``after`` (a cursor), at most ``limit``. Blocks are read in
+    capture-hour order and the scan stops once ``limit`` frames are known to come first."""
+    sql, args = hot_frames_sql(f, order=order, after=after, limit=limit, payload=payload)
+    out = [tuple(r) for r in conn.execute(sql, args)]
+    desc = order == "desc"
+    lo, hi = f.hours()
+    if after is not None:
+        h = after[0] // HOUR_MS
+        lo, hi = (lo, h if hi is None else min(hi, h)) if desc else (h if lo is None else max(lo, h), hi)
+    where, bargs = f.block_where((lo, hi))
+    packed: list[ReadRow] = []
+    cutoff = None  # the capture time of the limit-th packed frame so far
+    for cam, epoch, hour, models, fmt, data in conn.execute(
+            f"SELECT camera_id, epoch, hour, models, format, data FROM frame_blocks WHERE {where} "
+            f"ORDER BY hour {'DESC' if desc else 'ASC'}", bargs):
+        if cutoff is not None and (hour * HOUR_MS > cutoff if not desc else (hour + 1) * HOUR_MS - 1 < cutoff):
+            break
+        b = decode_block(cam, epoch, models, fmt, data)
+        m = f.mask(b)
+        if m is None or not m.any():
+            continue
+        if after is not None:
+            a_ts, a_key = after[0], tuple(after[1:])
+            tie = (cam, epoch) > a_key[:2] if not desc else (cam, epoch) < a_key[:2]
+            if not desc:
+                m &= (b.ts > a_ts) | ((b.ts == a_ts) & (tie | ((cam, epoch) == a_key[:2]) & (b.seq > a_key[2])))
+            else:
+                m &= (b.ts < a_ts) | ((b.ts == a_ts) & (tie | ((cam, epoch) == a_key[:2]) & (b.seq < a_key[2])))
+        packed.extend(b.rows(np.flatnonzero(m).tolist(), payload))
+        if len(packed) >= limit:
+            packed.sort(key=_time_key, reverse=desc)
+            del packed[limit:]
+            cutoff = packed[-1][3]
+    out.extend(packed)
+    out.sort(key=_time_key, reverse=desc)
+    return out[:limit]
+
+
+def camera_frames(conn: sqlite3.Connection, camera_id: str, *, since_seq: int | None = None,
+                  since_ts: int | None = None, epoch: int | None = None, limit: int = 100) -> list[ReadRow]:
+    """One camera's frames in (epoch, seq) order from both parts, after ``since_seq`` / captured after ``since_ts``
+    (payload lengths, not payloads)."""
+    where, args = ["camera_id = ?"], [camera_id]
+    bwhere, bargs = ["camera_id = ?"], [camera_id]
+    if epoch is not None:
+        where.append("epoch = ?")
+        bwhere.append("epoch = ?")
+        args.append(epoch)
+        bargs.append(epoch)
+    if since_seq is not None:
+        where.append("seq > ?")
+        bwhere.append("seq_hi > ?")
+        args.append(since_seq)
+        bargs.append(since_seq)
+    if since_ts is not None:
+        where.append("ts_capture_ms > ?")
+        bwhere.append("ts_hi > ?")
+        args.append(since_ts)
+        bargs.append(since_ts)
+    out = [tuple(r) for r in conn.execute(
+        f"SELECT {_HOT_COLUMNS.format(payload='length(payload)')} FROM frames WHERE {' AND '.join(where)} "
+        "ORDER BY epoch, seq LIMIT ?", (*args, limit))]
+    packed: list[ReadRow] = []
+    kth = None
+    for cam, ep, seq_lo, models, fmt, data in conn.execute(
+            f"SELECT camera_id, epoch, seq_lo, models, format, data FROM frame_blocks WHERE {' AND '.join(bwhere)} "
+            "ORDER BY epoch, seq_lo", bargs):
+        if kth is not None and (ep, seq_lo) > kth:
+            break
+        b = decode_block(cam, ep, models, fmt, data)
+        m = np.ones(len(b.seq), bool)
+        if since_seq is not None:
+            m &= b.seq > since_seq
+        if since_ts is not None:
+            m &= b.ts > since_ts
+        packed.extend(b.rows(np.flatnonzero(m).tolist(), payload=False))
+        if len(packed) >= limit:
+            packed.sort(key=lambda r: (r[1], r[2]))
+            del packed[limit:]
+            kth = (packed[-1][1], packed[-1][2])
+    out.extend(packed)
+    out.sort(key=lambda r: (r[1], r[2]))
+    return out[:limit]
+
+
+def hot_counts_sql(f: FrameFilter, interval_ms: int, by_camera: bool, with_bytes: bool = False) -> tuple[str, list]:
+    """Counts by (bucket, camera or NULL, class) of the recent part; from frames_by_time / frames_by_capture_time
+    alone unless ``with_bytes`` (payload sizes are in the table)."""
+    where, args = f.hot_where()
+    cam = "camera_id" if by_camera else "NULL"
+    extra = ", sum(length(payload))" if with_bytes else ""
+    return (f"SELECT (ts_capture_ms / ?) * ? AS bucket, {cam} AS cam, prediction, count(*){extra} FROM frames "
+            f"WHERE {where} GROUP BY bucket, cam, prediction ORDER BY bucket, cam, prediction",
+            [interval_ms, interval_ms, *args])
+
+
+def count_frames(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, *, by_camera: bool = False,
+                 with_bytes: bool = False) -> dict[tuple[int, str | None, int], list[int]]:
+    """Frame counts (and payload bytes when ``with_bytes``) per (bucket start, camera or None, class) over both
+    parts. Packed hours wholly inside the range come from the hourly rollup when the bucket is a whole number of
+    hours and no confidence filter is set; other packed hours are counted from their blocks."""
+    out: dict[tuple[int, str | None, int], list[int]] = {}
+
+    def add(bucket: int, cam: str | None, pred: int, n: int, nbytes: int) -> None:
+        acc = out.setdefault((bucket, cam if by_camera else None, pred), [0, 0])
+        acc[0] += n
+        acc[1] += nbytes if with_bytes else 0
+
+    sql, args = hot_counts_sql(f, interval_ms, by_camera, with_bytes)
+    for row in conn.execute(sql, args):
+        add(row[0], row[1], row[2], row[3], row[4] or 0 if with_bytes else 0)
+    lo, hi = f.hours()
+    rolled: tuple[int, int] | None = None
+    if interval_ms % HOUR_MS == 0 and f.min_confidence is None:
+        # whole hours inside [since, until)
+        r_lo = None if f.since is None else -(-f.since // HOUR_MS)
+        r_hi = None if f.until is None else f.until // HOUR_MS - 1
+        if r_lo is None or r_hi is None or r_lo <= r_hi:
+            rolled = (r_lo if r_lo is not None else -(1 << 62), r_hi if r_hi is not None else (1 << 62))
+            where, rargs = ["hour >= ?", "hour <= ?"], list(rolled)
+            for column, values in (("camera_id", f.cameras), ("prediction", f.predictions), ("model_id", f.models)):
+                if values:
+                    where.append(f"{column} IN ({', '.join('?' * len(values))})")
+                    rargs.extend(values)
+            for hour, cam, pred, n, nbytes in conn.execute(
+                    f"SELECT hour, camera_id, prediction, sum(frames), sum(payload_bytes) FROM frame_rollup "
+                    f"WHERE {' AND '.join(where)} GROUP BY hour, camera_id, prediction", rargs):
+                add((hour * HOUR_MS // interval_ms) * interval_ms, cam, pred, n, nbytes)
+    where, bargs = f.block_where((lo, hi))
+    for cam, epoch, hour, models, fmt, data in conn.execute(
+            f"SELECT camera_id, epoch, hour, models, format, data FROM frame_blocks WHERE {where}", bargs):
+        if rolled is not None and rolled[0] <= hour <= rolled[1]:
+            continue
+        b = decode_block(cam, epoch, models, fmt, data)
+        m = f.mask(b)
+        if m is None or not m.any():
+            continue
+        buckets = (b.ts[m] // interval_ms) * interval_ms
+        preds = b.pred[m]
+        lengths = b.lengths[m]
+        keys = np.stack([buckets, preds.astype(np.int64)], 1)
+        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        ns = np.bincount(inverse, minlength=len(uniq))
+        nb = np.bincount(inverse, weights=lengths, minlength=len(uniq))
+        for (bucket, pred), n, nbytes in zip(uniq.tolist(), ns.tolist(), nb.tolist()):
+            add(bucket, cam, pred, n, int(nbytes))
+    return out
+
+
+def frames_by_keys(conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]], model_id: str | None = None
+                   ) -> list[ReadRow]:
+    """The stored frames (with payloads) of the given (camera, epoch, seq) keys, from either part, in key order of
+    ``keys`` (missing keys, or frames of another model than ``model_id``, are left out)."""
+    out = []
+    for cam, epoch, seq in keys:
+        row = conn.execute(f"SELECT {_HOT_COLUMNS.format(payload='payload')} FROM frames WHERE camera_id = ? AND "
+                           "epoch = ? AND seq = ?", (cam, int(epoch), int(seq))).fetchone()
+        if row is None:
+            for b in _overlapping_blocks(conn, cam, int(epoch), int(seq), int(seq)):
+                i = np.flatnonzero(b.seq == int(seq))
+                if len(i):
+                    row = b.rows([int(i[0])])[0]
+                    break
+        if row is not None and (model_id is None or row[5] == model_id):
+            out.append(tuple(row))
+    return out
+
+
+def frames_of_model(conn: sqlite3.Connection, model_id: str) -> Iterator[ReadRow]:
+    """Every stored frame (with payload) classified by ``model_id``, from both parts (recent rows first)."""
+    for row in conn.execute(f"SELECT {_HOT_COLUMNS.format(payload='payload')} FROM frames WHERE model_id = ?",
+                            (model_id,)):
+        yield tuple(row)
+    f = FrameFilter(models=(model_id,))
+    try:
+        blocks = conn.execute("SELECT camera_id, epoch, models, format, data FROM frame_blocks WHERE instr(models, ?) "
+                              "> 0", (json.dumps(model_id),)).fetchall()
+    except sqlite3.OperationalError as exc:
+        if _no_blocks_table(exc):
+            return
+        raise
+    for cam, epoch, models, fmt, data in blocks:
+        b = decode_block(cam, epoch, models, fmt, data)
+        m = f.mask(b)
+        if m is not None and m.any():
+            yield from b.rows(np.flatnonzero(m).tolist())
+
+
+def model_has_frames(conn: sqlite3.Connection, model_id: str) -> bool:
+    """Whether any stored frame (either part) was classified by ``model_id``."""
+    if conn.execute("SELECT 1 FROM frames WHERE model_id = ? LIMIT 1", (model_id,)).fetchone():
+        return True
+    try:
+        return conn.execute("SELECT 1 FROM frame_rollup WHERE model_id = ? LIMIT 1", (model_id,)).fetchone() is not None
+    except sqlite3.OperationalError:  # a database older than the packed part
+        return False
+
+
+def packed_totals(conn: sqlite3.Connection) -> dict[str, tuple]:
+    """Per camera, what compaction has moved so far: (generation, frames, payload_bytes, last_stored_ms,
+    last_capture_ms, model_id of the newest moved frame). Counts only grow (retention does not lower them)."""
+    return {r[0]: tuple(r[1:]) for r in conn.execute(
+        "SELECT camera_id, generation, frames, payload_bytes, last_stored_ms, last_capture_ms, model_id "
+        "FROM packed_cameras")}
 
 
 def open_storage(path: str | Path) -> SQLiteStorage:

@@ -171,5 +171,8 @@ def temporal(
 
 def register(app: typer.Typer) -> None:
     import taskcodec.bench.transfer_cli  # noqa: F401  (adds its commands to the `frozen` group)
+    from taskcodec.bench.cluster_scale import command as cluster_scale  # issue 12: 10k cameras for minutes
+
+    bench_app.command("cluster-scale")(cluster_scale)
 
     app.add_typer(bench_app, name="bench")

@@ -81,7 +81,7 @@ async def ensure_mqtt_stream(js, replicas: int = 3, timeout: float = 60.0):
             return await js.pull_subscribe(FILTER, durable=DURABLE, stream=MQTT_STREAM,
                                            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT_S,
                                                                  max_ack_pending=20000))
-        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError, NoStreamResponseError) as exc:
+        except (asyncio.TimeoutError, nats.js.errors.ServiceUnavailableError, NoStreamResponseError) as exc:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"JetStream did not become available within {timeout:.0f} s: {exc!r}") from exc
             await asyncio.sleep(0.5)
@@ -163,7 +163,7 @@ async def consume_mqtt(nc, sub, pg_dsn: str, models: dict, stop: asyncio.Event) 
                 continue
         try:
             messages = await sub.fetch(FETCH, timeout=0.5)
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:  # nats-py raises the plain one too (fetch deadline passed under CPU load)
             continue
         except (nats.js.errors.APIError, nats.errors.Error) as exc:  # leader election after a node loss: retry
             log.warning("MQTT fetch failed, retrying: %s", exc)
@@ -171,8 +171,11 @@ async def consume_mqtt(nc, sub, pg_dsn: str, models: dict, stop: asyncio.Event) 
             continue
         try:
             stored, refused, refusals = await asyncio.to_thread(handle, messages, auth, models, store)
-        except psycopg.Error as exc:
-            log.warning("store failed (%s); MQTT messages will be redelivered", exc)
+        except Exception as exc:  # noqa: BLE001 (the worker's other loop goes on; these messages stay in JetStream)
+            if isinstance(exc, psycopg.Error):
+                log.warning("store failed (%s); MQTT messages will be redelivered", exc)
+            else:
+                log.exception("MQTT batch failed; its messages will be redelivered")
             store.close()
             store = None
             for msg in messages:

@@ -100,6 +100,22 @@ def retention(days: int = typer.Option(..., "--days", min=1, help="keep this man
     typer.echo(f"dropped {len(dropped)} partition(s) before {cutoff}: {', '.join(dropped) or '-'}")
 
 
+@cluster_app.command()
+def compact(pg: str = PG, older_than_s: float = typer.Option(600.0, "--older-than-s", help="pack capture hours "
+                                                              "that ended before now - this")) -> None:
+    """Pack closed camera-hours of frames into compressed blocks (workers do it every few minutes)."""
+    from taskcodec.server.cluster.pgstore import PgStore, PgStoreError
+
+    try:
+        store = PgStore(pg)
+    except PgStoreError as exc:
+        _fail(str(exc))
+    r = store.compact(settle_s=older_than_s)
+    store.close()
+    typer.echo(f"packed {r['frames']} frames of {r['cameras']} cameras ({r['blocks_written']} blocks written, "
+               f"capture hours before {r['cutoff_ms']} ms) in {r['seconds']:.1f} s")
+
+
 @cluster_app.command("add-camera")
 def add_camera(camera_id: str, pg: str = PG) -> None:
     """Register a camera in the cluster's PostgreSQL; prints its token once."""

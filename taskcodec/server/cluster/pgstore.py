@@ -5,14 +5,30 @@ keep every index small and make retention a `DROP TABLE` of old partitions inste
 (camera, capture time, epoch, seq) includes the partition key and doubles as the per-camera time index, as PostgreSQL requires; a frame's capture time is part
 of its wire record, so a re-sent frame carries the same key and `ON CONFLICT DO NOTHING` makes every insert
 idempotent. Counts by class over time come from the rollup, never from a scan of the frames.
+
+Packed part (issue 12 item 4): ``compact()`` (a worker runs it every few minutes; `taskcodec cluster compact`) moves
+the frames of closed capture hours into one block per (camera, epoch, hour) in ``frame_blocks`` (the embedded
+store's block format: server/storage.py encode_block; ~16 B per 6-byte frame instead of ~190), deleting the rows and
+inserting the block in one transaction under a per-camera advisory lock. Writers take the same lock (shared) and
+look a batch's seq ranges up in the blocks first, so a re-sent frame whose hour is packed is still a duplicate (or a
+conflict), never a second copy. The rollup is written at insert time and is not touched by compaction. Retention
+drops the day partitions and the blocks of those days.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
+import time
 from typing import Iterable, Sequence
 
+import numpy as np
 import psycopg
+
+from taskcodec.server.storage import BLOCK_FORMAT, HOUR_MS, COMPACT_SETTLE_S, decode_block, encode_block
+
+log = logging.getLogger("taskcodec.pgstore")
 
 # (camera_id, epoch, seq, ts_capture_ms, ts_stored_ms, model_id, payload, prediction, confidence)
 FrameRow = tuple[str, int, int, int, int, str, bytes, int, float]
@@ -45,7 +61,31 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (camera_id, hour, prediction)
     );
     """,
+    # 2: packed blocks, one per (camera, epoch, capture hour); see compact()
+    """
+    CREATE TABLE frame_blocks (
+        camera_id TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        hour TIMESTAMPTZ NOT NULL,
+        seq_lo BIGINT NOT NULL,
+        seq_hi BIGINT NOT NULL,
+        n INT NOT NULL,
+        ts_lo BIGINT NOT NULL,
+        ts_hi BIGINT NOT NULL,
+        models TEXT NOT NULL,
+        format SMALLINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (camera_id, epoch, hour)
+    );
+    ALTER TABLE frame_blocks ALTER COLUMN data SET STORAGE EXTERNAL;  -- zlib already: no second compression try
+    CREATE INDEX frame_blocks_by_seq ON frame_blocks (camera_id, epoch, seq_hi);
+    CREATE INDEX frame_blocks_by_hour ON frame_blocks (hour);
+    """,
 ]
+
+# lock keys: pg_advisory_xact_lock(CAMERA_LOCK, hashtext(camera)) per camera; COMPACTOR_LOCK: one compaction at a time
+CAMERA_LOCK = 0x7463
+COMPACTOR_LOCK = 0x74636F6D
 
 
 class PgStoreError(RuntimeError):
@@ -112,6 +152,9 @@ class PgStore:
             return 0
         with self.conn.transaction():
             self._ensure_partitions(_day(r[3]) for r in rows)
+            rows = self._drop_packed(rows)
+            if not rows:
+                return 0
             cols = list(zip(*rows))
             cur = self.conn.execute(
                 """INSERT INTO frames (camera_id, epoch, seq, ts_capture, stored_ms_after, model_id, payload,
@@ -136,6 +179,38 @@ class PgStore:
                     [(*k, v) for k, v in counts.items()])
         return len(new)
 
+    def _drop_packed(self, rows: Sequence[FrameRow]) -> list[FrameRow]:
+        """Inside the insert's transaction: lock the batch's cameras (shared: compaction takes them exclusively) and
+        leave out frames whose key is in a packed block already (counted as conflicts when the payload differs)."""
+        spans: dict[tuple[str, int], list[int]] = {}
+        for r in rows:
+            spans.setdefault((r[0], r[1]), []).append(r[2])
+        cams = sorted({c for c, _ in spans})
+        self.conn.execute("SELECT pg_advisory_xact_lock_shared(%s, hashtext(c)) FROM unnest(%s::text[]) AS c",
+                          (CAMERA_LOCK, cams))
+        keys = list(spans)
+        hits = self.conn.execute(
+            """SELECT b.camera_id, b.epoch, b.models, b.format, b.data FROM frame_blocks b
+               JOIN unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) AS u(c, e, lo, hi)
+                 ON b.camera_id = u.c AND b.epoch = u.e AND b.seq_hi >= u.lo AND b.seq_lo <= u.hi""",
+            ([k[0] for k in keys], [k[1] for k in keys], [min(spans[k]) for k in keys],
+             [max(spans[k]) for k in keys])).fetchall()
+        if not hits:
+            return list(rows)
+        packed: dict[tuple[str, int, int], bytes] = {}
+        for cam, epoch, models, fmt, data in hits:
+            b = decode_block(cam, epoch, models, fmt, data)
+            for i, seq in enumerate(b.seq.tolist()):
+                packed[(cam, epoch, seq)] = b.payload(i)
+        out = []
+        for r in rows:
+            old = packed.get((r[0], r[1], r[2]))
+            if old is None:
+                out.append(r)
+            elif old != bytes(r[6]):
+                self.conflicts += 1
+        return out
+
     def _count_conflicts(self, rows: Sequence[FrameRow]) -> int:
         """Frames whose key is stored with a different payload (a re-sent frame has the same bytes)."""
         cols = list(zip(*rows))
@@ -146,8 +221,113 @@ class PgStore:
         return int(cur.fetchone()[0])
 
     def frame_keys(self) -> list[tuple[str, int, int]]:
+        """Every stored frame's key, from both parts."""
         with self.conn.transaction():
-            return [tuple(r) for r in self.conn.execute("SELECT camera_id, epoch, seq FROM frames").fetchall()]
+            keys = [tuple(r) for r in self.conn.execute("SELECT camera_id, epoch, seq FROM frames").fetchall()]
+            for cam, epoch, models, fmt, data in self.conn.execute(
+                    "SELECT camera_id, epoch, models, format, data FROM frame_blocks"):
+                keys += [(cam, epoch, s) for s in decode_block(cam, epoch, models, fmt, data).seq.tolist()]
+        return keys
+
+    def camera_frames(self, camera_id: str, since_ms: int, until_ms: int, limit: int = 1000,
+                      newest: bool = False) -> list[tuple]:
+        """One camera's frames captured in [since_ms, until_ms) from both parts, oldest (or ``newest``) first:
+        (epoch, seq, ts_capture_ms, stored_ms_after, model_id, payload, prediction, confidence in 1/10000)."""
+        order = "DESC" if newest else "ASC"
+        with self.conn.transaction():
+            out = [tuple(r) for r in self.conn.execute(
+                f"""SELECT epoch, seq, (extract(epoch FROM ts_capture) * 1000)::bigint, stored_ms_after, model_id,
+                           payload, prediction, confidence FROM frames
+                    WHERE camera_id = %s AND ts_capture >= to_timestamp(%s / 1000.0)
+                      AND ts_capture < to_timestamp(%s / 1000.0)
+                    ORDER BY ts_capture {order}, epoch {order}, seq {order} LIMIT %s""",
+                (camera_id, since_ms, until_ms, limit))]
+            blocks = self.conn.execute(
+                f"""SELECT epoch, hour, models, format, data FROM frame_blocks WHERE camera_id = %s
+                      AND hour >= date_trunc('hour', to_timestamp(%s / 1000.0)) AND hour < to_timestamp(%s / 1000.0)
+                    ORDER BY hour {order}""", (camera_id, since_ms, until_ms)).fetchall()
+        packed: list[tuple] = []
+        for epoch, hour, models, fmt, data in blocks:
+            start = int(hour.timestamp() * 1000)
+            if len(packed) >= limit and (start > packed[limit - 1][2] if not newest
+                                         else start + HOUR_MS <= packed[limit - 1][2]):
+                break
+            b = decode_block(camera_id, epoch, models, fmt, data)
+            m = (b.ts >= since_ms) & (b.ts < until_ms)
+            for r in b.rows(np.flatnonzero(m).tolist()):
+                packed.append((epoch, r[2], r[3], r[4] - r[3], r[5], r[6], r[7], int(r[8])))
+            packed.sort(key=lambda r: (r[2], r[0], r[1]), reverse=newest)
+        out = [(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6], r[7]) for r in out] + packed
+        out.sort(key=lambda r: (r[2], r[0], r[1]), reverse=newest)
+        return out[:limit]
+
+    # compaction ----------------------------------------------------------------------------------------------------
+    def compact(self, settle_s: float = COMPACT_SETTLE_S, now_ms: int | None = None, wait: bool = True) -> dict:
+        """Pack the frames of capture hours that ended before ``now - settle_s`` into frame_blocks, one camera per
+        transaction (rows deleted and block(s) written together, under the camera's exclusive advisory lock; an
+        existing block of the same hour is merged). One compaction at a time per database (``wait`` False: return
+        at once when another one runs)."""
+        t0 = time.monotonic()
+        now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
+        cutoff = (now_ms - int(settle_s * 1000)) // HOUR_MS * HOUR_MS
+        done = {"frames": 0, "blocks_written": 0, "cameras": 0, "cutoff_ms": cutoff, "skipped": False}
+        with self.conn.transaction():  # a session lock: held across the per-camera transactions below
+            if wait:
+                self.conn.execute("SELECT pg_advisory_lock(%s)", (COMPACTOR_LOCK,))
+                got = True
+            else:
+                got = self.conn.execute("SELECT pg_try_advisory_lock(%s)", (COMPACTOR_LOCK,)).fetchone()[0]
+        if not got:
+            done["skipped"] = True
+            return done
+        try:
+            with self.conn.transaction():
+                cams = [r[0] for r in self.conn.execute(
+                    "SELECT DISTINCT camera_id FROM frames WHERE ts_capture < to_timestamp(%s / 1000.0)", (cutoff,))]
+            for cam in cams:
+                with self.conn.transaction():
+                    moved, blocks = self._compact_camera(cam, cutoff)
+                done["frames"] += moved
+                done["blocks_written"] += blocks
+                done["cameras"] += 1 if moved else 0
+        finally:
+            with self.conn.transaction():
+                self.conn.execute("SELECT pg_advisory_unlock(%s)", (COMPACTOR_LOCK,))
+        done["seconds"] = round(time.monotonic() - t0, 3)
+        if done["frames"]:
+            log.info("compaction: %d frames of %d cameras packed (%d blocks) in %.1f s", done["frames"],
+                     done["cameras"], done["blocks_written"], done["seconds"])
+        return done
+
+    def _compact_camera(self, cam: str, cutoff: int) -> tuple[int, int]:
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CAMERA_LOCK, cam))
+        rows = self.conn.execute(
+            """DELETE FROM frames WHERE camera_id = %s AND ts_capture < to_timestamp(%s / 1000.0)
+               RETURNING epoch, seq, (extract(epoch FROM ts_capture) * 1000)::bigint, stored_ms_after, model_id,
+                         payload, prediction, confidence""", (cam, cutoff)).fetchall()
+        groups: dict[tuple[int, int], list] = {}
+        for epoch, seq, ts, after, model, payload, pred, conf in rows:
+            # FrameRow order; the stored time as capture + stored_ms_after, the confidence in 1/10000 (exact)
+            groups.setdefault((epoch, ts // HOUR_MS), []).append(
+                (cam, epoch, seq, ts, ts + after, model, bytes(payload), pred, float(conf)))
+        for (epoch, hour), new in groups.items():
+            start = dt.datetime.fromtimestamp(hour * HOUR_MS / 1000, dt.timezone.utc)
+            old = self.conn.execute("SELECT models, format, data FROM frame_blocks WHERE camera_id = %s AND "
+                                    "epoch = %s AND hour = %s", (cam, epoch, start)).fetchone()
+            if old is not None:
+                have = decode_block(cam, epoch, *old).rows()
+                seen = {r[2] for r in have}
+                new = have + [r for r in new if r[2] not in seen]
+            data, models = encode_block(new)
+            seqs, ts = [r[2] for r in new], [r[3] for r in new]
+            self.conn.execute(
+                """INSERT INTO frame_blocks VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (camera_id, epoch, hour) DO UPDATE SET seq_lo = EXCLUDED.seq_lo,
+                     seq_hi = EXCLUDED.seq_hi, n = EXCLUDED.n, ts_lo = EXCLUDED.ts_lo, ts_hi = EXCLUDED.ts_hi,
+                     models = EXCLUDED.models, format = EXCLUDED.format, data = EXCLUDED.data""",
+                (cam, epoch, start, min(seqs), max(seqs), len(new), min(ts), max(ts), json.dumps(models),
+                 BLOCK_FORMAT, data))
+        return len(rows), len(groups)
 
     def class_counts(self, camera_id: str, since_ms: int, until_ms: int) -> dict[int, int]:
         with self.conn.transaction():
@@ -166,5 +346,7 @@ class PgStore:
             old = sorted(n for n in names if n[len("frames_"):] < f"{day:%Y%m%d}")
             for name in old:
                 self.conn.execute(f"DROP TABLE {name}")
+            self.conn.execute("DELETE FROM frame_blocks WHERE hour < %s",
+                              (dt.datetime.combine(day, dt.time(), dt.timezone.utc),))
         self._partitions = {d for d in self._partitions if d >= day}
         return old

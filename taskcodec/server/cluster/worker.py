@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import nats
@@ -28,6 +29,7 @@ log = logging.getLogger("taskcodec.worker")
 DURABLE = "tc-workers"
 ACK_WAIT_S = 10.0
 FETCH = 256
+COMPACT_INTERVAL_S = float(os.environ.get("TASKCODEC_COMPACT_INTERVAL_S", 300.0))  # 0: this worker never compacts
 
 
 class Model:
@@ -79,6 +81,8 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
                                                         max_ack_pending=20000))
     store = None
     stop = stop or asyncio.Event()
+    compaction: asyncio.Task | None = None
+    next_compaction = time.monotonic() + min(COMPACT_INTERVAL_S, 5.0)
     from taskcodec.server.cluster import mqtt  # MQTT cameras (nats-server's MQTT listener): a second consumer loop
 
     mqtt_task = asyncio.create_task(mqtt.consume_mqtt(nc, await mqtt.ensure_mqtt_stream(js), pg_dsn, models, stop))
@@ -94,6 +98,12 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
                 log.warning("store unavailable, retrying: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+        if COMPACT_INTERVAL_S > 0 and time.monotonic() >= next_compaction and (compaction is None or
+                                                                                 compaction.done()):
+            # closed camera-hours into packed blocks, on a connection of its own in a thread (one worker of the
+            # cluster at a time: the others find the compactor lock taken and skip)
+            next_compaction = time.monotonic() + COMPACT_INTERVAL_S
+            compaction = asyncio.create_task(asyncio.to_thread(_compact_once, pg_dsn))
         try:
             messages = await sub.fetch(FETCH, timeout=0.5)
         except asyncio.TimeoutError:  # nats-py raises the plain one too (fetch deadline passed under CPU load)
@@ -126,5 +136,21 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
             log.warning("refused frames=%d reason=undecodable-or-unknown-model", refused)
     if store is not None:
         store.close()
+    if compaction is not None:
+        await compaction
     await mqtt_task
     await nc.drain()
+
+
+def _compact_once(pg_dsn: str) -> None:
+    try:
+        store = PgStore(pg_dsn)
+    except PgStoreError as exc:
+        log.warning("compaction skipped: %s", exc)
+        return
+    try:
+        store.compact(settle_s=float(os.environ.get("TASKCODEC_COMPACT_SETTLE_S", 600.0)), wait=False)
+    except Exception:  # noqa: BLE001 (a failed compaction leaves everything as it was: one transaction per camera)
+        log.exception("compaction failed")
+    finally:
+        store.close()

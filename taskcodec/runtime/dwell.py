@@ -8,18 +8,24 @@ touch every frame. Consecutive frames are therefore highly redundant, which is w
 an object's stay and of the empty time between objects, ``noise`` the sensor noise std (grey levels), ``drift`` the
 relative amplitude of the lighting drift (period 20 s). An object is labelled while it dwells; entering, leaving and
 empty frames carry no label (None).
+
+Capture times: ``clock=wall`` (default) stamps each frame with the wall clock when it is delivered, like any source;
+``clock=scene`` stamps frame k with the scene time, the first frame's wall-clock time plus k / rate (what a camera's
+sensor timestamps at a fixed frame rate look like, however fast the frames are processed), and ``jitter=J`` adds a
+deterministic integer error of -J..J ms to each scene time (a sensor clock read with scheduling noise).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 
 from taskcodec.runtime.source import Source, SourceError
 
-KNOWN = {"size", "rate", "dwell", "gap", "noise", "drift", "seed", "count", "split", "channels", "data", "item"}
+KNOWN = {"size", "rate", "dwell", "gap", "noise", "drift", "seed", "count", "split", "channels", "data", "item", "clock",
+         "jitter"}
 
 
 def _range(text: str, name: str) -> tuple[float, float]:
@@ -63,11 +69,16 @@ class DwellCamera(Source):
             self.count = int(query.get("count", 600))
             self.channels = int(query.get("channels", 1))
             self.item = int(query.get("item", min(self.canvas)))
+            self.clock = query.get("clock", "wall")
+            self.jitter = int(query.get("jitter", 0))
         except ValueError as exc:
             raise SourceError(f"bad virtual://dwell option: {exc}") from None
         dwell, gap = _range(query.get("dwell", "1-5"), "dwell"), _range(query.get("gap", "0-2"), "gap")
         if self.rate <= 0 or self.count < 1 or self.channels not in (1, 3) or not 0 < self.item <= min(self.canvas):
             raise SourceError("rate and count must be positive, channels 1 or 3, item at most the canvas")
+        if self.clock not in ("wall", "scene") or self.jitter < 0:
+            raise SourceError(f"clock is wall or scene and jitter a number of ms >= 0, got clock={self.clock!r} "
+                              f"jitter={self.jitter}")
         options["size"] = self.canvas
         super().__init__(**options)
         self.images, self.labels = load_fashion_mnist(query.get("split", "test"), query.get("data"))
@@ -128,6 +139,23 @@ class DwellCamera(Source):
         if self.channels == 3:
             frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
         return frame, label
+
+    def scene_ms(self, k: int) -> int:
+        """Frame k's capture time relative to frame 0 with ``clock=scene`` (jitter included)."""
+        t = int(round(1000.0 * k / self.rate))
+        if self.jitter:
+            t += int(np.random.default_rng((self.seed, k, 7)).integers(-self.jitter, self.jitter + 1))
+        return t
+
+    def __iter__(self):
+        if self.clock == "wall":
+            yield from super().__iter__()
+            return
+        t0 = None
+        for f in super().__iter__():
+            if t0 is None:
+                t0 = f.ts_ms
+            yield replace(f, ts_ms=t0 + self.scene_ms(f.index))  # scene time goes on across loops
 
     def _read(self):
         if self.pos >= self.count:

@@ -15,10 +15,17 @@ Layouts:
   (hour, cam, class) -> count rollup for the class-count queries. The exact key of every frame is still recoverable
   (dedup stays exact: a re-sent frame is looked up in its packed row), the unit of compaction is one camera-hour.
 Sizes are ``page_count * page_size`` of each file as written (what a running server has) and after VACUUM.
+
+``product``: the server's own store (SQLiteStorage) after its compaction (``compact``, what `serve` runs in the
+background and `taskcodec db compact` on demand) packed every frame but the newest into blocks; sizes as written
+(the file keeps the freed pages of the moved rows: new frames reuse them), in use (pages not on the freelist) and
+after VACUUM; the query latencies of the query API / dashboard reader API on the store before and after compaction.
+``--pg``: the same for the cluster's PostgreSQL store (PgStore.compact, the workers' background step).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sqlite3
@@ -64,6 +71,94 @@ def _size(path: Path) -> tuple[int, int]:
     vac = conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
     conn.close()
     return live, vac
+
+
+QUERY_REPEAT = 7
+
+
+def _time(fn, repeat: int = QUERY_REPEAT) -> dict[str, float]:
+    runs = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        runs.append(1000 * (time.perf_counter() - t))
+    runs.sort()
+    return {"median_ms": runs[len(runs) // 2], "max_ms": runs[-1]}
+
+
+def _sqlite_queries(storage, cameras: int, end_ms: int) -> dict[str, dict[str, float]]:
+    """The query API's and dashboard's questions through the storage reader API (both parts)."""
+    from taskcodec.server.storage import HOUR_MS, FrameFilter, count_frames, select_frames
+
+    conn = storage._reader()
+    cam = f"cam-{cameras // 2:06d}"
+    hour = (end_ms // HOUR_MS) * HOUR_MS
+    queries = {
+        "newest 100 frames of one camera (dashboard)":
+            lambda: select_frames(conn, FrameFilter(cameras=(cam,)), order="desc", limit=100),
+        "one camera's frames in a 10-minute range (query API)":
+            lambda: select_frames(conn, FrameFilter(cameras=(cam,), since=end_ms - 900_000, until=end_ms - 300_000),
+                                  limit=1000),
+        "one camera's frames after a seq (GET /v1/cameras/ID/frames)":
+            lambda: storage.frames(cam, since_seq=100, limit=100),
+        "counts by class, one camera, per minute, last hour (dashboard chart)":
+            lambda: count_frames(conn, FrameFilter(cameras=(cam,), since=end_ms - HOUR_MS, until=end_ms), 60_000,
+                                 with_bytes=True),
+        "counts by class per hour, all cameras, whole store (rollup)":
+            lambda: count_frames(conn, FrameFilter(until=hour), HOUR_MS),
+        "counts by class per minute, all cameras, last 10 minutes":
+            lambda: count_frames(conn, FrameFilter(since=end_ms - 600_000, until=end_ms), 60_000),
+        "100 frames of all cameras from a time on (query API page)":
+            lambda: select_frames(conn, FrameFilter(since=end_ms - 1_200_000), limit=100),
+    }
+    return {name: _time(fn) for name, fn in queries.items()}
+
+
+def _sizes(path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    conn.close()
+    return {"file": pages * page, "in_use": (pages - free) * page}
+
+
+def _product(path: Path, batches, cameras: int, log=print) -> list[dict[str, Any]]:
+    """The server's store: written by store_batches, then compacted by the product's own compaction."""
+    from taskcodec.server.storage import BatchRows, SQLiteStorage
+
+    storage = SQLiteStorage(path)
+    cpu = 0.0
+    n = 0
+    end_ms = 0
+    for rows in batches:
+        t = time.process_time()
+        storage.store_batches([BatchRows(r[0], None, [r]) for r in rows])
+        cpu += time.process_time() - t
+        n += len(rows)
+        end_ms = max(end_ms, max(r[3] for r in rows) + 1)
+    before_q = _sqlite_queries(storage, cameras, end_ms)
+    before = _sizes(path)
+    t = time.process_time()
+    result = storage.compact(settle_s=0, align_hour=False)
+    compact_cpu = time.process_time() - t
+    log(f"product: compaction packed {result['frames']:,} frames into {result['blocks_written']:,} blocks, "
+        f"{1e6 * compact_cpu / max(result['frames'], 1):.1f} µs CPU/frame")
+    after_q = _sqlite_queries(storage, cameras, end_ms)
+    storage.close()
+    after = _sizes(path)
+    conn = sqlite3.connect(path)
+    conn.execute("VACUUM")
+    vac = conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    return [{"layout": "product before compaction (= current)", "frames": n, "bytes_per_frame": before["file"] / n,
+             "bytes_per_frame_in_use": before["in_use"] / n, "write_cpu_us_per_frame": 1e6 * cpu / n,
+             "queries": before_q},
+            {"layout": "product after compaction (packed blocks)", "frames": n, "bytes_per_frame": after["file"] / n,
+             "bytes_per_frame_in_use": after["in_use"] / n, "bytes_per_frame_vacuumed": vac / n,
+             "packed_frames": result["frames"], "blocks": result["blocks_written"],
+             "compaction_cpu_us_per_frame": 1e6 * compact_cpu / max(result["frames"], 1), "queries": after_q}]
 
 
 def _current(path: Path, batches) -> float:
@@ -169,7 +264,14 @@ def run(frames: int, cameras: int, out: Path, log=print) -> dict[str, Any]:
     model_id = "6f0d113794f9346d"
     rows = []
     with tempfile.TemporaryDirectory(prefix="taskcodec-storage-size-", dir=os.environ.get("TMPDIR")) as tmp:
-        for name, fn in (("current", _current), ("compact", _compact), ("packed", _packed)):
+        path = Path(tmp) / "product.db"
+        product = _product(path, _frames(cameras, seconds, model_id), cameras, log)
+        path.unlink()
+        for row in product:
+            log(f"{row['layout']}: {row['bytes_per_frame']:.1f} B/frame as written, "
+                f"{row['bytes_per_frame_in_use']:.1f} in use" + (f", {row['bytes_per_frame_vacuumed']:.1f} after "
+                                                                 f"VACUUM" if "bytes_per_frame_vacuumed" in row else ""))
+        for name, fn in (("compact", _compact), ("packed", _packed)):
             path = Path(tmp) / f"{name}.db"
             cpu = fn(path, _frames(cameras, seconds, model_id))
             live, vac = _size(path)
@@ -180,21 +282,50 @@ def run(frames: int, cameras: int, out: Path, log=print) -> dict[str, Any]:
                 f"write CPU {row['write_cpu_us_per_frame']:.1f} µs/frame")
             path.unlink()
     result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "frames": n,
-              "load_avg_1min": os.getloadavg()[0], "payload_bytes": 6, "rows": rows,
-              "note": "6-byte payloads; micro-batches of one frame per camera (current, compact); packed = what a "
-                      "periodic per-camera-hour compaction writes (its CPU is the compaction's, once per frame)"}
+              "load_avg_1min": os.getloadavg()[0], "payload_bytes": 6, "product": product, "rows": rows,
+              "note": "6-byte payloads, confidences as float64 (not compressible); micro-batches of one frame per "
+                      "camera (product, compact); product = the server's SQLiteStorage written by store_batches, "
+                      "then its compaction; compact / packed = the design layouts measured before packing was built "
+                      "(packed: varint columns, no zlib, confidences quantised to 1/255)"}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "storage_size.json", result)
     write_text(out / "storage_size.md", markdown(result))
     return result
 
 
+def _queries_table(before: dict, after: dict, labels=("rows (before compaction)", "packed")) -> str:
+    lines = [f"| query | {labels[0]} median ms | {labels[1]} median ms | {labels[1]} max ms |", "|---|---|---|---|"]
+    for name, b in before.items():
+        a = after[name]
+        lines.append(f"| {name} | {b['median_ms']:.2f} | {a['median_ms']:.2f} | {a['max_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(result: dict[str, Any]) -> str:
     cols = [("layout", "layout"), ("frames", "frames"), ("bytes_per_frame", "B/frame on disk"),
             ("bytes_per_frame_vacuumed", "B/frame after VACUUM"), ("write_cpu_us_per_frame", "write CPU µs/frame")]
+    before, after = result["product"]
+    product = [{"layout": r["layout"], "frames": r["frames"], "bytes_per_frame": r["bytes_per_frame"],
+                "bytes_per_frame_in_use": r["bytes_per_frame_in_use"],
+                "bytes_per_frame_vacuumed": r.get("bytes_per_frame_vacuumed"),
+                "cpu": r.get("write_cpu_us_per_frame", r.get("compaction_cpu_us_per_frame"))} for r in (before, after)]
+    pcols = [("layout", "the product's store"), ("frames", "frames"), ("bytes_per_frame", "B/frame as written"),
+             ("bytes_per_frame_in_use", "B/frame in use (not free pages)"),
+             ("bytes_per_frame_vacuumed", "B/frame after VACUUM"),
+             ("cpu", "CPU µs/frame (write; compaction)")]
     return (f"# SQLite bytes on disk per 6-byte frame\n\n{machine_line(result['machine'])}; {result['time']}; "
             f"{result['cameras']} one-fps cameras, {result['frames']:,} frames; load average "
             f"{result['load_avg_1min']:.1f} (shared box). {result['note']}.\n\n"
+            "## The product: SQLiteStorage, then its compaction\n\n"
+            + markdown_table(product, pcols, {"frames": ",d", "bytes_per_frame": ".1f",
+                                              "bytes_per_frame_in_use": ".1f", "bytes_per_frame_vacuumed": ".1f",
+                                              "cpu": ".1f"})
+            + f"\n{after['packed_frames']:,} frames packed into {after['blocks']:,} blocks (the newest frame stays a "
+              "row). \"As written\" keeps the pages the moved rows freed (SQLite reuses them for new frames, so a "
+              "running store settles near \"in use\").\n\n"
+            "Query latencies through the storage reader API (what the query API and dashboard call):\n\n"
+            + _queries_table(before["queries"], after["queries"])
+            + "\n## Design layouts (measured before packing was built)\n\n"
             + markdown_table(result["rows"], cols, {"frames": ",d", "bytes_per_frame": ".1f",
                                                     "bytes_per_frame_vacuumed": ".1f",
                                                     "write_cpu_us_per_frame": ".1f"}))
@@ -234,14 +365,18 @@ def run_pg(frames: int, cameras: int, out: Path, log=print) -> dict[str, Any]:
             conn.execute("VACUUM ANALYZE packs")
             packed = conn.execute("SELECT pg_total_relation_size('packs') + pg_total_relation_size('class_counts')"
                                   ).fetchone()[0]
+            conn.execute("DROP TABLE packs")
+        product = _pg_product(c.pg_dsn, cameras, log)
     n = q["frames"]
     result = {"machine": machine_info(), "time": utc_now(), "frames": n, "cameras": cameras,
               "load_avg_1min": os.getloadavg()[0],
               "rows": [{"layout": "current (partitioned frames + unique key + class_counts)", "frames": n,
                         "bytes_per_frame": current / n},
-                       {"layout": "packed per camera-hour (+ class_counts)", "frames": n,
-                        "bytes_per_frame": packed / n}],
-              "queries_current": q["queries"]}
+                       {"layout": "design layout: packed per camera-hour (+ class_counts)", "frames": n,
+                        "bytes_per_frame": packed / n},
+                       {"layout": "product after compaction (frame_blocks + class_counts + partitions)", "frames": n,
+                        "bytes_per_frame": product["bytes_after"] / n}],
+              "product": product, "queries_current": q["queries"]}
     write_json(out / "storage_size_pg.json", result)
     write_text(out / "storage_size_pg.md", (
         f"# PostgreSQL bytes on disk per 6-byte frame\n\n{machine_line(result['machine'])}; {result['time']}; "
@@ -249,6 +384,126 @@ def run_pg(frames: int, cameras: int, out: Path, log=print) -> dict[str, Any]:
         f"(shared box). pg_total_relation_size: heap + indexes + TOAST.\n\n"
         + markdown_table(result["rows"], [("layout", "layout"), ("frames", "frames"),
                                           ("bytes_per_frame", "B/frame on disk")],
-                         {"frames": ",d", "bytes_per_frame": ".1f"})))
-    log(f"PostgreSQL: current {current / n:.1f} B/frame, packed {packed / n:.1f} B/frame")
+                         {"frames": ",d", "bytes_per_frame": ".1f"})
+        + f"\nProduct: PgStore.compact (what a worker runs every 5 minutes; `taskcodec cluster compact`) packed "
+          f"{product['packed_frames']:,} frames into {product['blocks']:,} blocks in {product['compact_s']:.1f} s "
+          f"({1e6 * product['compact_s'] / max(product['packed_frames'], 1):.0f} µs/frame wall, PostgreSQL "
+          f"included); sizes after VACUUM (autovacuum's job in a running cluster): frame_blocks "
+          f"{product['bytes_blocks'] / n:.1f} B/frame, class_counts {product['bytes_class_counts'] / n:.1f}, the "
+          f"emptied day partitions (their indexes' pages) {product['bytes_partitions'] / n:.1f}. Query latencies "
+          "through PgStore's readers (both parts):\n\n"
+        + _queries_table(product["queries_before"], product["queries_after"])))
+    log(f"PostgreSQL: current {current / n:.1f} B/frame, design packed {packed / n:.1f} B/frame, product after "
+        f"compaction {product['bytes_after'] / n:.1f} B/frame")
     return result
+
+
+def _pg_queries(store, cameras: int) -> dict[str, dict[str, float]]:
+    cam = f"q-{cameras // 2:06d}"
+    now = int(time.time() * 1000)
+    queries = {
+        "newest 100 frames of one camera": lambda: store.camera_frames(cam, 0, now + 1, limit=100, newest=True),
+        "one camera's frames in a 10-minute range": lambda: store.camera_frames(cam, now - 3_600_000,
+                                                                                 now - 3_000_000, limit=1000),
+        "counts by class, one camera, last hour (rollup)": lambda: store.class_counts(cam, now - 3_600_000, now),
+    }
+    return {name: _time(fn) for name, fn in queries.items()}
+
+
+def _pg_product(dsn: str, cameras: int, log=print) -> dict[str, Any]:
+    """The product's PostgreSQL store compacted by its own compaction (everything, the current hour included)."""
+    import psycopg
+
+    from taskcodec.bench.cluster import storage_bytes
+    from taskcodec.server.cluster.pgstore import PgStore
+
+    store = PgStore(dsn)
+    before_q = _pg_queries(store, cameras)
+    t = time.perf_counter()
+    result = store.compact(settle_s=-2 * 3600)
+    compact_s = time.perf_counter() - t
+    log(f"PostgreSQL compaction: {result['frames']:,} frames into {result['blocks_written']:,} blocks in "
+        f"{compact_s:.1f} s")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        blocks = int(conn.execute("SELECT pg_total_relation_size('frame_blocks')").fetchone()[0])
+        rollup = int(conn.execute("SELECT pg_total_relation_size('class_counts')").fetchone()[0])
+    after_q = _pg_queries(store, cameras)
+    store.close()
+    total = storage_bytes(dsn) + blocks
+    return {"packed_frames": result["frames"], "blocks": result["blocks_written"], "compact_s": compact_s,
+            "bytes_after": total, "bytes_blocks": blocks, "bytes_class_counts": rollup,
+            "bytes_partitions": total - blocks - rollup, "queries_before": before_q, "queries_after": after_q}
+
+
+def _prefill_blocks(storage, cameras: int, model_id: str, hours: int = 24) -> None:
+    from taskcodec.server.storage import HOUR_MS, encode_block
+
+    rng = random.Random(0)
+    epochs = [rng.getrandbits(62) for _ in range(cameras)]  # as _frames draws them
+    data, models = encode_block([("x", 0, 0, 0, 0, model_id, b"123456", 0, 0.5)])
+    t0 = int(time.time() * 1000) // HOUR_MS - hours
+    with storage._transaction() as w:
+        w.executemany("INSERT INTO frame_blocks VALUES (?, ?, ?, ?, ?, 3600, 0, 0, 21600, ?, 1, ?)",
+                      [(f"cam-{c:06d}", epochs[c], t0 + h, -3600 * (hours - h), -3600 * (hours - h) + 3599,
+                        json.dumps(models), data) for c in range(cameras) for h in range(hours)])
+
+
+def write_ab(old_storage: Path, out: Path, cameras: int = 500, seconds: int = 40, rounds: int = 4,
+             log=print) -> dict[str, Any]:
+    """The per-frame write cost of the server's write path (store_batches with the camera token checked, one-frame
+    batches, one micro-batch of ``cameras`` batches per second) with this storage module and with ``old_storage``
+    (a copy of storage.py from before packing), interleaved A/B/A/B on fresh databases."""
+    import importlib.util
+    import sys
+
+    from taskcodec.server import storage as new
+
+    spec = importlib.util.spec_from_file_location("taskcodec_old_storage", old_storage)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # dataclasses look their module up
+    spec.loader.exec_module(old)
+    variants = {"before packing": old, "with packing": new}
+    runs: dict[str, list[float]] = {k: [] for k in variants}
+    model_id = "6f0d113794f9346d"
+    for r in range(rounds):
+        for name, mod in (variants.items() if r % 2 == 0 else reversed(list(variants.items()))):
+            with tempfile.TemporaryDirectory(prefix="taskcodec-write-ab-", dir=os.environ.get("TMPDIR")) as tmp:
+                storage = mod.SQLiteStorage(Path(tmp) / "w.db")
+                for c in range(cameras):
+                    storage.add_camera(f"cam-{c:06d}", "h")
+                if hasattr(mod, "encode_block"):  # a day of packed hours per camera already (same epochs, lower seqs)
+                    _prefill_blocks(storage, cameras, model_id)
+                cpu = 0.0
+                n = 0
+                for rows in _frames(cameras, seconds, model_id):
+                    t = time.process_time()
+                    storage.store_batches([mod.BatchRows(row[0], "h", [row]) for row in rows])
+                    cpu += time.process_time() - t
+                    n += len(rows)
+                storage.close()
+            runs[name].append(1e6 * cpu / n)
+            log(f"round {r}: {name}: {runs[name][-1]:.1f} µs/frame")
+    result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "seconds": seconds,
+              "rounds": rounds, "load_avg_1min": os.getloadavg()[0], "us_per_frame": runs,
+              "median_us_per_frame": {k: sorted(v)[len(v) // 2] for k, v in runs.items()}}
+    write_json(out / "storage_size_write_ab.json", result)
+    med = result["median_us_per_frame"]
+    write_text(out / "storage_size_write_ab.md", (
+        f"# SQLite write path: CPU per frame before and with packing\n\n{machine_line(result['machine'])}; "
+        f"{result['time']}; load average {result['load_avg_1min']:.1f} (shared box). store_batches as the server "
+        f"calls it (token checked in the transaction; with packing the same statement also looks the batch's seq "
+        f"range up in frame_blocks_by_seq), {cameras} one-frame batches per micro-batch, {seconds} micro-batches, "
+        f"{rounds} interleaved rounds on fresh databases (with packing: 24 packed hours per camera in frame_blocks "
+        f"already, so the block lookup searches a day's index).\n\n| variant | median µs/frame | runs |\n|---|---|---|\n"
+        + "".join(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |\n" for k, v in runs.items())))
+    return result
+
+
+if __name__ == "__main__":  # python3 -m taskcodec.bench.storage_size write-ab OLD_STORAGE.py [OUT]
+    import sys
+
+    if len(sys.argv) >= 3 and sys.argv[1] == "write-ab":
+        write_ab(Path(sys.argv[2]), Path(sys.argv[3] if len(sys.argv) > 3 else "bench/results"))
+    else:
+        sys.exit("usage: python3 -m taskcodec.bench.storage_size write-ab OLD_STORAGE.py [OUT_DIR]")

@@ -52,11 +52,37 @@ def _max_rowid(db: Path) -> int:
         conn.close()
 
 
-def _threads(pid: int) -> dict[int, float]:
-    """CPU-seconds per thread id (the event loop runs in the main thread, whose id is the pid)."""
+def _threads(pid: int) -> dict[int, tuple[float, float]]:
+    """(user, system) CPU-seconds per thread id (the event loop runs in the main thread, whose id is the pid)."""
     import psutil
 
-    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+    return {t.id: (t.user_time, t.system_time) for t in psutil.Process(pid).threads()}
+
+
+def _thread_names(pid: int) -> dict[int, str]:
+    names = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            names[int(task.name)] = (task / "comm").read_text().strip()
+        except OSError:
+            pass
+    return names
+
+
+def _thread_split(pid: int, th0: dict, th1: dict, frames: int, names: dict[int, str]) -> dict[str, float]:
+    """µs per frame of the event-loop thread and of all other threads, user and system (kernel) time apart."""
+    out = {}
+    for what, ids in (("event_loop", [pid]), ("other_threads", [t for t in th1 if t != pid])):
+        for i, mode in enumerate(("user", "sys")):
+            out[f"{what}_{mode}_us_per_frame"] = 1e6 * sum(th1[t][i] - th0.get(t, (0.0, 0.0))[i]
+                                                           for t in ids) / max(frames, 1)
+    by_name: Counter = Counter()
+    for t in th1:
+        if t != pid:
+            name = names.get(t, "?").rstrip("0123456789_")
+            by_name[name] += 1e6 * sum(th1[t][i] - th0.get(t, (0.0, 0.0))[i] for i in (0, 1)) / max(frames, 1)
+    out["other_threads_by_name_us_per_frame"] = {k: round(v, 1) for k, v in by_name.most_common()}
+    return out
 
 
 def _microbatches(server) -> tuple[float, float]:
@@ -77,6 +103,7 @@ def _summarise_profile(raw: Path, top: int = 25) -> dict[str, Any]:
     """Self and inclusive sample shares per function from py-spy's collapsed stacks (``-f raw``)."""
     self_c: Counter = Counter()
     incl: Counter = Counter()
+    threads: Counter = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
@@ -86,10 +113,12 @@ def _summarise_profile(raw: Path, top: int = 25) -> dict[str, Any]:
         total += n
         frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")" if " (" in f else f
                   for f in stack.split(";")]
+        if frames[0].startswith(("thread", "process")):  # --threads: the stack starts with its thread
+            threads[frames[0]] += n
         self_c[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
-    return {"samples": total,
+    return {"samples": total, "threads": [(t, round(100 * n / max(total, 1), 1)) for t, n in threads.most_common(8)],
             "self": [(f, round(100 * n / max(total, 1), 1)) for f, n in self_c.most_common(top)],
             "inclusive": [(f, round(100 * n / max(total, 1), 1)) for f, n in incl.most_common(top)]}
 
@@ -123,13 +152,15 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
             window = max(5.0, seconds - 4.0)
             spy = None
             if profile is not None:
-                spy = subprocess.Popen(["py-spy", "record", "-f", "raw", "--gil", "-r", "200", "-d", str(int(window)),
+                # every thread that is running (not only the GIL holder), each stack under its thread's name
+                spy = subprocess.Popen(["py-spy", "record", "-f", "raw", "--threads", "-r", "200", "-d", str(int(window)),
                                         "-o", str(profile), "-p", str(pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             mb0 = _microbatches(server)
             rows0, cpu0, th0, w0 = _max_rowid(db), _cpu_seconds([pid]), _threads(pid), time.time()
             time.sleep(window)
             rows1, cpu1, th1, w1 = _max_rowid(db), _cpu_seconds([pid]), _threads(pid), time.time()
+            names = _thread_names(pid)
             mb1 = _microbatches(server)
             results = [q.get(timeout=seconds + 300) for _ in procs]
             for p in procs:
@@ -140,14 +171,15 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
             stored = _max_rowid(db)
     frames = rows1 - rows0
     cpu = cpu1 - cpu0
-    loop_cpu = th1.get(pid, 0.0) - th0.get(pid, 0.0)
+    split = _thread_split(pid, th0, th1, frames, names)
+    loop_cpu = sum(th1.get(pid, (0.0, 0.0))) - sum(th0.get(pid, (0.0, 0.0)))
     mb = (mb1[0] - mb0[0], mb1[1] - mb0[1])
     ack_ms = np.array([x for r in results for x in r["ack_ms"]] or [np.nan])
     row = {"cameras": cameras, "server_args": " ".join(server_args), "seconds": round(w1 - w0, 1),
            "frames_per_s": frames / (w1 - w0), "server_cpu_s": cpu, "cpu_us_per_frame": 1e6 * cpu / max(frames, 1),
            "server_cpu_share": cpu / (w1 - w0),
            "event_loop_us_per_frame": 1e6 * loop_cpu / max(frames, 1),
-           "other_threads_us_per_frame": 1e6 * (cpu - loop_cpu) / max(frames, 1),
+           "other_threads_us_per_frame": 1e6 * (cpu - loop_cpu) / max(frames, 1), **split,
            "microbatches_per_s": mb[1] / (w1 - w0), "frames_per_microbatch": mb[0] / max(mb[1], 1), "acked": sum(r["acked"] for r in results), "stored": stored,
            "errors": sum(r["errors"] for r in results),
            "first_error": next((r["first_error"] for r in results if r.get("first_error")), None),

@@ -82,6 +82,13 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
     app.state.config = config
     app.state.gate = gate
     read = [Depends(require_operator("read"))]
+    try:  # the camera stream on picows (server/stream.py); without it the ASGI route below serves /v1/stream
+        from taskcodec.server.stream import StreamFront
+
+        app.state.stream_front = StreamFront(service, config, gate, refusals)
+    except ImportError as exc:
+        log.warning("picows not installed (%s): /v1/stream runs on the slower ASGI path", exc)
+        app.state.stream_front = None
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket) -> None:

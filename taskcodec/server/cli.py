@@ -245,6 +245,11 @@ def run_server(config) -> None:
     from taskcodec.server.app import create_app
     from taskcodec.server.config import ConfigError
     from taskcodec.server.limits import GuardedH11Protocol, GuardedWebSocketProtocol
+
+    try:  # /v1/stream on picows, on the same port (server/stream.py routes by request line)
+        from taskcodec.server.stream import FrontProtocol as http_protocol
+    except ImportError:
+        http_protocol = GuardedH11Protocol
     from taskcodec.server.storage import StorageError
     from taskcodec.bundle import BundleError, load_bundle
 
@@ -286,7 +291,7 @@ def run_server(config) -> None:
     # The first WebSocket message is bounded by limits.max_hello_bytes in GuardedWebSocketProtocol (raised to
     # ws_max_size after authentication); h11 bounds request heads to 16 KiB; GuardedH11Protocol times them out.
     common = dict(log_level=config.log_level, access_log=False, ws_max_size=limits.max_message_bytes,
-                  ws=GuardedWebSocketProtocol, http=GuardedH11Protocol, ws_ping_interval=ping, ws_ping_timeout=ping,
+                  ws=GuardedWebSocketProtocol, http=http_protocol, ws_ping_interval=ping, ws_ping_timeout=ping,
                   # no permessage-deflate: payloads are a few bytes of range-coded data; compressing costs CPU
                   ws_per_message_deflate=False,
                   timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_connections,

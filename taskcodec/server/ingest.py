@@ -20,6 +20,7 @@ answered BUSY at once (no batch is read), and a small probe write every few seco
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import itertools
 import json
@@ -85,11 +86,6 @@ class ServedModel:
         self.classifier = Classifier(bundle)
 
 
-@dataclass
-class _Job:
-    session: Session
-    batch: wire.Batch
-    future: asyncio.Future = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -178,7 +174,10 @@ class IngestService:
         self.refusals_log = RateLimitedLog(log, interval=1.0)  # one line per camera and reason per second at most
         # One thread: decode holds the GIL anyway, and a single writer keeps SQLite transactions simple.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest")
-        self._queue: asyncio.Queue[_Job] | None = None
+        # Waiting jobs: (session, batch, done) tuples; ``done(replies)`` is called on the event loop. A plain deque and
+        # one future per micro-batch to wake the worker: no asyncio.Queue, no future per message.
+        self._jobs: collections.deque = collections.deque()
+        self._wakeup: asyncio.Future | None = None
         self._worker: asyncio.Task | None = None
         self._maintenance: asyncio.Task | None = None
         self._integrity_thread: threading.Thread | None = None
@@ -266,40 +265,68 @@ class IngestService:
         """Store a batch of an authenticated session (a bare camera id: no token re-check; tools and benches);
         returns the Ack/Reject replies, or one Error (storage full or damaged, camera revoked)."""
         session = Session(session, None) if isinstance(session, str) else session
+        future = asyncio.get_running_loop().create_future()
+
+        def done(replies: list[wire.Message]) -> None:
+            if not future.done():  # the connection may have gone away meanwhile
+                future.set_result(replies)
+
+        self.submit_nowait(session, batch, done)
+        return await future
+
+    def submit_nowait(self, session: Session, batch: wire.Batch, done) -> None:
+        """The callback form of submit (the stream front end, server/stream.py): ``done(replies)`` is called later
+        on the event loop, never from inside this call."""
         self.metrics.frames_received.inc(len(batch.frames))
-        self.start()
-        if self.state.state != "ok":
-            return [self.busy()]
         loop = asyncio.get_running_loop()
-        if not self.microbatch:
-            return (await loop.run_in_executor(self._pool, self._process_safe, [(session, batch)]))[0]
         if self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue()
+            self.start()
             self._worker = loop.create_task(self._run_worker())
-        job = _Job(session, batch, loop.create_future())
-        self._queue.put_nowait(job)
-        return await job.future
+        if self.state.full_since is not None or self.state.damaged:
+            loop.call_soon(done, [self.busy()])
+            return
+        if not self.microbatch:
+            future = loop.run_in_executor(self._pool, self._process_safe, [(session, batch)])
+            future.add_done_callback(lambda f: done(f.result()[0]))
+            return
+        self._jobs.append((session, batch, done))
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)
 
     async def _run_worker(self) -> None:
         loop = asyncio.get_running_loop()
+        queue = self._jobs
         busy = False  # the previous micro-batch held several messages
         while True:
-            jobs = [await self._queue.get()]
-            frames = len(jobs[0].batch.frames)
-            if self.linger_s and (busy or not self._queue.empty()) and frames < self.max_microbatch_frames:
+            if not queue:
+                self._wakeup = loop.create_future()
+                await self._wakeup
+            if self.linger_s and (busy or len(queue) > 1) and len(queue[0][1].frames) < self.max_microbatch_frames:
                 # Under load (many one-frame messages), wait a few ms for more: the per-micro-batch costs (the
                 # commit's fsync, the classifier call, the hop to the worker thread) are then shared by many more
                 # frames. A lone camera never waits (its micro-batch is one message, the queue stays empty).
                 await asyncio.sleep(self.linger_s)
-            while frames < self.max_microbatch_frames and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-                frames += len(jobs[-1].batch.frames)
+            jobs = [queue.popleft()]
+            frames = len(jobs[0][1].frames)
+            while queue and frames < self.max_microbatch_frames:
+                jobs.append(queue.popleft())
+                frames += len(jobs[-1][1].frames)
             busy = len(jobs) > 1
-            results = await loop.run_in_executor(self._pool, self._process_safe,
-                                                 [(j.session, j.batch) for j in jobs])
-            for job, replies in zip(jobs, results):
-                if not job.future.done():  # the connection may have gone away meanwhile
-                    job.future.set_result(replies)
+            try:
+                results = await loop.run_in_executor(self._pool, self._process_safe, [(s, b) for s, b, _ in jobs])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (a bug in process must not stop ingest: answer BUSY)
+                log.exception("micro-batch failed")
+                results = [[self.refuse(wire.Code.BUSY, f"server error ({type(exc).__name__}); retry_after_s="
+                                                        f"{self.config.busy_retry_after_s:g}")] for _ in jobs]
+            for (_, _, done), replies in zip(jobs, results):
+                try:
+                    done(replies)
+                except Exception:  # noqa: BLE001 (one connection's failure is not the others')
+                    log.exception("delivering replies failed")
 
     def _process_safe(self, jobs: list[tuple[Session, wire.Batch]]) -> list[list[wire.Message]]:
         try:
@@ -397,9 +424,8 @@ class IngestService:
                 replies[-1].append(self.refuse(ending.code, ending.reason))
         if new_rows:
             m.frames_stored.inc(len(new_rows))
-            observe = m.capture_to_stored.observe
-            for row in new_rows:
-                observe(max(0, stored_ms - row[3]) / 1000.0)
+            m.capture_to_stored.observe_many(
+                np.maximum(0, stored_ms - np.fromiter((row[3] for row in new_rows), float, len(new_rows))) / 1000.0)
             for hook in self.stored_hooks:
                 hook(new_rows)
         m.process_seconds.observe(time.perf_counter() - t0)

@@ -37,45 +37,63 @@ SAMPLE_S = 2.0
 
 async def _camera(url: str, cam: str, token: bytes, tag: bytes, payloads: list[bytes], t0: float, seconds: float,
                   connect_spread: float, stats: dict[str, Any]) -> None:
+    """One one-fps camera: frames are due every second from t0 on; one BATCH of one frame per message, the next only
+    after the ACK (a camera that falls behind sends its queue in order). BUSY or a lost connection: reconnect after
+    1-3 s and re-send the unacknowledged frame, as `runtime capture` would."""
     import websockets
 
     await asyncio.sleep(max(0.0, t0 - connect_spread - time.time()) + random.random() * connect_spread * 0.8)
-    async with websockets.connect(url, max_size=None, open_timeout=120, ping_interval=None, compression=None,
-                                  close_timeout=5) as ws:
-        await ws.send(wire.Hello(tag, cam, token).encode())
-        reply = wire.decode(await ws.recv())
-        if not isinstance(reply, wire.Welcome):
-            stats["refused"] += 1
-            stats["refusals"].setdefault(repr(reply)[:200], 0)
-            stats["refusals"][repr(reply)[:200]] += 1
-            return
-        stats["connected"] += 1
-        epoch, seq = random.getrandbits(62), 0
-        due = t0 + random.random()
-        end = t0 + seconds
-        while due < end and time.time() < end:  # frames still due at the end stay in the camera's queue
-            delay = due - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            now = time.time()
-            await ws.send(wire.Batch(epoch, [wire.Frame(seq, int(due * 1000), payloads[seq % len(payloads)])]).encode())
-            stats["sent_s"][int(now - t0)] += 1
-            try:  # bounded: the window's end plus 30 s for the last ACK
-                raw = await asyncio.wait_for(ws.recv(), max(0.0, end - time.time()) + 30.0)
-            except asyncio.TimeoutError:
-                break
-            reply = wire.decode(raw)
-            if not isinstance(reply, wire.Ack):
-                stats["other"] += 1
-                stats["refusals"].setdefault(repr(reply)[:200], 0)
-                stats["refusals"][repr(reply)[:200]] += 1
-                return
-            stats["acked"] += 1
-            stats["acked_s"][min(int(time.time() - t0), len(stats["acked_s"]) - 1)] += 1
-            stats["ack_ms"].append(int(1000 * time.time() - due * 1000))
-            stats["acked_by_camera"][cam] = (epoch, seq + 1)
-            seq += 1
-            due += 1.0
+    epoch, seq, phase = random.getrandbits(62), 0, random.random()
+    end = t0 + seconds
+    first = True
+    while time.time() < end + 30:
+        if not first:
+            stats["reconnects"] += 1
+            await asyncio.sleep(1.0 + 2.0 * random.random())
+        first = False
+        try:
+            async with websockets.connect(url, max_size=None, open_timeout=120, ping_interval=None,
+                                          compression=None, close_timeout=5) as ws:
+                await ws.send(wire.Hello(tag, cam, token).encode())
+                reply = wire.decode(await asyncio.wait_for(ws.recv(), 120))
+                if not isinstance(reply, wire.Welcome):
+                    stats["refusals"][repr(reply)[:200]] = stats["refusals"].get(repr(reply)[:200], 0) + 1
+                    if isinstance(reply, wire.Error) and reply.code == wire.Code.BUSY:
+                        continue
+                    stats["refused"] += 1
+                    return
+                if seq == 0:
+                    stats["connected"] += 1
+                while True:
+                    due = t0 + seq + phase  # frame seq's capture time
+                    if due >= end or time.time() >= end:
+                        return  # frames still due at the end stay in the camera's queue
+                    delay = due - time.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    now = time.time()
+                    await ws.send(wire.Batch(epoch, [wire.Frame(seq, int(due * 1000),
+                                                                payloads[seq % len(payloads)])]).encode())
+                    stats["sent_s"][int(now - t0)] += 1
+                    try:  # bounded: the window's end plus 30 s for the last ACK
+                        raw = await asyncio.wait_for(ws.recv(), max(0.0, end - time.time()) + 30.0)
+                    except asyncio.TimeoutError:
+                        return
+                    reply = wire.decode(raw)
+                    if not isinstance(reply, wire.Ack):
+                        stats["refusals"][repr(reply)[:200]] = stats["refusals"].get(repr(reply)[:200], 0) + 1
+                        if isinstance(reply, wire.Error) and reply.code == wire.Code.BUSY:
+                            break  # reconnect, re-send this frame
+                        stats["other"] += 1
+                        return
+                    stats["acked"] += 1
+                    stats["acked_s"][min(int(time.time() - t0), len(stats["acked_s"]) - 1)] += 1
+                    stats["ack_ms"].append(int(1000 * time.time() - due * 1000))
+                    stats["acked_by_camera"][cam] = (epoch, seq + 1)
+                    seq += 1
+        except (OSError, asyncio.TimeoutError, websockets.ConnectionClosed, websockets.InvalidHandshake) as exc:
+            key = type(exc).__name__
+            stats["connection_errors"][key] = stats["connection_errors"].get(key, 0) + 1
 
 
 def _load_process(url_list: list[str], cams: list[tuple[str, bytes]], tag: bytes, payloads: list[bytes], t0: float,
@@ -84,7 +102,7 @@ def _load_process(url_list: list[str], cams: list[tuple[str, bytes]], tag: bytes
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     n_s = int(seconds) + 120
     stats: dict[str, Any] = {"connected": 0, "acked": 0, "other": 0, "refused": 0, "errors": 0, "ack_ms": [],
-                             "refusals": {},
+                             "refusals": {}, "reconnects": 0, "connection_errors": {},
                              "sent_s": [0] * n_s, "acked_s": [0] * n_s, "acked_by_camera": {}}
 
     async def main():
@@ -130,10 +148,7 @@ def _inserted(conn) -> int:
 
 def run(bundle_path: str | None, cameras: int, seconds: float, gateways: int, workers: int, load_procs: int,
         out: Path, name: str = "cluster_10k", drain_s: float = 180.0, log=print) -> dict[str, Any]:
-    import psutil
-    import psycopg
-
-    from taskcodec.bench.cluster import _postgres_pids, real_payloads, register_cameras
+    from taskcodec.bench.cluster import real_payloads, register_cameras
     from taskcodec.bundle import load_bundle
     from taskcodec.server.cluster.local import LocalCluster
 
@@ -157,49 +172,65 @@ def run(bundle_path: str | None, cameras: int, seconds: float, gateways: int, wo
                                                          seconds, connect_spread, q)) for p in range(load_procs)]
         for p in procs:
             p.start()
-        groups = {"gateways": [g[0].pid for g in c.gateways], "workers": [w.pid for w in c.workers],
-                  "nats-server (3)": [n.pid for n in c.nats], "postgres": _postgres_pids(c),
-                  "load generator": [p.pid for p in procs]}
-        conn = psycopg.connect(c.pg_dsn, autocommit=True)
-        series: list[dict[str, Any]] = []
-        prev_cpu, prev_sys, prev_t = _group_cpu(groups), psutil.cpu_times(), time.time()
-        end = t0 + seconds
-        drained_at = None
-        acked_goal = None
-        results: list[dict[str, Any]] = []
-        while True:
-            time.sleep(SAMPLE_S)
-            now = time.time()
-            groups["postgres"] = _postgres_pids(c)  # backends come and go
-            cpu, sys_t = _group_cpu(groups), psutil.cpu_times()
-            dt = now - prev_t
-            busy = lambda t: t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0)  # noqa: E731
-            used = {k: max(0.0, cpu[k] - prev_cpu.get(k, cpu[k])) / dt for k in cpu}
-            machine = (busy(sys_t) - busy(prev_sys)) / dt
-            used["other processes (other jobs, this bench)"] = max(0.0, machine - sum(used.values()))
-            series.append({"t": round(now - t0, 1), "stored_total": _inserted(conn), "cores": used,
-                           "machine_cores": machine, "load_avg": os.getloadavg()[0]})
-            prev_cpu, prev_sys, prev_t = cpu, sys_t, now
-            if len(series) % 15 == 0:
-                log(f"  t={now - t0:6.0f} s  stored {series[-1]['stored_total']:,}  machine {machine:.2f} cores  "
-                    + "  ".join(f"{k} {v:.2f}" for k, v in used.items()))
-            if now > end and not results:
-                while len(results) < len(procs) and not q.empty():
-                    results.append(q.get())
-                if len(results) == len(procs):
-                    acked_goal = sum(r["acked"] for r in results)
-                    log(f"  load done: {acked_goal:,} acked; draining")
-                    drained_at = now
-                elif now > end + 120:
-                    raise RuntimeError("the load generator did not report within 120 s after the window")
-            if drained_at is not None:
-                stored_now = conn.execute("SELECT count(*) FROM frames WHERE camera_id LIKE 'sim-%'").fetchone()[0]
-                if stored_now >= acked_goal or now - drained_at > drain_s:
-                    break
-        for p in procs:
-            p.join(timeout=30)
-        summary = _from_db(conn, results, t0, seconds)
-        conn.close()
+        try:
+            return _measure(c, procs, q, t0, seconds, drain_s, cameras, gateways, workers, load_procs, bundle,
+                            payloads, out, name, log)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()  # a load process blocked on its result queue after an interrupt
+
+
+def _measure(c, procs, q, t0, seconds, drain_s, cameras, gateways, workers, load_procs, bundle, payloads, out, name,
+             log) -> dict[str, Any]:
+    import psutil
+    import psycopg
+
+    from taskcodec.bench.cluster import _postgres_pids
+
+    groups = {"gateways": [g[0].pid for g in c.gateways], "workers": [w.pid for w in c.workers],
+              "nats-server (3)": [n.pid for n in c.nats], "postgres": _postgres_pids(c),
+              "load generator": [p.pid for p in procs]}
+    conn = psycopg.connect(c.pg_dsn, autocommit=True)
+    series: list[dict[str, Any]] = []
+    prev_cpu, prev_sys, prev_t = _group_cpu(groups), psutil.cpu_times(), time.time()
+    end = t0 + seconds
+    drained_at = None
+    acked_goal = None
+    results: list[dict[str, Any]] = []
+    while True:
+        time.sleep(SAMPLE_S)
+        now = time.time()
+        groups["postgres"] = _postgres_pids(c)  # backends come and go
+        cpu, sys_t = _group_cpu(groups), psutil.cpu_times()
+        dt = now - prev_t
+        busy = lambda t: t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0)  # noqa: E731
+        used = {k: max(0.0, cpu[k] - prev_cpu.get(k, cpu[k])) / dt for k in cpu}
+        machine = (busy(sys_t) - busy(prev_sys)) / dt
+        used["other processes (other jobs, this bench)"] = max(0.0, machine - sum(used.values()))
+        series.append({"t": round(now - t0, 1), "stored_total": _inserted(conn), "cores": used,
+                       "machine_cores": machine, "load_avg": os.getloadavg()[0]})
+        prev_cpu, prev_sys, prev_t = cpu, sys_t, now
+        if len(series) % 15 == 0:
+            log(f"  t={now - t0:6.0f} s  stored {series[-1]['stored_total']:,}  machine {machine:.2f} cores  "
+                + "  ".join(f"{k} {v:.2f}" for k, v in used.items()))
+        if now > end and drained_at is None:
+            while len(results) < len(procs) and not q.empty():
+                results.append(q.get())
+            if len(results) == len(procs):
+                acked_goal = sum(r["acked"] for r in results)
+                log(f"  load done: {acked_goal:,} acked; draining")
+                drained_at = now
+            elif now > end + 120:
+                raise RuntimeError("the load generator did not report within 120 s after the window")
+        if drained_at is not None:
+            stored_now = conn.execute("SELECT count(*) FROM frames WHERE camera_id LIKE 'sim-%'").fetchone()[0]
+            if stored_now >= acked_goal or now - drained_at > drain_s:
+                break
+    for p in procs:
+        p.join(timeout=30)
+    summary = _from_db(conn, results, t0, seconds)
+    conn.close()
     return _finish(summary, results, series, cameras, seconds, gateways, workers, load_procs, bundle, payloads,
                    out, name, log)
 
@@ -250,6 +281,9 @@ def _finish(db: dict[str, Any], results, series, cameras, seconds, gateways, wor
         "connected": sum(r["connected"] for r in results), "refused": sum(r["refused"] for r in results),
         "errors": sum(r["errors"] for r in results), "other_replies": sum(r["other"] for r in results),
         "refusals": {k: sum(r["refusals"].get(k, 0) for r in results) for r in results for k in r["refusals"]},
+        "reconnects": sum(r["reconnects"] for r in results),
+        "connection_errors": {k: sum(r["connection_errors"].get(k, 0) for r in results) for r in results
+                              for k in r["connection_errors"]},
         "first_error": next((r["first_error"] for r in results if r.get("first_error")), None),
         "ack_ms": {"p50": float(np.percentile(ack, 50)) if len(ack) else None,
                    "p99": float(np.percentile(ack, 99)) if len(ack) else None},
@@ -311,9 +345,13 @@ def markdown(r: dict[str, Any]) -> str:
              "value": f"{r['stored_frames_per_s']:.0f}"},
             {"what": "stored frames/s during the window (PostgreSQL insert counter)",
              "value": f"{r['stored_frames_per_s_during_window'] or 0:.0f}"},
-            {"what": "cameras connected / refused at HELLO / other replies / errors",
-             "value": f"{r['connected']} / {r['refused']} / {r['other_replies']} / {r['errors']}"
-                      + (f" ({'; '.join(f'{n}× {k}' for k, n in r['refusals'].items())})" if r['refusals'] else "")
+            {"what": "cameras connected / refused / other replies / errors",
+             "value": f"{r['connected']} / {r['refused']} / {r['other_replies']} / {r['errors']}"},
+            {"what": "server refusals (cameras reconnect after BUSY) / reconnects / connection errors",
+             "value": (f"{'; '.join(f'{n}× {k}' for k, n in r['refusals'].items())}" if r['refusals'] else "none")
+                      + f" / {r['reconnects']} / "
+                      + (f"{'; '.join(f'{n}× {k}' for k, n in r['connection_errors'].items())}"
+                         if r['connection_errors'] else "none")
                       + (f" (first error: {r['first_error']})" if r['first_error'] else "")},
             {"what": "frames acked / stored (distinct)", "value": f"{r['acked_frames']:,} / {r['stored_frames']:,} "
                                                                  f"({r['stored_distinct']:,})"},
@@ -349,8 +387,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     t = s["sample_t"]
     rate = [(b - a) / max(tb - ta, 1e-9) for a, b, ta, tb in zip(s["stored_total"], s["stored_total"][1:], t, t[1:])]
-    a1.plot(range(len(s["sent_per_s"])), s["sent_per_s"], lw=0.8, label="sent by cameras")
-    a1.plot(range(len(s["acked_per_s"])), s["acked_per_s"], lw=0.8, label="acked (JetStream R3)")
+    n = int(max(t)) + 1 if t else 0
+    a1.plot(range(min(n, len(s["sent_per_s"]))), s["sent_per_s"][:n], lw=0.8, label="sent by cameras")
+    a1.plot(range(min(n, len(s["acked_per_s"]))), s["acked_per_s"][:n], lw=0.8, label="acked (JetStream R3)")
     a1.plot(t[1:], rate, lw=1.2, label="stored (PostgreSQL)")
     a1.axhline(r["offered_frames_per_s"], color="gray", ls="--", lw=0.8, label="offered")
     a1.set_ylabel("frames/s")
@@ -365,7 +404,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     a3.stackplot(t, *[[c[k] for c in s["cores"]] for k in names], labels=names)
     a3.set_ylabel("CPU cores")
     a3.set_xlabel("seconds since the window started")
-    a3.legend(fontsize=7, loc="upper left")
+    a3.legend(fontsize=7, loc="lower left", ncol=3, framealpha=0.9)
     a1.set_title(f"{r['config']['cameras']:,} one-fps cameras, {r['config']['gateways']} gateway(s), "
                  f"{r['config']['workers']} worker(s): throughput, latency, CPU")
     fig.tight_layout()

@@ -66,35 +66,29 @@ def run_temporal(sym: np.ndarray, key: RangeCoder, res: RangeCoder, tag: bytes, 
                  budget_bps: float | None = None, fps: float = 5.0, window_s: float = 60.0,
                  payloads: list | None = None):
     """Encode and decode a whole video; returns (payload bytes per frame, decoded symbols, kinds). With a budget, a
-    token bucket decides per frame: the preferred frame if it fits, else SAME. The bucket holds 3 s of budget, so no
-    60 s window can exceed the budget by more than 5 %. ``payloads``: a list that receives every frame's payload
+    token bucket decides per frame, as the runtime's uplink does: the preferred frame if it fits, else SAME; with no
+    reference yet, a key frame on debt. The bucket holds 3 s of budget, so no 60 s window can exceed the budget by
+    more than 5 % (plus the first key frame's debt, in the first window). ``payloads``: a list that receives every frame's payload
     (None for a frame not sent)."""
     enc, dec = TemporalEncoder(key, res, tag, key_interval, same_l1), TemporalDecoder(key, res, tag)
     sizes, out, kinds = np.zeros(len(sym), np.int64), np.zeros_like(sym), []
     per_frame = budget_bps / fps if budget_bps else None
     depth = 3.0 * budget_bps if budget_bps else 0.0
     tokens = depth
-    last = None
     for i, s in enumerate(sym):
         if per_frame is not None:
             tokens = min(tokens + per_frame, depth)
             trial = copy.copy(enc)
             kind, payload = trial.encode(s)
-            if 8 * len(payload) <= tokens:
-                enc = trial
-            elif enc.ref is not None:
+            if 8 * len(payload) <= tokens or enc.ref is None:
+                enc = trial  # fits, or the first key frame (on debt)
+            else:
                 kind, payload = enc.encode(s, allow=(SAME,))
-            else:  # no reference and no room for a key frame: nothing is sent, the server keeps its last answer
-                kinds.append(-1)
-                out[i] = last if last is not None else 0
-                if payloads is not None:
-                    payloads.append(None)
-                continue
             tokens -= 8 * len(payload)
         else:
             kind, payload = enc.encode(s)
         sizes[i] = len(payload)
-        last = out[i] = dec.decode(kind, payload)
+        out[i] = dec.decode(kind, payload)
         kinds.append(kind)
         if payloads is not None:
             payloads.append(payload)

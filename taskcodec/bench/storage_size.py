@@ -366,7 +366,7 @@ def run_pg(frames: int, cameras: int, out: Path, log=print) -> dict[str, Any]:
             packed = conn.execute("SELECT pg_total_relation_size('packs') + pg_total_relation_size('class_counts')"
                                   ).fetchone()[0]
             conn.execute("DROP TABLE packs")
-        product = _pg_product(c.pg_dsn, cameras, log)
+        product = _pg_product(c.pg_dsn, frames, cameras, log)
     n = q["frames"]
     result = {"machine": machine_info(), "time": utc_now(), "frames": n, "cameras": cameras,
               "load_avg_1min": os.getloadavg()[0],
@@ -374,8 +374,10 @@ def run_pg(frames: int, cameras: int, out: Path, log=print) -> dict[str, Any]:
                         "bytes_per_frame": current / n},
                        {"layout": "design layout: packed per camera-hour (+ class_counts)", "frames": n,
                         "bytes_per_frame": packed / n},
-                       {"layout": "product after compaction (frame_blocks + class_counts + partitions)", "frames": n,
-                        "bytes_per_frame": product["bytes_after"] / n}],
+                       {"layout": "product, rows (PgStore.store_frames; random payloads and classes)",
+                        "frames": product["frames"], "bytes_per_frame": product["bytes_per_frame_before"]},
+                       {"layout": "product after compaction (frame_blocks + class_counts + reclaimed partitions)",
+                        "frames": product["frames"], "bytes_per_frame": product["bytes_per_frame_after"]}],
               "product": product, "queries_current": q["queries"]}
     write_json(out / "storage_size_pg.json", result)
     write_text(out / "storage_size_pg.md", (
@@ -385,55 +387,89 @@ def run_pg(frames: int, cameras: int, out: Path, log=print) -> dict[str, Any]:
         + markdown_table(result["rows"], [("layout", "layout"), ("frames", "frames"),
                                           ("bytes_per_frame", "B/frame on disk")],
                          {"frames": ",d", "bytes_per_frame": ".1f"})
-        + f"\nProduct: PgStore.compact (what a worker runs every 5 minutes; `taskcodec cluster compact`) packed "
+        + f"\nThe first two rows are the cluster bench's fill (constant payloads, one class per frame pattern), "
+          "the product rows the same frames as the SQLite bench (random payloads, classes, confidences). Product: "
+          f"PgStore.compact (what a worker runs every 5 minutes; `taskcodec cluster compact`) packed "
           f"{product['packed_frames']:,} frames into {product['blocks']:,} blocks in {product['compact_s']:.1f} s "
           f"({1e6 * product['compact_s'] / max(product['packed_frames'], 1):.0f} µs/frame wall, PostgreSQL "
-          f"included); sizes after VACUUM (autovacuum's job in a running cluster): frame_blocks "
-          f"{product['bytes_blocks'] / n:.1f} B/frame, class_counts {product['bytes_class_counts'] / n:.1f}, the "
-          f"emptied day partitions (their indexes' pages) {product['bytes_partitions'] / n:.1f}. Query latencies "
-          "through PgStore's readers (both parts):\n\n"
+          f"included); then the emptied day partitions were truncated (reclaim_partitions: the next compaction does "
+          f"it for past days); sizes after VACUUM (autovacuum's job in a running cluster): frame_blocks "
+          f"{product['bytes_after']['frame_blocks'] / product['frames']:.1f} B/frame, class_counts "
+          f"{product['bytes_after']['class_counts'] / product['frames']:.1f}, the day partitions "
+          f"{product['bytes_after']['partitions'] / product['frames']:.1f}. Query latencies through PgStore's readers "
+          "(both parts):\n\n"
         + _queries_table(product["queries_before"], product["queries_after"])))
-    log(f"PostgreSQL: current {current / n:.1f} B/frame, design packed {packed / n:.1f} B/frame, product after "
-        f"compaction {product['bytes_after'] / n:.1f} B/frame")
+    log(f"PostgreSQL: current {current / n:.1f} B/frame, design packed {packed / n:.1f} B/frame, product "
+        f"{product['bytes_per_frame_before']:.1f} -> {product['bytes_per_frame_after']:.1f} B/frame after compaction")
     return result
 
 
-def _pg_queries(store, cameras: int) -> dict[str, dict[str, float]]:
-    cam = f"q-{cameras // 2:06d}"
-    now = int(time.time() * 1000)
+def _pg_queries(store, cameras: int, end_ms: int, prefix: str) -> dict[str, dict[str, float]]:
+    cam = f"{prefix}{cameras // 2:06d}"
     queries = {
-        "newest 100 frames of one camera": lambda: store.camera_frames(cam, 0, now + 1, limit=100, newest=True),
-        "one camera's frames in a 10-minute range": lambda: store.camera_frames(cam, now - 3_600_000,
-                                                                                 now - 3_000_000, limit=1000),
-        "counts by class, one camera, last hour (rollup)": lambda: store.class_counts(cam, now - 3_600_000, now),
+        "newest 100 frames of one camera": lambda: store.camera_frames(cam, 0, end_ms, limit=100, newest=True),
+        "one camera's frames in a 10-minute range": lambda: store.camera_frames(cam, end_ms - 900_000,
+                                                                                 end_ms - 300_000, limit=1000),
+        "counts by class, one camera, last hour (rollup)": lambda: store.class_counts(cam, end_ms - 3_600_000,
+                                                                                      end_ms),
     }
     return {name: _time(fn) for name, fn in queries.items()}
 
 
-def _pg_product(dsn: str, cameras: int, log=print) -> dict[str, Any]:
-    """The product's PostgreSQL store compacted by its own compaction (everything, the current hour included)."""
+def _pg_bytes(dsn: str) -> dict[str, int]:
     import psycopg
 
-    from taskcodec.bench.cluster import storage_bytes
-    from taskcodec.server.cluster.pgstore import PgStore
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        one = lambda sql: int(conn.execute(sql).fetchone()[0])  # noqa: E731
+        parts = one("SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits "
+                    "WHERE inhparent = 'frames'::regclass")
+        return {"partitions": parts, "class_counts": one("SELECT pg_total_relation_size('class_counts')"),
+                "frame_blocks": one("SELECT pg_total_relation_size('frame_blocks')")}
 
-    store = PgStore(dsn)
-    before_q = _pg_queries(store, cameras)
+
+def _pg_product(dsn: str, frames: int, cameras: int, log=print) -> dict[str, Any]:
+    """The product's PostgreSQL store in a database of its own: the same frames as the SQLite product (random 6-byte
+    payloads, random classes and confidences) written by PgStore.store_frames (the workers' write path), then
+    compacted by its own compaction (everything: the current hour too) and the emptied day partitions reclaimed (what
+    the next compaction run does for past days)."""
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from taskcodec.server.cluster.pgstore import PgStore, migrate
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE product")
+    pdsn = make_conninfo(dsn, dbname="product")
+    migrate(pdsn)
+    store = PgStore(pdsn)
+    seconds = max(1, frames // cameras)
+    n, end_ms, t = 0, 0, time.perf_counter()
+    chunk: list = []
+    for rows in _frames(cameras, seconds, "6f0d113794f9346d"):
+        chunk += rows
+        end_ms = max(end_ms, max(r[3] for r in rows) + 1)
+        if len(chunk) >= 20_000:
+            n += store.store_frames(chunk)
+            chunk = []
+    n += store.store_frames(chunk) if chunk else 0
+    write_s = time.perf_counter() - t
+    before_bytes = _pg_bytes(pdsn)
+    before_q = _pg_queries(store, cameras, end_ms, "cam-")
     t = time.perf_counter()
     result = store.compact(settle_s=-2 * 3600)
     compact_s = time.perf_counter() - t
-    log(f"PostgreSQL compaction: {result['frames']:,} frames into {result['blocks_written']:,} blocks in "
-        f"{compact_s:.1f} s")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE")
-        blocks = int(conn.execute("SELECT pg_total_relation_size('frame_blocks')").fetchone()[0])
-        rollup = int(conn.execute("SELECT pg_total_relation_size('class_counts')").fetchone()[0])
-    after_q = _pg_queries(store, cameras)
+    reclaimed = store.reclaim_partitions()
+    log(f"PostgreSQL product: {result['frames']:,} frames into {result['blocks_written']:,} blocks in "
+        f"{compact_s:.1f} s; reclaimed {', '.join(reclaimed) or '-'}")
+    after_bytes = _pg_bytes(pdsn)
+    after_q = _pg_queries(store, cameras, end_ms, "cam-")
     store.close()
-    total = storage_bytes(dsn) + blocks
-    return {"packed_frames": result["frames"], "blocks": result["blocks_written"], "compact_s": compact_s,
-            "bytes_after": total, "bytes_blocks": blocks, "bytes_class_counts": rollup,
-            "bytes_partitions": total - blocks - rollup, "queries_before": before_q, "queries_after": after_q}
+    return {"frames": n, "write_s": write_s, "packed_frames": result["frames"], "blocks": result["blocks_written"],
+            "compact_s": compact_s, "bytes_before": before_bytes, "bytes_after": after_bytes,
+            "bytes_per_frame_before": sum(before_bytes.values()) / n,
+            "bytes_per_frame_after": sum(after_bytes.values()) / n,
+            "queries_before": before_q, "queries_after": after_q}
 
 
 def _prefill_blocks(storage, cameras: int, model_id: str, hours: int = 24) -> None:

@@ -220,9 +220,15 @@ class PgStore:
                WHERE f.payload <> u.p""", (list(cols[0]), list(cols[1]), list(cols[2]), list(cols[6])))
         return int(cur.fetchone()[0])
 
+    def _one_snapshot(self) -> None:
+        """Readers of both parts see them in one snapshot (a compaction committing between the two reads would
+        otherwise show its frames twice or not at all)."""
+        self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
     def frame_keys(self) -> list[tuple[str, int, int]]:
         """Every stored frame's key, from both parts."""
         with self.conn.transaction():
+            self._one_snapshot()
             keys = [tuple(r) for r in self.conn.execute("SELECT camera_id, epoch, seq FROM frames").fetchall()]
             for cam, epoch, models, fmt, data in self.conn.execute(
                     "SELECT camera_id, epoch, models, format, data FROM frame_blocks"):
@@ -235,6 +241,7 @@ class PgStore:
         (epoch, seq, ts_capture_ms, stored_ms_after, model_id, payload, prediction, confidence in 1/10000)."""
         order = "DESC" if newest else "ASC"
         with self.conn.transaction():
+            self._one_snapshot()
             out = [tuple(r) for r in self.conn.execute(
                 f"""SELECT epoch, seq, (extract(epoch FROM ts_capture) * 1000)::bigint, stored_ms_after, model_id,
                            payload, prediction, confidence FROM frames
@@ -281,6 +288,8 @@ class PgStore:
             done["skipped"] = True
             return done
         try:
+            # day partitions emptied by earlier runs: give their (index) pages back
+            done["reclaimed"] = self.reclaim_partitions(_day(cutoff))
             with self.conn.transaction():
                 cams = [r[0] for r in self.conn.execute(
                     "SELECT DISTINCT camera_id FROM frames WHERE ts_capture < to_timestamp(%s / 1000.0)", (cutoff,))]
@@ -297,6 +306,32 @@ class PgStore:
         if done["frames"]:
             log.info("compaction: %d frames of %d cameras packed (%d blocks) in %.1f s", done["frames"],
                      done["cameras"], done["blocks_written"], done["seconds"])
+        return done
+
+    def _partition_names(self) -> list[str]:
+        return sorted(r[0] for r in self.conn.execute(
+            """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'frames'""").fetchall())
+
+    def reclaim_partitions(self, before: dt.date | None = None) -> list[str]:
+        """TRUNCATE the day partitions (of days before ``before``; None: all) that compaction emptied: a DELETE
+        leaves their index pages allocated until then. Each under a short exclusive lock (skipped when busy), after
+        checking again that it is empty; the partition stays, so a late frame of that day still has its place."""
+        with self.conn.transaction():
+            names = [n for n in self._partition_names() if before is None or n[len("frames_"):] < f"{before:%Y%m%d}"]
+        done = []
+        for name in names:
+            try:
+                with self.conn.transaction():
+                    self.conn.execute("SET LOCAL lock_timeout = '1s'")
+                    self.conn.execute(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE")
+                    if self.conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {name})").fetchone()[0] and \
+                            self.conn.execute(f"SELECT pg_relation_size('{name}') + pg_indexes_size('{name}') > 16384"
+                                              ).fetchone()[0]:
+                        self.conn.execute(f"TRUNCATE {name}")
+                        done.append(name)
+            except psycopg.errors.LockNotAvailable:
+                continue
         return done
 
     def _compact_camera(self, cam: str, cutoff: int) -> tuple[int, int]:
@@ -340,9 +375,7 @@ class PgStore:
     def drop_partitions_before(self, day: dt.date) -> list[str]:
         """Retention by age: drop whole day partitions older than ``day``."""
         with self.conn.transaction():
-            names = [r[0] for r in self.conn.execute(
-                """SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                   JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'frames'""").fetchall()]
+            names = self._partition_names()
             old = sorted(n for n in names if n[len("frames_"):] < f"{day:%Y%m%d}")
             for name in old:
                 self.conn.execute(f"DROP TABLE {name}")

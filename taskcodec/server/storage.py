@@ -144,7 +144,7 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (camera_id, epoch, hour)
     );
     CREATE INDEX IF NOT EXISTS frame_blocks_by_seq ON frame_blocks (camera_id, epoch, seq_hi);
-    CREATE INDEX IF NOT EXISTS frame_blocks_by_hour ON frame_blocks (hour, camera_id);
+    CREATE INDEX IF NOT EXISTS frame_blocks_by_hour ON frame_blocks (hour, camera_id, n);
     CREATE TABLE IF NOT EXISTS frame_rollup (
         camera_id TEXT NOT NULL,
         hour INTEGER NOT NULL,
@@ -633,7 +633,8 @@ class SQLiteStorage:
     def frame_counts(self) -> dict[str, int]:
         conn = self._reader()
         out = dict(conn.execute("SELECT camera_id, count(*) FROM frames GROUP BY camera_id").fetchall())
-        for cam, n in conn.execute("SELECT camera_id, sum(n) FROM frame_blocks GROUP BY camera_id"):
+        for cam, n in conn.execute("SELECT camera_id, sum(n) FROM frame_blocks INDEXED BY frame_blocks_by_hour "
+                                   "GROUP BY camera_id"):  # the narrow index, not the rows (they hold the blocks)
             out[cam] = out.get(cam, 0) + n
         return out
 
@@ -1211,11 +1212,19 @@ def count_frames(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, *, 
                     f"SELECT hour, camera_id, prediction, sum(frames), sum(payload_bytes) FROM frame_rollup "
                     f"WHERE {' AND '.join(where)} GROUP BY hour, camera_id, prediction", rargs):
                 add((hour * HOUR_MS // interval_ms) * interval_ms, cam, pred, n, nbytes)
-    where, bargs = f.block_where((lo, hi))
-    for cam, epoch, hour, models, fmt, data in conn.execute(
-            f"SELECT camera_id, epoch, hour, models, format, data FROM frame_blocks WHERE {where}", bargs):
-        if rolled is not None and rolled[0] <= hour <= rolled[1]:
-            continue
+    # the packed hours not in the rollup's answer: read their blocks (hour ranges on frame_blocks_by_hour)
+    ranges = [(lo, hi)]
+    if rolled is not None:
+        ranges = [(lo, rolled[0] - 1), (rolled[1] + 1, hi)]
+        ranges = [(a, b) for a, b in ranges if a is None or b is None or a <= b]
+        ranges = [r for r in ranges if not (r[1] is not None and r[1] < -(1 << 61)) and
+                  not (r[0] is not None and r[0] > (1 << 61))]
+    blocks = []
+    for r in ranges:
+        where, bargs = f.block_where(r)
+        blocks += conn.execute(f"SELECT camera_id, epoch, hour, models, format, data FROM frame_blocks "
+                               f"INDEXED BY frame_blocks_by_hour WHERE {where}", bargs).fetchall()
+    for cam, epoch, hour, models, fmt, data in blocks:
         b = decode_block(cam, epoch, models, fmt, data)
         m = f.mask(b)
         if m is None or not m.any():
@@ -1259,8 +1268,11 @@ def frames_of_model(conn: sqlite3.Connection, model_id: str) -> Iterator[ReadRow
         yield tuple(row)
     f = FrameFilter(models=(model_id,))
     try:
-        blocks = conn.execute("SELECT camera_id, epoch, models, format, data FROM frame_blocks WHERE instr(models, ?) "
-                              "> 0", (json.dumps(model_id),)).fetchall()
+        # the camera-hours that hold the model's frames, from the narrow rollup; then those blocks by key
+        blocks = conn.execute("SELECT b.camera_id, b.epoch, b.models, b.format, b.data FROM (SELECT DISTINCT "
+                              "camera_id, hour FROM frame_rollup WHERE model_id = ?) r JOIN frame_blocks b ON "
+                              "b.camera_id = r.camera_id AND b.hour = r.hour WHERE instr(b.models, ?) > 0",
+                              (model_id, json.dumps(model_id))).fetchall()
     except sqlite3.OperationalError as exc:
         if _no_blocks_table(exc):
             return

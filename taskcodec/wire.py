@@ -11,8 +11,9 @@ about 3 bytes (hand-written: a dozen lines, and protobuf would cost more bytes a
                  kind 0 KEY, 1 COND, 2 SAME (length 0), 3 refused; only in a session whose WELCOME granted temporal
     CBATCH 0x08  (v4) compact TBATCH: flags:u8  [epoch] [first_seq] [base_ts_ms:svarint] [interval_ms]  count
                  then items (head varint, low 2 bits): KEY/COND (length << 2 | kind, payload), SAME run
-                 ((run - 1) << 2 | 2), TIME (the next frame's deviation from the nominal interval, or an absolute
-                 time); absent header fields continue the connection's previous CBATCH (``Link``)
+                 ((run - 1) << 2 | 2), TIME (a deviation from the nominal interval, for the next frame or with the
+                 SAME frame it is, or an absolute time); absent header fields continue the connection's previous
+                 CBATCH (``Link``)
     ACK    0x03  epoch  first_seq  count                       (frames durably stored, duplicates included)
     REJECT 0x04  epoch  first_seq  count  code:u8  reason      (frames that will never be accepted)
     ERROR  0x05  code:u8  reason                               (the connection is refused; the server closes it)
@@ -69,7 +70,7 @@ MAX_SEQ = (1 << 63) - 1
 MAX_ABS_TS_MS = (1 << 62) - 1   # |capture time| in ms; any two such times differ by less than 2^63
 MAX_REASON_BYTES = 1024
 MAX_INTERVAL_MS = (1 << 32) - 1  # CBATCH nominal frame interval
-MAX_DEVIATION_MS = 1 << 60      # CBATCH TIME item: larger deviations (clock steps) are sent as absolute times
+MAX_DEVIATION_MS = 1 << 59      # CBATCH TIME item: larger deviations (clock steps) are sent as absolute times
 MAX_RUN_ITEM = 32               # CBATCH: frames per SAME-run item (its head stays one byte)
 CB_EPOCH, CB_SEQ, CB_TIME, CB_INTERVAL = 1, 2, 4, 8   # CBATCH header flags: the field follows
 TIME_ITEM = 3                   # CBATCH item kind 3
@@ -339,7 +340,10 @@ class CompactBatch(TemporalBatch):
             if dev:
                 run_at = -1
                 if abs(dev) <= MAX_DEVIATION_MS:
-                    put_varint(out, (zigzag(dev) + 1) << 2 | TIME_ITEM)
+                    same = f.kind == SAME  # a SAME frame off the interval is one item: its deviation
+                    put_varint(out, ((zigzag(dev) << 1 | same) + 1) << 2 | TIME_ITEM)
+                    if same:
+                        continue
                 else:  # a clock step: the absolute time
                     put_varint(out, TIME_ITEM)
                     put_svarint(out, f.ts_ms)
@@ -436,13 +440,18 @@ def _read_compact(r: Reader, conn: Connection | None, start: int) -> CompactBatc
                 raise WireError("two TIME items in a row")
             if value == 0:
                 time_set = r.svarint(MAX_ABS_TS_MS)
-            else:
-                dev = unzigzag(value - 1)
-                if abs(dev) > MAX_DEVIATION_MS:
-                    raise WireError(f"time deviation {dev} ms outside ±{MAX_DEVIATION_MS}")
-                time_set = _expected(prev, base, a, interval) + dev
-                if abs(time_set) > MAX_ABS_TS_MS:
-                    raise WireError(f"capture time {time_set} ms outside ±{MAX_ABS_TS_MS}")
+                continue
+            dev = unzigzag((value - 1) >> 1)
+            if abs(dev) > MAX_DEVIATION_MS:
+                raise WireError(f"time deviation {dev} ms outside ±{MAX_DEVIATION_MS}")
+            ts = _expected(prev, base, a, interval) + dev
+            if abs(ts) > MAX_ABS_TS_MS:
+                raise WireError(f"capture time {ts} ms outside ±{MAX_ABS_TS_MS}")
+            if not (value - 1) & 1:
+                time_set = ts  # for the next frame item
+                continue
+            frames.append(Frame(first + len(frames), ts, b"", SAME))  # a SAME frame off the interval
+            prev = ts
             continue
         if kind == SAME:
             n, payload = value + 1, b""

@@ -44,18 +44,22 @@ def test_cbatch_bytes_continuation_runs_and_times():
     second = cam.batch(9, _frames(46, [T0 + 1000 + 200 * i for i in range(4)], [wire.SAME] * 4), 200)
     assert second.encode() == bytes([0x08, 0x00, 0x04, (4 - 1) << 2 | wire.SAME])
     assert srv.decode(second.encode()) == second
-    # jitter: a frame 3 ms late carries a TIME item (deviation +3 from the previous frame + interval), and the
-    # SAME run restarts after it; the next frame is 3 ms "early" relative to that one
-    third = cam.batch(9, _frames(50, [T0 + 1800, T0 + 2003, T0 + 2200], [wire.SAME] * 3), 200)
-    assert third.encode() == bytes([0x08, 0x00, 0x03, wire.SAME, (wire.zigzag(3) + 1) << 2 | 3, wire.SAME,
-                                    (wire.zigzag(-3) + 1) << 2 | 3, wire.SAME])
-    assert srv.decode(third.encode()) == third
+    # jitter: a SAME frame 3 ms late is one TIME item (deviation +3 from the previous frame + interval, SAME bit
+    # set); the next frame is 3 ms "early" relative to that one; a KEY frame off the interval is a TIME item (SAME
+    # bit clear) before its own item
+    third = cam.batch(9, _frames(50, [T0 + 1800, T0 + 2003, T0 + 2200, T0 + 2395], [wire.SAME] * 3 + [wire.KEY]),
+                      200)
+    data = third.encode()
+    assert data[:7] == bytes([0x08, 0x00, 0x04, wire.SAME, ((wire.zigzag(3) << 1 | 1) + 1) << 2 | 3,
+                              ((wire.zigzag(-3) << 1 | 1) + 1) << 2 | 3, ((wire.zigzag(-5) << 1) + 1) << 2 | 3])
+    assert data[7] & 3 == wire.KEY and srv.decode(data) == third
     # a clock step of years: an absolute time; another epoch and a gap in seqs: those fields come back
-    step = cam.batch(10, _frames(0, [5_000, T0 + 10**12], [wire.KEY, wire.SAME]), 200)
+    step = cam.batch(10, _frames(0, [5_000, T0 + 10**12, 2**61], [wire.KEY, wire.SAME, wire.SAME]), 200)
+    assert step.encode()[-1] == wire.SAME  # a step beyond 2^59 ms: an absolute time, then the SAME frame's own item
     data = step.encode()
     assert data[1] == wire.CB_EPOCH | wire.CB_SEQ and srv.decode(data) == step
     # runs longer than 32 frames take several one-byte items
-    long = cam.batch(10, _frames(2, [T0 + 10**12 + 200 * (i + 1) for i in range(70)], [wire.SAME] * 70), 200)
+    long = cam.batch(10, _frames(3, [2**61 + 200 * (i + 1) for i in range(70)], [wire.SAME] * 70), 200)
     assert long.encode()[3:] == bytes([31 << 2 | 2, 31 << 2 | 2, 5 << 2 | 2])
     assert srv.decode(long.encode()) == long
 
@@ -119,6 +123,7 @@ def test_cbatch_refusals_and_garbage():
                      (data[:-1], "ends early"),
                      (bytes([8, 0x0F, 1, 0, 0, 0, 2, 3 << 2 | 2]), "SAME run of 4"),  # run past the count
                      (bytes([8, 0x0F, 1, 0, 0, 0, 1, 7, 7, 2]), "TIME items in a row"),
+                     (bytes([8, 0x0F, 1, 0, 0, 0, 1, 7, 11]), "TIME items in a row"),  # then a SAME-with-time
                      (bytes([8, 0x0F, 1, 0, 0, 0, 1, 7]), "ends early")):
         with pytest.raises(wire.WireError, match=why):
             wire.decode(bad)

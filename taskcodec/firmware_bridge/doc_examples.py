@@ -101,14 +101,14 @@ def _tbatch() -> wire.TemporalBatch:
 
 def _cbatches() -> tuple[wire.CompactBatch, wire.CompactBatch]:
     """v4: the TBATCH example's three frames as a connection's first CBATCH (every header field), then the next
-    CBATCH on the same connection: seq 44..49, five SAME frames at the nominal 200 ms and a COND frame captured 3 ms
-    late."""
+    CBATCH on the same connection: seq 44..49, five SAME frames (the third captured 2 ms late, the two after it at
+    the nominal 200 ms from it) and a COND frame captured 3 ms late."""
     conn = wire.Connection()
     first = conn.batch(EPOCH, _tbatch().frames, 200)
     cond = compress(np.array([0, 0, 0, 0, 1, 0, 0, 0], np.int32), example_tables(), RESIDUAL_TAG)
     t = 1_700_000_000_400
-    frames = [wire.Frame(44 + i, t + 200 * (i + 1), b"", wire.SAME) for i in range(5)]
-    frames.append(wire.Frame(49, t + 1203, cond, wire.COND))
+    frames = [wire.Frame(44 + i, t + d, b"", wire.SAME) for i, d in enumerate((200, 400, 602, 802, 1002))]
+    frames.append(wire.Frame(49, t + 1205, cond, wire.COND))
     return first, conn.batch(EPOCH, frames, 200)
 
 

@@ -288,7 +288,7 @@ int tcw_cbatch_add(tcw_cbatch *c, int64_t ts_ms, unsigned kind, const uint8_t *p
     int64_t expected, dev = 0;
     uint64_t time_head = 0, item_head = 0;
     size_t need = 0, pos, grow;
-    int extend, absolute = 0;
+    int extend, absolute = 0, merged = 0;
     if (!c || !c->buf || !c->link || (payload_len && !payload))
         return TCW_E_ARG;
     if (kind > TCW_KIND_SAME || (kind == TCW_KIND_SAME && payload_len))
@@ -317,7 +317,8 @@ int tcw_cbatch_add(tcw_cbatch *c, int64_t ts_ms, unsigned kind, const uint8_t *p
     dev = ts_ms - expected; /* |ts| <= 2^62-1 and |expected| <= 2^62 + 2^32: no overflow */
     if (dev) {
         if (dev <= TCW_MAX_DEVIATION_MS && dev >= -TCW_MAX_DEVIATION_MS) {
-            time_head = (tcw_zigzag(dev) + 1) << 2 | 3;
+            merged = kind == TCW_KIND_SAME; /* a SAME frame off the interval is one item: its deviation */
+            time_head = ((tcw_zigzag(dev) << 1 | (uint64_t)merged) + 1) << 2 | 3;
             need += varint_size(time_head);
         } else {
             absolute = 1;
@@ -325,7 +326,7 @@ int tcw_cbatch_add(tcw_cbatch *c, int64_t ts_ms, unsigned kind, const uint8_t *p
         }
     }
     extend = kind == TCW_KIND_SAME && !dev && c->run > 0 && c->run < TCW_MAX_RUN_ITEM;
-    if (!extend) {
+    if (!extend && !merged) {
         item_head = kind == TCW_KIND_SAME ? TCW_KIND_SAME : ((uint64_t)payload_len << 2 | kind);
         need += varint_size(item_head) + payload_len;
     }
@@ -363,7 +364,9 @@ int tcw_cbatch_add(tcw_cbatch *c, int64_t ts_ms, unsigned kind, const uint8_t *p
             tcw_put_varint(c->buf, c->cap, &pos, time_head);
         }
     }
-    if (extend) {
+    if (merged) {
+        /* the TIME item is the frame */
+    } else if (extend) {
         c->run++;
         c->buf[c->run_pos] = (uint8_t)((c->run - 1) << 2 | TCW_KIND_SAME);
     } else {

@@ -44,7 +44,7 @@ enum tcw_type {
 #define TCW_CB_TIME 4u
 #define TCW_CB_INTERVAL 8u
 #define TCW_MAX_INTERVAL_MS 4294967295ull /* 2^32-1 */
-#define TCW_MAX_DEVIATION_MS 1152921504606846976ll /* 2^60: larger steps are sent as absolute times */
+#define TCW_MAX_DEVIATION_MS 576460752303423488ll /* 2^59: larger steps are sent as absolute times */
 #define TCW_MAX_RUN_ITEM 32u  /* SAME frames per run item (its head stays one byte) */
 
 /* TBATCH frame kinds (the low 2 bits of each frame's length varint: length << 2 | kind). */
@@ -134,8 +134,9 @@ int tcw_batch_finish(tcw_batch *b, size_t *out_len);
  *   tcw_cbatch_finish(&c, &msg_len);                          -> buf[0..msg_len), and the link moves on to it
  * The link is the connection's previous CBATCH: header fields that continue it are left out (epoch; first_seq =
  * its last + 1; the base time: the first frame is expected interval_ms after its last frame). A frame captured
- * interval_ms after the previous one carries no time (else a TIME item: the deviation, or the absolute time for a
- * clock step); consecutive SAME frames at the interval share one-byte run items. Send every finished CBATCH, in
+ * interval_ms after the previous one carries no time (else a TIME item: the deviation, which for a SAME frame is
+ * the whole frame, or the absolute time for a clock step); consecutive SAME frames at the interval share one-byte
+ * run items. Send every finished CBATCH, in
  * order, on the connection whose link it used; reset the link on a new connection and whenever a finished CBATCH
  * was not sent. A failed add leaves the batch as it was. Only on a version-4 connection granted TCW_CAP_TEMPORAL. */
 typedef struct {

@@ -39,6 +39,7 @@ import os
 import sqlite3
 import stat
 import threading
+import struct
 import time
 import zlib
 from dataclasses import dataclass
@@ -182,7 +183,7 @@ NEW, DUPLICATE, CONFLICT = 0, 1, 2
 
 # packed frames (see encode_block and SQLiteStorage.compact)
 HOUR_MS = 3_600_000
-BLOCK_FORMAT = 1
+BLOCK_FORMAT = 2  # 1: an unreleased layout of this session (one zlib stream, payloads inside)
 COMPACT_SETTLE_S = 600.0   # frames stored before (now - this), rounded down to the hour, are packed
 COMPACT_INTERVAL_S = 300.0  # the server's background compaction looks this often (shared by all its processes)
 COMPACT_CHUNK = 20_000     # rows per compaction transaction (one camera at a time; ~0.3 s of the write lock)
@@ -885,9 +886,28 @@ def _unshuffle(buf: bytes, offset: int, n: int, dtype) -> tuple[np.ndarray, int]
     return a, offset + size
 
 
+_INTS = (np.int8, np.int16, np.int32, np.int64)
+_HEAD = struct.Struct("<BI3q7B")  # flags, n, first seq / capture / stored time, the 7 column widths
+
+
+def _narrow(a: np.ndarray) -> tuple[int, np.ndarray]:
+    """The narrowest signed integer type holding ``a`` (its code in _INTS) and ``a`` in it."""
+    lo, hi = (int(a.min()), int(a.max())) if len(a) else (0, 0)
+    for code, dt in enumerate(_INTS):
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return code, a.astype(dt)
+    return 3, a.astype(np.int64)
+
+
 def encode_block(rows: Sequence[FrameRow]) -> tuple[bytes, list[str]]:
-    """One block from the rows of one camera and epoch (any order; stored in seq order). Returns (data, models);
-    lossless: decode_block gives the rows back exactly (confidences as float32 where that is exact, else float64)."""
+    """One block from the rows of one camera and epoch (any order; stored in seq order). Returns (data, models).
+
+    Layout: a header (flags, frame count, the first seq / capture time / stored time, each column's width), the
+    columns zlib-compressed (seq, capture and stored time as deltas, class, confidence, model index, payload length;
+    each in the narrowest integer type that holds it and byte-transposed, so zlib sees long runs), then the payloads
+    as they are (range-coded bytes do not compress; reading a block's times and classes never touches them).
+    Lossless: decode_block gives the rows back exactly (confidences as float32 where that is exact, else float64)."""
     rows = sorted(rows, key=lambda r: r[2])
     n = len(rows)
     seq = np.fromiter((r[2] for r in rows), np.int64, n)
@@ -895,16 +915,24 @@ def encode_block(rows: Sequence[FrameRow]) -> tuple[bytes, list[str]]:
     stored = np.fromiter((r[4] for r in rows), np.int64, n)
     models = sorted({r[5] for r in rows})
     index = {m: i for i, m in enumerate(models)}
-    model_idx = np.fromiter((index[r[5]] for r in rows), np.uint16, n)
-    pred = np.fromiter((r[7] for r in rows), np.int32, n)
+    model_idx = np.fromiter((index[r[5]] for r in rows), np.int64, n)
+    pred = np.fromiter((r[7] for r in rows), np.int64, n)
     conf = np.fromiter((r[8] for r in rows), np.float64, n)
-    conf32 = conf.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        conf32 = conf.astype(np.float32)
     exact32 = bool(np.array_equal(conf32.astype(np.float64), conf, equal_nan=True))
-    lengths = np.fromiter((len(r[6]) for r in rows), np.uint32, n)
-    body = b"".join([_shuffle(np.diff(seq, prepend=0)), _shuffle(np.diff(ts, prepend=0)),
-                     _shuffle(np.diff(stored, prepend=0)), _shuffle(pred), _shuffle(conf32 if exact32 else conf),
-                     _shuffle(model_idx), _shuffle(lengths), *(bytes(r[6]) for r in rows)])
-    return bytes([1 if exact32 else 0]) + n.to_bytes(4, "little") + zlib.compress(body, 6), models
+    lengths = np.fromiter((len(r[6]) for r in rows), np.int64, n)
+    widths, parts = [], []
+    for column in (np.diff(seq, prepend=seq[:1]), np.diff(ts, prepend=ts[:1]), np.diff(stored, prepend=stored[:1]),
+                   pred, model_idx, lengths):
+        code, narrow = _narrow(column)
+        widths.append(code)
+        parts.append(_shuffle(narrow))
+    parts.insert(3, _shuffle(conf32 if exact32 else conf))
+    widths.insert(3, 2 if exact32 else 3)
+    columns = zlib.compress(b"".join(parts), 6)
+    head = _HEAD.pack(1 if exact32 else 0, n, int(seq[0]), int(ts[0]), int(stored[0]), *widths)
+    return head + len(columns).to_bytes(4, "little") + columns + b"".join(bytes(r[6]) for r in rows), models
 
 
 @dataclass
@@ -941,21 +969,25 @@ def decode_block(camera_id: str, epoch: int, models_json: str | list[str], fmt: 
         raise StorageError(f"frame block of camera {camera_id!r} has format {fmt}; this taskcodec reads "
                            f"{BLOCK_FORMAT}: upgrade taskcodec")
     data = bytes(data)
-    exact32 = data[0] == 1
-    n = int.from_bytes(data[1:5], "little")
-    body = zlib.decompress(data[5:])
+    flags, n, seq0, ts0, stored0, *widths = _HEAD.unpack_from(data)
+    at = _HEAD.size
+    size = int.from_bytes(data[at:at + 4], "little")
+    body = zlib.decompress(data[at + 4:at + 4 + size])
+    payload_at = at + 4 + size
     models = json.loads(models_json) if isinstance(models_json, str) else models_json
-    off = 0
-    dseq, off = _unshuffle(body, off, n, np.int64)
-    dts, off = _unshuffle(body, off, n, np.int64)
-    dstored, off = _unshuffle(body, off, n, np.int64)
-    pred, off = _unshuffle(body, off, n, np.int32)
-    conf, off = _unshuffle(body, off, n, np.float32 if exact32 else np.float64)
-    midx, off = _unshuffle(body, off, n, np.uint16)
-    lengths, off = _unshuffle(body, off, n, np.uint32)
-    offsets = off + np.concatenate(([0], np.cumsum(lengths[:-1], dtype=np.int64))) if n else np.zeros(0, np.int64)
-    return Block(camera_id, int(epoch), np.cumsum(dseq), np.cumsum(dts), np.cumsum(dstored), pred,
-                 conf.astype(np.float64), midx, models, lengths.astype(np.int64), offsets, body)
+    cols, off = [], 0
+    for k, code in enumerate(widths):
+        dt = (np.float32 if code == 2 else np.float64) if k == 3 else _INTS[code]
+        a, off = _unshuffle(body, off, n, dt)
+        cols.append(a)
+    dseq, dts, dstored, conf, pred, midx, lengths = cols
+    seq = np.cumsum(dseq, dtype=np.int64) + seq0
+    ts = np.cumsum(dts, dtype=np.int64) + ts0
+    stored = np.cumsum(dstored, dtype=np.int64) + stored0
+    lengths = lengths.astype(np.int64)
+    offsets = payload_at + np.concatenate(([0], np.cumsum(lengths[:-1]))) if n else np.zeros(0, np.int64)
+    return Block(camera_id, int(epoch), seq, ts, stored, pred.astype(np.int64), conf.astype(np.float64),
+                 midx.astype(np.int64), models, lengths, offsets.astype(np.int64), data)
 
 
 

@@ -212,3 +212,14 @@ def test_server_compacts_in_the_background_and_answers_from_both_parts(tmp_path)
         assert f"{n}" in page
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM frames").fetchone()[0] + packed() == n
+
+
+def test_block_format_round_trips_extremes():
+    rows = [("c", 1, (1 << 62) + 5, -5, 1 << 62, "a", b"", -1, 0.0),
+            ("c", 1, -(1 << 62), 7, -(1 << 62), "b", b"x" * 300, 32000, 1e300),
+            ("c", 1, 3, 1_790_000_000_000, 1_790_000_000_040, "a", os.urandom(6), 4, float(np.float32(0.7)))]
+    for part in (rows, rows[:1], rows[2:]):
+        data, models = S.encode_block(part)
+        assert S.decode_block("c", 1, models, S.BLOCK_FORMAT, data).rows() == sorted(part, key=lambda r: r[2])
+    with pytest.raises(S.StorageError, match="format"):
+        S.decode_block("c", 1, models, S.BLOCK_FORMAT + 1, data)

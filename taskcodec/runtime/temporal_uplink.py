@@ -185,20 +185,24 @@ class TemporalTranscoder:
         return wire.TemporalBatch(rows[0].epoch, frames), []
 
     def _interval(self, epoch: int, frames: list[wire.Frame]) -> int:
-        """The CBATCH's nominal frame interval: the most common gap between its frames (and from the previous
-        CBATCH's last frame), so that regularly captured frames carry no time at all."""
+        """The CBATCH's nominal frame interval: of the previous CBATCH's interval, the most common gaps between these
+        frames (and from the previous CBATCH's last frame) and their median, the one that makes the shortest
+        message (ties: the previous interval, which the message then leaves out)."""
         link = self.conn.link
         times = [f.ts_ms for f in frames]
         if link is not None and link.epoch == epoch and link.last_seq + 1 == frames[0].seq:
             times.insert(0, link.last_ts)
         gaps = [b - a for a, b in zip(times, times[1:]) if 0 <= b - a <= wire.MAX_INTERVAL_MS]
-        if not gaps:
-            return link.interval_ms if link is not None else 0
-        values, counts = np.unique(gaps, return_counts=True)
-        best = int(values[counts == counts.max()].max())
-        if link is not None and counts.max() == counts[values == link.interval_ms].sum():
-            return link.interval_ms  # as good as the previous one: leave it out
-        return best
+        candidates = [link.interval_ms] if link is not None else []
+        if gaps:
+            values, counts = np.unique(gaps, return_counts=True)
+            candidates += [int(v) for v in values[counts == counts.max()]] + [int(np.median(gaps))]
+        if not candidates:
+            return 0
+        if len(set(candidates)) == 1:
+            return candidates[0]
+        return min(dict.fromkeys(candidates),
+                   key=lambda iv: len(wire.CompactBatch(epoch, frames, iv, link).encode()))
 
     def _encode(self, row, target: np.ndarray) -> wire.Frame:
         enc = self.encoder

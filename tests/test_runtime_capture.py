@@ -200,3 +200,71 @@ def test_nothing_delivered_is_a_non_zero_exit(bundle, tmp_path):
                                       "--server", "http://127.0.0.1:9", "--camera-id", "c", "--spool",
                                       str(tmp_path / "s"), "--frames", "3", "--drain-timeout", "0.3", "-q"])
     assert result.exit_code == 3 and "nothing was delivered" in result.output, result.output
+
+
+class _StallingSource:
+    """Frames of the virtual camera: ``first`` at once, then nothing until ``go`` is set, then ``rest``."""
+
+    def __new__(cls, first: int, rest: int):
+        from taskcodec.runtime.source import Source
+
+        images = [f.image for f, _ in zip(open_source("virtual://fashion-mnist?seed=1"), range(first + rest))]
+        go = threading.Event()
+
+        class Stalling(Source):
+            def __init__(self):
+                super().__init__()
+                self.k = 0
+                self.go = go
+
+            def _read(self):
+                if self.k == first:
+                    go.wait(TIMEOUT)
+                if self.k >= first + rest:
+                    return None
+                self.k += 1
+                return images[self.k - 1], None
+
+        return Stalling()
+
+
+def test_a_window_is_spooled_at_its_deadline_when_frames_stop_coming(bundle, tmp_path):
+    """Frames are encoded and spooled a window at a time (--batch-window): a source that stalls mid-window does not
+    hold its frames back; they are spooled and sent within the window, while the source is still blocked."""
+    source = _StallingSource(3, 2)
+    with FakeIngestServer(bundle.model_tag, tables=bundle.tables) as server:
+        rt = CaptureRuntime(_cfg(bundle, server.url, tmp_path / "spool", batch_window=0.3, batch_frames=16),
+                            source=source)
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("r", rt.run()))
+        t0 = time.monotonic()
+        t.start()
+        while len(server.frames) < 3 and time.monotonic() - t0 < TIMEOUT:
+            time.sleep(0.01)
+        waited = time.monotonic() - t0
+        assert len(server.frames) == 3 and rt.spool.next_seq == 3 and t.is_alive() and not source.go.is_set()
+        assert waited >= 0.25, waited  # held for the window, not sent frame by frame
+        source.go.set()
+        t.join(TIMEOUT)
+    report = result["r"]
+    assert report.frames == 5 and report.acked == 5 and report.spool_depth == 0
+
+
+def test_window_zero_is_frame_by_frame(bundle, tmp_path):
+    with FakeIngestServer(bundle.model_tag, tables=bundle.tables) as server:
+        rt = CaptureRuntime(_cfg(bundle, server.url, tmp_path / "spool", frames=7, batch_window=0))
+        sizes = []
+        append_many = rt.spool.append_many
+        rt.spool.append_many = lambda items: sizes.append(len(items)) or append_many(items)
+        report = rt.run()
+    assert report.acked == 7 and sizes == [1] * 7
+
+
+def test_windows_group_frames(bundle, tmp_path):
+    with FakeIngestServer(bundle.model_tag, tables=bundle.tables) as server:
+        rt = CaptureRuntime(_cfg(bundle, server.url, tmp_path / "spool", frames=20, batch_window=5, batch_frames=8))
+        sizes = []
+        append_many = rt.spool.append_many
+        rt.spool.append_many = lambda items: sizes.append(len(items)) or append_many(items)
+        report = rt.run()
+    assert report.acked == 20 and sizes == [8, 8, 4]

@@ -1,6 +1,7 @@
 """The runtime's area resize (taskcodec/runtime/preprocess.py): the exact integer area step equals OpenCV's INTER_AREA,
-the two-step path stays within rounding of the direct resize, colour handling matches the plain OpenCV pipeline, and
-the cheap path is actually cheaper (CPU time, not a wall-clock timing)."""
+a near-integer factor is one exact block mean, the two-step path stays within rounding of the direct resize, colour
+handling matches the plain OpenCV pipeline, and the cheap path is actually cheaper (CPU time, not a wall-clock
+timing)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,31 @@ def test_exact_area_equals_opencv_inter_area(shape, size):
     assert np.abs(diff).max() <= 1 and (diff == 0).mean() > 0.99
 
 
+def test_near_integer_factor_is_one_exact_block_mean():
+    """480 -> 28 (17 x 28 + 4): one integer-factor step over the centred 476 x 476, each output the exactly rounded
+    mean of its 17 x 17 block (the same bytes on every CPU), for camera frames and random images of such sizes."""
+    frames = [f.image for f in open_source("virtual://fashion-mnist?size=640x480&channels=3&count=30")]
+    images = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)[0:480, 80:560] for f in frames]
+    rng = np.random.default_rng(7)
+    images += [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(480, 480), (450, 452), (113, 112)] * 3]
+    for image in images:
+        h, w = image.shape
+        fy, fx = h // 28, w // 28
+        assert 4 * (h - 28 * fy) <= fy and 4 * (w - 28 * fx) <= fx
+        oy, ox = (h - 28 * fy) // 2, (w - 28 * fx) // 2
+        blocks = image[oy:oy + 28 * fy, ox:ox + 28 * fx].astype(np.int64).reshape(28, fy, 28, fx).sum(axis=(1, 3))
+        area = fx * fy
+        q, r = np.divmod(blocks, area)
+        want = q + ((2 * r > area) | ((2 * r == area) & (q % 2 == 1)))
+        assert np.array_equal(area_resize(image, 28, 28), want)
+
+
 def test_two_step_area_resize_is_within_rounding_of_the_direct_one():
+    """472 -> 28 is far from a multiple of 28: integer step 472 -> 118, then the exact non-integer area step."""
     frames = [f.image for f in open_source("virtual://fashion-mnist?size=640x480&channels=3&count=30")]
     diffs = []
     for frame in frames:
-        gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)[0:480, 80:560]
+        gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)[4:476, 84:556]
         ours = area_resize(gray, 28, 28).astype(int)
         direct = cv2.resize(gray, (28, 28), interpolation=cv2.INTER_AREA).astype(int)
         diffs.append(np.abs(ours - direct))

@@ -385,7 +385,7 @@ def preprocess_check(bundle_path: str | None, out: Path, frames: int = 10000) ->
     (out / "preprocess_check.md").write_text(
         f"Preprocessing check — {r['machine_line']}; bundle {r['model_id']}; {r['frames']} frames of {r['source']}.\n\n"
         "| preprocessing | accuracy at the classifier | CPU ms/frame (back to back) |\n|---|---|---|\n"
-        f"| runtime (two-step exact area) | {100 * r['accuracy_runtime']:.2f} % | {r['cpu_ms_per_frame_runtime']:.3f} |\n"
+        f"| runtime (integer-factor area) | {100 * r['accuracy_runtime']:.2f} % | {r['cpu_ms_per_frame_runtime']:.3f} |\n"
         f"| direct cv2 INTER_AREA | {100 * r['accuracy_direct_inter_area']:.2f} % | {r['cpu_ms_per_frame_direct']:.3f} |\n\n"
         f"Symbols equal: {100 * r['symbols_equal']:.2f} % ({r['frames_all_symbols_equal']} frames with all symbols "
         f"equal); pixel |difference| mean {r['pixel_absdiff_mean']:.3f}, max {r['pixel_absdiff_max']}.\n")

@@ -49,7 +49,9 @@ class CaptureConfig(BaseModel):
     token_file: Optional[str] = None
     bundle: Optional[str] = None          # None: the embedded default bundle
     precision: Literal["fp32", "int8"] = "fp32"
-    threads: Optional[int] = Field(None, ge=1)
+    # ONNX Runtime intra-op threads: 1 (a 28x28 encoder gains nothing from a pool, whose threads spin after each run);
+    # None: ONNX Runtime's default (one per core)
+    threads: Optional[int] = Field(1, ge=1)
     providers: Optional[str] = None       # e.g. "cuda,cpu"; None picks the best available
     fps: Optional[float] = Field(None, gt=0)
     size: Optional[tuple[int, int]] = None

@@ -94,7 +94,7 @@ def capture(
     token_file: Optional[str] = typer.Option(None, "--token-file", help="File holding the camera token (chmod 600). Or set $TASKCODEC_TOKEN."),
     token: Optional[str] = typer.Option(None, "--token", help="Camera token on the command line: visible in /proc to every user; prefer --token-file or $TASKCODEC_TOKEN.", hidden=False),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or int8 encoder."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default 1: the encoder is small, and a thread pool spins after every run)."),
     providers: Optional[str] = typer.Option(None, "--providers", help="Execution providers, e.g. cuda,cpu (default: best available)."),
     fps: Optional[float] = typer.Option(None, "--fps", help="Frame rate cap."),
     size: Optional[str] = typer.Option(None, "--size", help="Capture size WxH, e.g. 640x480."),

@@ -5,12 +5,13 @@ downscaler that does not alias (the same one the training data pipeline assumes 
 
 Cost (a 640x480 BGR camera, ROI 480x480, 28x28 gray encoder input): OpenCV's INTER_AREA by a non-integer factor
 (480 -> 28 = 17.14) takes a generic per-pixel weighted path (~0.3 ms), and a colour conversion of a non-contiguous
-crop is ~3x slower than of a whole contiguous frame. So the area average is done in two steps: an integer-factor
-INTER_AREA (OpenCV's SIMD block-mean path) to at least 4x the target size, then the small non-integer INTER_AREA
-(480 -> 120 -> 28). It averages the same pixels as the direct resize (when the ROI is not a multiple of the integer
-factor, at most factor-1 < 1/4 of an output pixel's width of border pixels are left out, centred) and differs from it
-only by the rounding of the intermediate image (mean |difference| 0.28 grey levels, max 5, on virtual camera frames;
-`taskcodec bench runtime` reports the cost). Colour is converted where it is cheapest: gray on the whole frame
+crop is ~3x slower than of a whole contiguous frame. So the area average is done with integer factors: when the ROI
+is within a quarter of an output pixel of a multiple of the target size (480 = 17 x 28 + 4), one integer-factor
+INTER_AREA of the centred multiple (476 -> 28: the exact rounded mean of each 17x17 block, leaving out 2 border
+pixels on each side, less than a quarter of an output pixel); otherwise two steps: an integer-factor INTER_AREA
+(OpenCV's block-mean path) to at least 4x the target size, then the small non-integer area step (e.g. 500 -> 125 ->
+28), which differs from the direct resize only by the rounding of the intermediate image. `taskcodec bench runtime
+--preprocess-check` compares the result with the direct resize (accuracy, symbols, pixels) and reports the cost. Colour is converted where it is cheapest: gray on the whole frame
 when the ROI covers at least a third of it; channel reorders (BGR -> RGB, gray -> 3 channels) after the resize, where
 they are exact and touch 784 pixels.
 """
@@ -94,13 +95,22 @@ STAGE_MARGIN = 4  # the integer step stops at >= 4x the target size, so the non-
 
 
 def area_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """INTER_AREA to width x height: an integer-factor INTER_AREA first when the image is >= 8x larger, then
+    """INTER_AREA to width x height: one integer-factor INTER_AREA when the size is within a quarter output pixel of
+    an integer multiple, else an integer-factor INTER_AREA first when the image is >= 8x larger, then
     :func:`exact_area` (see the module docstring)."""
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image
     if w < width or h < height:  # upscaling: not a camera's case; OpenCV's INTER_AREA (bilinear there)
         return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    fx, fy = w // width, h // height
+    if fx >= 2 and fy >= 2 and 4 * (w - fx * width) <= fx and 4 * (h - fy * height) <= fy:
+        # one integer-factor step (480 -> 28: 17x17 blocks of the centred 476x476): leaves out at most a quarter of an
+        # output pixel's width of border pixels, and OpenCV's block mean is then the exact rounded mean (no .5 ties
+        # for an odd block area; float error far below the distance to one otherwise), the same bytes on every CPU
+        cw, ch = fx * width, fy * height
+        ox, oy = (w - cw) // 2, (h - ch) // 2
+        return cv2.resize(image[oy:oy + ch, ox:ox + cw], (width, height), interpolation=cv2.INTER_AREA)
     fx, fy = w // (STAGE_MARGIN * width), h // (STAGE_MARGIN * height)
     if fx >= 2 or fy >= 2:
         fx, fy = max(fx, 1), max(fy, 1)

@@ -267,9 +267,13 @@ def run(bundle_path: str | None, frames: int, rate: float, dwell: str, key_inter
     if bundle.residual_tables is not None:
         device = (f"virtual://dwell?count={frames}&seed={seed}&rate={rate:g}&dwell={dwell}&size=112x112"
                   "&clock=scene")
-        for temporal in (False, True):
-            log(f"end to end ({'temporal' if temporal else 'independent'}): runtime -> real server, {frames} frames")
-            e2e.append(e2e_row(bundle, device, labels, temporal, chosen[0], chosen[1], batch, 1.0))
+        for temporal, jitter in ((False, 0), (True, 0), (True, jitter_ms)):
+            log(f"end to end ({'temporal' if temporal else 'independent'}, jitter {jitter} ms): runtime -> real "
+                f"server, {frames} frames")
+            e2e.append(e2e_row(bundle, device + (f"&jitter={jitter}" if jitter else ""), labels, temporal,
+                               chosen[0], chosen[1], batch, 1.0))
+            if jitter:
+                e2e[-1]["method"] += f", capture times ±{jitter} ms jitter"
             log(f"  {e2e[-1]['method']}: {e2e[-1]['bits_per_frame']:.1f} payload / "
                 f"{e2e[-1]['wire_bits_per_frame']:.1f} wire bits/frame, {100 * e2e[-1]['accuracy']:.2f} %")
     budget_rows = []
@@ -356,7 +360,8 @@ def e2e_markdown(r: dict[str, Any]) -> str:
                 f"({ind['wire_bits_per_frame'] / tmp['wire_bits_per_frame']:.2f}x fewer wire bits) at "
                 f"{100 * (ind['accuracy'] - tmp['accuracy']):.2f} points accuracy loss at the server.**\n\n")
     return ("\n\n## End to end: real runtime and server\n\n"
-            "The test video (`virtual://dwell?...&clock=scene`: sensor-clock capture times 200 ms apart) through "
+            "The test video (`virtual://dwell?...&clock=scene`: sensor-clock capture times 200 ms apart; the last "
+            "row adds `&jitter=J`: each time off by -J..J ms) through "
             "`runtime capture` (spool, uplink; independent: v2 BATCH; temporal: wire v4 CBATCH, transcoded per "
             "connection with the bundle's shipped residual tables) and a real server subprocess; accuracy from the "
             f"predictions the server stored. Batches of up to {rows[0]['max_batch']} frames "

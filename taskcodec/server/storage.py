@@ -1144,7 +1144,13 @@ def select_frames(conn: sqlite3.Connection, f: FrameFilter, *, order: str = "asc
                 m &= (b.ts > a_ts) | ((b.ts == a_ts) & (tie | ((cam, epoch) == a_key[:2]) & (b.seq > a_key[2])))
             else:
                 m &= (b.ts < a_ts) | ((b.ts == a_ts) & (tie | ((cam, epoch) == a_key[:2]) & (b.seq < a_key[2])))
-        packed.extend(b.rows(np.flatnonzero(m).tolist(), payload))
+        idx = np.flatnonzero(m)
+        if cutoff is not None:  # only frames that can still be among the first ``limit``
+            idx = idx[b.ts[idx] >= cutoff] if desc else idx[b.ts[idx] <= cutoff]
+        if len(idx) > limit:  # one camera and epoch: the key order is (time, seq); keep this block's first limit
+            order = np.lexsort((b.seq[idx], b.ts[idx]))
+            idx = idx[order[::-1][:limit] if desc else order[:limit]]
+        packed.extend(b.rows(idx.tolist(), payload))
         if len(packed) >= limit:
             packed.sort(key=_time_key, reverse=desc)
             del packed[limit:]
@@ -1191,7 +1197,7 @@ def camera_frames(conn: sqlite3.Connection, camera_id: str, *, since_seq: int | 
             m &= b.seq > since_seq
         if since_ts is not None:
             m &= b.ts > since_ts
-        packed.extend(b.rows(np.flatnonzero(m).tolist(), payload=False))
+        packed.extend(b.rows(np.flatnonzero(m)[:limit].tolist(), payload=False))  # in seq order already
         if len(packed) >= limit:
             packed.sort(key=lambda r: (r[1], r[2]))
             del packed[limit:]
@@ -1261,16 +1267,18 @@ def count_frames(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, *, 
         m = f.mask(b)
         if m is None or not m.any():
             continue
-        buckets = (b.ts[m] // interval_ms) * interval_ms
+        buckets = b.ts[m] // interval_ms
         preds = b.pred[m]
         lengths = b.lengths[m]
-        keys = np.stack([buckets, preds.astype(np.int64)], 1)
-        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-        inverse = inverse.ravel()
+        base = int(buckets.min())
+        span = int(preds.max()) - int(preds.min()) + 1
+        keys = (buckets - base) * span + (preds - preds.min())  # one integer per (bucket, class)
+        uniq, inverse = np.unique(keys, return_inverse=True)
         ns = np.bincount(inverse, minlength=len(uniq))
-        nb = np.bincount(inverse, weights=lengths, minlength=len(uniq))
-        for (bucket, pred), n, nbytes in zip(uniq.tolist(), ns.tolist(), nb.tolist()):
-            add(bucket, cam, pred, n, int(nbytes))
+        nb = np.bincount(inverse, weights=lengths, minlength=len(uniq)) if with_bytes else ns * 0
+        low = int(preds.min())
+        for key, n, nbytes in zip(uniq.tolist(), ns.tolist(), nb.tolist()):
+            add((base + key // span) * interval_ms, cam, low + key % span, n, int(nbytes))
     return out
 
 

@@ -260,10 +260,14 @@ class PgStore:
                                          else start + HOUR_MS <= packed[limit - 1][2]):
                 break
             b = decode_block(camera_id, epoch, models, fmt, data)
-            m = (b.ts >= since_ms) & (b.ts < until_ms)
-            for r in b.rows(np.flatnonzero(m).tolist()):
+            idx = np.flatnonzero((b.ts >= since_ms) & (b.ts < until_ms))
+            if len(idx) > limit:  # one epoch: (time, seq) order; this block's first ``limit`` are all it can give
+                order = np.lexsort((b.seq[idx], b.ts[idx]))
+                idx = idx[order[::-1][:limit] if newest else order[:limit]]
+            for r in b.rows(idx.tolist()):
                 packed.append((epoch, r[2], r[3], r[4] - r[3], r[5], r[6], r[7], int(r[8])))
             packed.sort(key=lambda r: (r[2], r[0], r[1]), reverse=newest)
+            del packed[limit:]
         out = [(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6], r[7]) for r in out] + packed
         out.sort(key=lambda r: (r[2], r[0], r[1]), reverse=newest)
         return out[:limit]

@@ -97,8 +97,9 @@ def test_server_killed_twice_mid_stream_leaves_no_undecodable_frame(tmp_path, bu
         srv = stack.enter_context(testing.ServerProcess(None, db))
         port = srv.port
         token = srv.add_camera("cam-k").decode()
-        rt = CaptureRuntime(CaptureConfig(
-            device="virtual://dwell?" + DWELL.format(seed=5, n=n), server=srv.url, camera_id="cam-k", token=token,
+        rt = CaptureRuntime(CaptureConfig(  # sensor-clock times with jitter: CBATCH TIME items across reconnects
+            device="virtual://dwell?" + DWELL.format(seed=5, n=n) + "&clock=scene&jitter=3", server=srv.url,
+            camera_id="cam-k", token=token,
             spool=str(tmp_path / "spool"), fps=20, quiet=True, temporal=True, same_l1=same_l1, threads=1,
             drain_timeout=2 * TIMEOUT, max_delay=0.02))
         result = {}
@@ -129,6 +130,12 @@ def test_server_killed_twice_mid_stream_leaves_no_undecodable_frame(tmp_path, bu
     key = RangeCoder(bundle.tables)
     dist = np.array([np.abs(decompress(stored[i][0], key, bundle.model_tag) - sym[i]).sum() for i in range(n)])
     assert dist.max() <= same_l1, np.nonzero(dist > same_l1)
+    # every capture time survived the CBATCH links of three connections (times implied from the previous frame)
+    con = sqlite3.connect(str(db))
+    times = dict(con.execute("SELECT seq, ts_capture_ms FROM frames WHERE camera_id = 'cam-k'").fetchall())
+    con.close()
+    cam = DwellCamera({"seed": "5", "rate": "5", "jitter": "3"})
+    assert [times[k] - times[0] for k in range(n)] == [cam.scene_ms(k) - cam.scene_ms(0) for k in range(n)]
 
 
 def test_server_negotiates_and_never_decodes_without_the_reference(tmp_path, bundle):

@@ -139,10 +139,10 @@ def test_server_killed_twice_mid_stream_leaves_no_undecodable_frame(tmp_path, bu
 
 
 def test_server_negotiates_and_never_decodes_without_the_reference(tmp_path, bundle):
-    """Protocol edges at the real server: a v2 camera gets a v2 WELCOME and its BATCH is stored; other residual tables
-    get no grant and a TBATCH there is refused; a version-3 camera's TBATCHes are stored; a COND frame without a reference on a fresh connection (a camera that
-    did not start with a KEY frame) gets the frames before it acked and ERROR RESYNC, never a wrong decode; so does
-    a COND frame after a KEY frame the server refused."""
+    """Protocol edges at the real server: a v2 camera gets a v2 WELCOME and its BATCH is stored; other residual
+    tables get no grant and a TBATCH there is refused; a version-3 camera's TBATCHes are stored; a COND frame
+    without a reference on a fresh connection (a camera that did not start with a KEY frame) gets the frames before
+    it acked and ERROR RESYNC, never a wrong decode; so does a COND frame after a KEY frame the server refused."""
     from taskcodec import wire
 
     key, res = RangeCoder(bundle.tables), RangeCoder(bundle.residual_tables)

@@ -68,8 +68,8 @@ def run_temporal(sym: np.ndarray, key: RangeCoder, res: RangeCoder, tag: bytes, 
     """Encode and decode a whole video; returns (payload bytes per frame, decoded symbols, kinds). With a budget, a
     token bucket decides per frame, as the runtime's uplink does: the preferred frame if it fits, else SAME; with no
     reference yet, a key frame on debt. The bucket holds 3 s of budget, so no 60 s window can exceed the budget by
-    more than 5 % (plus the first key frame's debt, in the first window). ``payloads``: a list that receives every frame's payload
-    (None for a frame not sent)."""
+    more than 5 % (plus the first key frame's debt, in the first window). ``payloads``: a list that receives every
+    frame's payload."""
     enc, dec = TemporalEncoder(key, res, tag, key_interval, same_l1), TemporalDecoder(key, res, tag)
     sizes, out, kinds = np.zeros(len(sym), np.int64), np.zeros_like(sym), []
     per_frame = budget_bps / fps if budget_bps else None

@@ -24,8 +24,8 @@ import numpy as np
 
 from taskcodec.runtime.source import Source, SourceError
 
-KNOWN = {"size", "rate", "dwell", "gap", "noise", "drift", "seed", "count", "split", "channels", "data", "item", "clock",
-         "jitter"}
+KNOWN = {"size", "rate", "dwell", "gap", "noise", "drift", "seed", "count", "split", "channels", "data", "item",
+         "clock", "jitter"}
 
 
 def _range(text: str, name: str) -> tuple[float, float]:

@@ -37,7 +37,7 @@ log = logging.getLogger("taskcodec.server.temporal")
 class SessionTemporal:
     """One connection's temporal state: its decoder (reference) and what it received."""
     decoder: TemporalDecoder
-    wire: wire.Connection = field(default_factory=wire.Connection)  # the CBATCH link (v4)
+    conn: wire.Connection = field(default_factory=wire.Connection)  # the connection's CBATCH link (v4)
     kinds: dict = field(default_factory=lambda: {"key": 0, "cond": 0, "same": 0})
     payload_bytes: int = 0
 
@@ -91,7 +91,7 @@ class TemporalIngest:
                                                          "residual tag)")
         if isinstance(batch, wire.CompactBatch):
             try:
-                state.wire.resolve(batch)  # in arrival order: the epoch, seqs and times from the previous CBATCH
+                state.conn.resolve(batch)  # in arrival order: the epoch, seqs and times from the previous CBATCH
             except wire.WireError as exc:
                 return [], wire.Error(wire.Code.BAD_MESSAGE, f"malformed CBATCH: {exc}")
         out = []

@@ -18,7 +18,7 @@ another server process can never be asked to decode against a frame it does not 
 
 On a version-4 connection the frames go as CBATCHes (wire.CompactBatch): the connection's ``wire.Connection`` leaves
 out what continues the previous CBATCH (epoch, first seq, base time), capture times at the batch's nominal interval
-(the most common gap between its frames) cost nothing, and a run of SAME frames is one byte. Whatever resets the
+(``_interval``) cost nothing, and a run of SAME frames is one byte. Whatever resets the
 temporal reference (a new connection, ``lost``) also makes the next CBATCH self-contained.
 """
 

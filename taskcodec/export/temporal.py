@@ -19,7 +19,7 @@ from taskcodec.bundle import Bundle, BundleError, add_file, load_bundle
 from taskcodec.coding import RangeCoder
 from taskcodec.coding.temporal import fit_policy_tables, residual_tag
 
-DEFAULTS = {"frames": 1500, "rate": 5.0, "dwell": "1-3", "seed": 1001, "key_interval": 50, "same_l1": 10}
+DEFAULTS = {"frames": 1500, "rate": 5.0, "dwell": "1-3", "seed": 1001, "key_interval": 200, "same_l1": 11}
 
 
 def dwell_symbols(bundle: Bundle, frames: int, rate: float, dwell: str, seed: int, size: int = 112) -> np.ndarray:

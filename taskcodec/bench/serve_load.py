@@ -44,6 +44,20 @@ def _register(db: Path, n: int) -> list[tuple[str, bytes]]:
     return cams
 
 
+def _pin(server_pid: int, load_pids: list[int]) -> str | None:
+    """TASKCODEC_SERVE_LOAD_PIN=1: the server (every thread) on the last CPU, the load generator on the others, so
+    the server's CPU per frame is not inflated by sharing a CPU (and its caches) with the load generator."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    server, rest = {cpus[-1]}, set(cpus[:-1])
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), server)
+    for pid in load_pids:
+        os.sched_setaffinity(pid, rest)
+    return f"server on CPU {cpus[-1]}, load generator on CPUs {sorted(rest)}"
+
+
 def _max_rowid(db: Path) -> int:
     conn = sqlite3.connect(db, timeout=30)
     try:
@@ -148,6 +162,9 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
                                                              t0, seconds, q)) for p in range(load_procs)]
             for p in procs:
                 p.start()
+            pinned = _pin(pid, [p.pid for p in procs]) if os.environ.get("TASKCODEC_SERVE_LOAD_PIN") else None
+            if pinned:
+                log(f"pinned: {pinned}")
             time.sleep(max(0.0, t0 - time.time()) + 2.0)  # +2 s: every camera has sent its first frame
             window = max(5.0, seconds - 4.0)
             spy = None
@@ -175,7 +192,7 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
     loop_cpu = sum(th1.get(pid, (0.0, 0.0))) - sum(th0.get(pid, (0.0, 0.0)))
     mb = (mb1[0] - mb0[0], mb1[1] - mb0[1])
     ack_ms = np.array([x for r in results for x in r["ack_ms"]] or [np.nan])
-    row = {"cameras": cameras, "server_args": " ".join(server_args), "seconds": round(w1 - w0, 1),
+    row = {"cameras": cameras, "server_args": " ".join(server_args) + (" (pinned)" if pinned else ""), "seconds": round(w1 - w0, 1),
            "frames_per_s": frames / (w1 - w0), "server_cpu_s": cpu, "cpu_us_per_frame": 1e6 * cpu / max(frames, 1),
            "server_cpu_share": cpu / (w1 - w0),
            "event_loop_us_per_frame": 1e6 * loop_cpu / max(frames, 1),
@@ -215,7 +232,10 @@ def run(bundle_path: str | None, cameras: list[int], seconds: float, load_procs:
 def markdown(result: dict[str, Any]) -> str:
     cols = [("cameras", "1-fps cameras"), ("server_args", "serve options"), ("frames_per_s", "frames/s"),
             ("cpu_us_per_frame", "server CPU µs/frame"), ("event_loop_us_per_frame", "event loop thread"),
-            ("other_threads_us_per_frame", "ingest + other threads"), ("frames_per_microbatch", "frames/micro-batch"),
+            ("event_loop_user_us_per_frame", "of which user"), ("event_loop_sys_us_per_frame", "of which kernel"),
+            ("other_threads_us_per_frame", "ingest + other threads"),
+            ("other_threads_user_us_per_frame", "of which user"), ("other_threads_sys_us_per_frame", "of which kernel"),
+            ("frames_per_microbatch", "frames/micro-batch"),
             ("server_cpu_share", "server CPU (cores)"),
             ("ack_p50_ms", "ack p50 ms"), ("ack_p99_ms", "ack p99 ms"), ("errors", "errors"),
             ("load_avg_1min", "load avg")]

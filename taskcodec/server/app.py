@@ -2,9 +2,13 @@
 
 Security model (issue 11): cameras authenticate with their token in the HELLO; everything else that reads or
 administers needs an operator API key (auth.require_operator). Before a camera has authenticated it may send one
-small message (limits.GuardedWebSocketProtocol), must do so within a deadline, and only a few such connections per
-address and in total are admitted (limits.ConnectionGate); over HTTP the HELLO at the start of the body is checked
-before the rest is read.
+small message (stream._FirstMessageGuard; limits.GuardedWebSocketProtocol on the ASGI route), must do so within a
+deadline, and only a few such connections per address and in total are admitted (limits.ConnectionGate); over HTTP
+the HELLO at the start of the body is checked before the rest is read.
+
+/v1/stream is normally served by server/stream.py (picows, same port, routed by request line before the ASGI app
+sees the connection); the WebSocket route below serves it when picows is missing or when the upgrade comes on an
+HTTP keep-alive connection.
 """
 
 from __future__ import annotations

@@ -437,6 +437,8 @@ class IngestService:
         reason)."""
         out: list[wire.Message] = []
         seq = batch.frames[0].seq
+        if all(o[0] for o in outcome):  # the usual case: everything stored
+            return [wire.Ack(batch.epoch, seq, len(outcome))]
         for (ok, code), run in itertools.groupby(outcome, key=lambda o: (o[0], o[2])):
             run = list(run)
             if ok:

@@ -9,6 +9,8 @@
 - ``ConnectionGate``: unauthenticated WebSocket connections per peer address and in total (the app asks it before
   accepting the upgrade; a refused peer gets HTTP 403 and costs nothing more).
 
+The picows stream front end (server/stream.py) applies the same limits to /v1/stream connections.
+
 Their settings come from ``config.taskcodec_limits`` on the uvicorn Config (a picklable pydantic model, so it reaches
 ``--workers`` processes too).
 """

@@ -581,7 +581,7 @@ class _Connection(WSListener):
         for reply in replies:
             send(WSMsgType.BINARY, reply.encode())
         for reply in replies:
-            if isinstance(reply, wire.Error):
+            if type(reply) is wire.Error:
                 self._close(CLOSE.get(reply.code, 1011), reply.reason)
                 return
         if self.closing:  # shutting down: the in-flight batch has its answer

@@ -99,18 +99,23 @@ def _thread_split(pid: int, th0: dict, th1: dict, frames: int, names: dict[int, 
     return out
 
 
-def _microbatches(server) -> tuple[float, float]:
-    """(frames, micro-batches) so far, from the server's /metrics histogram."""
+_COUNTERS = ("taskcodec_server_microbatch_frames_sum", "taskcodec_server_microbatch_frames_count",
+             "taskcodec_server_process_cpu_seconds_total", "taskcodec_server_store_cpu_seconds_total")
+
+
+def _microbatches(server) -> tuple[float, ...]:
+    """(frames, micro-batches, ingest-thread CPU in process(), of which in the storage write) so far, from the
+    server's /metrics."""
     import urllib.request
 
     req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {server.operator_key}"})
     text = urllib.request.urlopen(req, timeout=30).read().decode()
     got = {}
     for line in text.splitlines():
-        for k in ("taskcodec_server_microbatch_frames_sum", "taskcodec_server_microbatch_frames_count"):
+        for k in _COUNTERS:
             if line.startswith(k + " "):
                 got[k] = float(line.split()[1])
-    return got.get("taskcodec_server_microbatch_frames_sum", 0.0), got.get("taskcodec_server_microbatch_frames_count", 0.0)
+    return tuple(got.get(k, 0.0) for k in _COUNTERS)
 
 
 def _summarise_profile(raw: Path, top: int = 25) -> dict[str, Any]:
@@ -190,13 +195,15 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
     cpu = cpu1 - cpu0
     split = _thread_split(pid, th0, th1, frames, names)
     loop_cpu = sum(th1.get(pid, (0.0, 0.0))) - sum(th0.get(pid, (0.0, 0.0)))
-    mb = (mb1[0] - mb0[0], mb1[1] - mb0[1])
+    mb = tuple(b - a for a, b in zip(mb0, mb1))
     ack_ms = np.array([x for r in results for x in r["ack_ms"]] or [np.nan])
     row = {"cameras": cameras, "server_args": " ".join(server_args) + (" (pinned)" if pinned else ""), "seconds": round(w1 - w0, 1),
            "frames_per_s": frames / (w1 - w0), "server_cpu_s": cpu, "cpu_us_per_frame": 1e6 * cpu / max(frames, 1),
            "server_cpu_share": cpu / (w1 - w0),
            "event_loop_us_per_frame": 1e6 * loop_cpu / max(frames, 1),
            "other_threads_us_per_frame": 1e6 * (cpu - loop_cpu) / max(frames, 1), **split,
+           "process_cpu_us_per_frame": 1e6 * mb[2] / max(mb[0], 1),
+           "store_cpu_us_per_frame": 1e6 * mb[3] / max(mb[0], 1),
            "microbatches_per_s": mb[1] / (w1 - w0), "frames_per_microbatch": mb[0] / max(mb[1], 1), "acked": sum(r["acked"] for r in results), "stored": stored,
            "errors": sum(r["errors"] for r in results),
            "first_error": next((r["first_error"] for r in results if r.get("first_error")), None),
@@ -235,6 +242,8 @@ def markdown(result: dict[str, Any]) -> str:
             ("event_loop_user_us_per_frame", "of which user"), ("event_loop_sys_us_per_frame", "of which kernel"),
             ("other_threads_us_per_frame", "ingest + other threads"),
             ("other_threads_user_us_per_frame", "of which user"), ("other_threads_sys_us_per_frame", "of which kernel"),
+            ("process_cpu_us_per_frame", "of which in process()"),
+            ("store_cpu_us_per_frame", "of which in storage write"),
             ("frames_per_microbatch", "frames/micro-batch"),
             ("server_cpu_share", "server CPU (cores)"),
             ("ack_p50_ms", "ack p50 ms"), ("ack_p99_ms", "ack p99 ms"), ("errors", "errors"),

@@ -343,7 +343,7 @@ class IngestService:
 
     def process(self, jobs: list[tuple[Session | str, wire.Batch]]) -> list[list[wire.Message]]:
         """Decode, classify and store several batches in one transaction (runs in the worker thread)."""
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         default = self.models[self.model_tag]
         jobs = [(Session(s, None) if isinstance(s, str) else s, b) for s, b in jobs]
         # symbols per model (one classifier call per model in the micro-batch); a frame's index is into its model's
@@ -377,9 +377,11 @@ class IngestService:
             rows = [(session.camera_id, batch.epoch, f.seq, f.ts_ms, stored_ms, model_id, f.payload, pred[i], conf[i])
                     for f, i in out if isinstance(i, int)]
             items.append(BatchRows(session.camera_id, session.token_hash, rows))
+        store0 = time.thread_time()
         statuses = self.storage.store_batches(items)
-        self.state.writable()
         m = self.metrics
+        m.store_cpu.inc(time.thread_time() - store0)
+        self.state.writable()
         new_rows = []
         replies = []
         for (session, batch), out, item, status, ending in zip(jobs, decoded, items, statuses, endings):
@@ -429,6 +431,7 @@ class IngestService:
             for hook in self.stored_hooks:
                 hook(new_rows)
         m.process_seconds.observe(time.perf_counter() - t0)
+        m.process_cpu.inc(time.thread_time() - cpu0)
         m.microbatch_frames.observe(sum(len(b.frames) for _, b in jobs))
         return replies
 

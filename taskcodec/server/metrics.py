@@ -87,8 +87,14 @@ class ServerMetrics:
         self.capture_to_stored = LocalHistogram(PREFIX + "capture_to_stored_seconds",
                                                 "Camera capture time to commit time per stored frame (camera clock!)",
                                                 _LATENCY_BUCKETS + (300.0, 3600.0))
+        # CPU of the ingest thread (time.thread_time) per micro-batch: all of process(), and its storage call alone
+        self.process_cpu = LocalCounter(PREFIX + "process_cpu_seconds", "Ingest thread CPU in decode + classify + "
+                                        "store of micro-batches")
+        self.store_cpu = LocalCounter(PREFIX + "store_cpu_seconds", "Ingest thread CPU in the storage write "
+                                      "(store_batches) of micro-batches")
         r.register(_LocalCollector([self.frames_received, self.frames_stored, self.frames_duplicate,
-                                    self.bytes_received], [self.capture_to_stored]))
+                                    self.bytes_received, self.process_cpu, self.store_cpu],
+                                   [self.capture_to_stored]))
         self.frames_rejected = Counter(PREFIX + "frames_rejected", "Frames rejected, by reason", ["reason"],
                                        registry=r)
         self.messages_refused = Counter(PREFIX + "messages_refused", "Messages answered with an Error, by reason",

@@ -125,6 +125,17 @@ def test_dedup_stays_exact_for_packed_hours_and_late_frames_join_their_block(tmp
     total = sum(v[0] for v in S.count_frames(conn, S.FrameFilter(), H).values())
     assert total == 601 == len(S.select_frames(conn, S.FrameFilter(), limit=10 ** 6))
 
+    # the writer caches each (camera, epoch)'s highest packed seq; a compaction by another process (here: another
+    # SQLiteStorage on the same file) must still be seen by its next transaction
+    fresh = [("cam-0", 7, 6000 + i, now - 2 * H + i, now - 2 * H + i, "m1", os.urandom(6), 1, 0.5) for i in range(5)]
+    assert st.store_batches([S.BatchRows("cam-0", "h", fresh)]) == [[S.NEW] * 5]  # caches the bound
+    other = S.SQLiteStorage(tmp_path / "s.db")
+    other.compact(settle_s=-2 * 3600)
+    other.close()
+    assert conn.execute("SELECT count(*) FROM frames WHERE seq >= 6000").fetchone()[0] <= 1
+    assert st.store_batches([S.BatchRows("cam-0", "h", fresh[:4])]) == [[S.DUPLICATE] * 4]  # all four packed
+    assert st.frame_counts() == {"cam-0": 606}
+
 
 def test_retention_removes_exactly_the_old_frames_from_both_parts(tmp_path):
     st = S.SQLiteStorage(tmp_path / "s.db")

@@ -167,7 +167,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE IF NOT EXISTS compaction (
         id INTEGER PRIMARY KEY CHECK (id = 0),
-        last_run_ms INTEGER NOT NULL
+        last_run_ms INTEGER NOT NULL,
+        generation INTEGER NOT NULL DEFAULT 0
     );
     """,
 ]
@@ -331,6 +332,8 @@ class SQLiteStorage:
         self._writer: sqlite3.Connection | None = None
         self._compactor: threading.Thread | None = None
         self._compactor_stop = threading.Event()
+        self._packed_hi: dict[tuple[str, int], int] = {}  # (camera, epoch) -> highest packed seq (write lock held)
+        self._packed_generation: int | None = None
         try:
             _create_private(self.path)
             _tighten(self.path)
@@ -557,27 +560,19 @@ class SQLiteStorage:
         with self._transaction() as w:
             tokens: dict[str, str | None] = {}
             accepted, slow = [], []
+            self._check_packed_generation(w)
             for b in batches:
-                # A batch's frames share camera and epoch; a block holding any of its seqs (a re-sent frame whose
-                # hour is packed already) sends it to the row-by-row path. The block lookup rides on the token check.
-                packed = False
-                if b.rows:
-                    seqs = [r[2] for r in b.rows]
-                    span = (b.rows[0][1], min(seqs), max(seqs))
-                if b.token_hash is not None and b.camera_id not in tokens:
-                    if b.rows:
-                        row = w.execute(self._TOKEN_AND_BLOCK, (b.camera_id, *span)).fetchone()
-                        packed = bool(row and row[1])
-                    else:
+                if b.token_hash is not None:
+                    if b.camera_id not in tokens:
                         row = w.execute("SELECT token_hash FROM cameras WHERE id = ?", (b.camera_id,)).fetchone()
-                    tokens[b.camera_id] = row[0] if row else None
-                elif b.rows:
-                    packed = _has_overlap(w, b.camera_id, *span)
-                if b.token_hash is not None and tokens[b.camera_id] != b.token_hash:
-                    out.append(None)
-                    continue
+                        tokens[b.camera_id] = row[0] if row else None
+                    if tokens[b.camera_id] != b.token_hash:
+                        out.append(None)
+                        continue
                 out.append([])
-                (slow if packed else accepted).append((len(out) - 1, b))
+                # A block holding any of the batch's seqs (a re-sent frame whose hour is packed already) sends it
+                # to the row-by-row path; new frames (seqs above every block of their camera and epoch) do not.
+                (slow if b.rows and self._maybe_packed(w, b.rows) else accepted).append((len(out) - 1, b))
             for i, b in slow:
                 out[i] = self._store_rows(w, b.rows)
             # Fast path (the usual case: every frame is new): one INSERT OR IGNORE for the whole micro-batch. If
@@ -597,9 +592,27 @@ class SQLiteStorage:
                     out[i] = self._store_rows(w, b.rows)
         return out
 
-    # The camera's token and whether a block of (camera, epoch) meets the seq range, in one statement.
-    _TOKEN_AND_BLOCK = ("SELECT token_hash, EXISTS (SELECT 1 FROM frame_blocks INDEXED BY frame_blocks_by_seq WHERE "
-                        "camera_id = ?1 AND epoch = ?2 AND seq_hi >= ?3 AND seq_lo <= ?4) FROM cameras WHERE id = ?1")
+    def _check_packed_generation(self, w: sqlite3.Connection) -> None:
+        """Inside a write transaction: forget the cached block seq bounds if any compaction (of any process) wrote
+        blocks since they were read (compaction bumps the generation in the transaction that writes them)."""
+        row = w.execute("SELECT generation FROM compaction WHERE id = 0").fetchone()
+        generation = row[0] if row else 0
+        if generation != self._packed_generation or len(self._packed_hi) > 200_000:
+            self._packed_hi.clear()
+            self._packed_generation = generation
+
+    def _maybe_packed(self, w: sqlite3.Connection, rows: Sequence[FrameRow]) -> bool:
+        """Whether a block of the rows' camera and epoch holds one of their seqs. The highest packed seq of each
+        (camera, epoch) is cached (valid for the generation read by _check_packed_generation in this transaction),
+        so a batch of new frames costs no query; only a batch reaching below it is looked up exactly."""
+        cam, epoch = rows[0][0], rows[0][1]
+        lo = min(r[2] for r in rows)
+        hi_packed = self._packed_hi.get((cam, epoch))
+        if hi_packed is None:
+            hi_packed = self._packed_hi[(cam, epoch)] = w.execute(
+                "SELECT coalesce(max(seq_hi), -9223372036854775808) FROM frame_blocks INDEXED BY frame_blocks_by_seq "
+                "WHERE camera_id = ? AND epoch = ?", (cam, epoch)).fetchone()[0]
+        return lo <= hi_packed and _has_overlap(w, cam, epoch, lo, max(r[2] for r in rows))
 
     def _store_rows(self, w: sqlite3.Connection, rows: Sequence[FrameRow]) -> list[int]:
         if not rows:
@@ -799,6 +812,9 @@ class SQLiteStorage:
                 self._write_block(w, cam, epoch, hour, new)
             moved.extend(new)
         self._rollup(w, moved, 1)
+        # writers cache the highest packed seq per (camera, epoch) for one generation: this transaction ends it
+        w.execute("INSERT INTO compaction (id, last_run_ms, generation) VALUES (0, 0, 1) ON CONFLICT DO UPDATE SET "
+                  "generation = generation + 1")
         newest = max(rows, key=lambda r: (r[5], r[0]))
         w.execute("INSERT INTO packed_cameras (camera_id, generation, frames, payload_bytes, last_stored_ms, "
                   "last_capture_ms, model_id) VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "

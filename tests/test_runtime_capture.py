@@ -230,7 +230,7 @@ class _StallingSource:
 
 def test_a_window_is_spooled_at_its_deadline_when_frames_stop_coming(bundle, tmp_path):
     """Frames are encoded and spooled a window at a time (--batch-window): a source that stalls mid-window does not
-    hold its frames back; they are spooled and sent within the window, while the source is still blocked."""
+    hold its frames back; they are spooled and sent 1.5 windows after the first, while the source is still blocked."""
     source = _StallingSource(3, 2)
     with FakeIngestServer(bundle.model_tag, tables=bundle.tables) as server:
         rt = CaptureRuntime(_cfg(bundle, server.url, tmp_path / "spool", batch_window=0.3, batch_frames=16),

@@ -57,11 +57,12 @@ class CaptureConfig(BaseModel):
     size: Optional[tuple[int, int]] = None
     roi: Optional[tuple[int, int, int, int]] = None
     loop: bool = False
-    # Frames are encoded and spooled a window at a time: a frame waits at most batch_window seconds (or until
-    # batch_frames are held) and the window is preprocessed, encoded (one ONNX Runtime run), stored (one spool
-    # transaction: one fsync) and handed to the uplink together. At 30 fps 0.2 s is ~6 frames: process CPU per frame
-    # about half of frame-by-frame work (bench/results/runtime/runtime_cpu.md), for up to 0.2 s more latency, and a
-    # kill -9 or power loss also loses the frames still held (never one that was spooled or sent). 0: frame by frame.
+    # Frames are encoded and spooled a window at a time: the window is preprocessed, encoded (one ONNX Runtime run),
+    # stored (one spool transaction: one fsync) and handed to the uplink together once a frame arrives batch_window
+    # seconds after its first one (or batch_frames are held); a source that stalls has its held frames spooled
+    # 1.5 x batch_window after the first. At 30 fps 0.2 s is ~6-7 frames: process CPU per frame about a third of
+    # frame-by-frame work (bench/results/runtime/runtime_cpu.md), for up to 0.2 s more latency; a kill -9 or power loss
+    # also loses the frames still held (never one that was spooled, sent or acknowledged). 0: frame by frame.
     batch_window: float = Field(0.2, ge=0)
     batch_frames: int = Field(16, ge=1, le=1024)
     max_delay: float = Field(0.0, ge=0)  # extra batching wait of the uplink (UplinkConfig.max_delay: CPU vs latency)
@@ -201,6 +202,7 @@ class CaptureRuntime:
         self._held_since = 0.0
         self._batch_lock = threading.Lock()
         self._armed = threading.Event()
+        self._flusher_idle = False
         self._flusher: threading.Thread | None = None
         self._flush_error: BaseException | None = None
         self._labels: list[int | None] = []
@@ -243,8 +245,8 @@ class CaptureRuntime:
                             if self.rollout is not None:
                                 self.rollout.at_frame_boundary()  # a verified new model takes over from this frame on
                             self._held_since = time.monotonic()
-                            if self._flusher is not None:
-                                self._armed.set()
+                            if self._flusher_idle:
+                                self._armed.set()  # (a flusher waiting on an earlier deadline finds this window then)
                         held.append(frame)
                         if len(held) >= most or window <= 0 or time.monotonic() - self._held_since >= window:
                             self._flush_locked()
@@ -322,19 +324,22 @@ class CaptureRuntime:
             self._labels.extend(f.label for f in frames)
 
     def _flusher_main(self) -> None:
-        """Flushes a window whose frames stopped coming (a stalled or event-driven source) at its deadline; the capture
-        loop flushes all others itself. One wake-up per window."""
+        """Spools a window whose frames stopped coming (a stalled or event-driven source) half a window after its
+        deadline; the capture loop flushes every other window itself, when a frame arrives past the deadline. About one
+        wake-up per window: it sleeps until the deadline it knows of, and is woken only from idle."""
         window = self.config.batch_window
+        late = 1.5 * window
         while not self._stop.is_set() and self._flusher is not None:
             self._armed.clear()
             with self._batch_lock:
                 since = self._held_since if self._held else None
+                self._flusher_idle = since is None
             if since is None:
                 self._armed.wait()
                 continue
-            delay = since + window - time.monotonic()
+            delay = since + late - time.monotonic()
             if delay > 0:
-                self._armed.wait(delay)  # set early by the next window's start, a stop or the loop's end
+                self._armed.wait(delay)  # set early only by a stop or the loop's end
                 continue
             with self._batch_lock:
                 if self._held and self._held_since == since:

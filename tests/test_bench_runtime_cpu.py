@@ -25,4 +25,6 @@ def test_cpu_bench_measures_the_paced_runtime_process(tmp_path):
     assert any(k.startswith("uplink thread") for k in run["threads_ms_per_frame"])
     assert "--max-delay 0.1" in data["command"]
     assert data["coding_cpu"]["backends"] and data["pacing_probe"]["best_round"]
+    assert {"back_to_back", "paced_60fps", "paced_60fps_windows_of_6"} == set(data["pacing_probe"]["best_round"])
+    assert data["capture_defaults"]["batch_window"] > 0 and "batch-window" in data["command"]
     assert "| fp32 | full | 90 |" in (tmp_path / "prof" / "runtime_cpu.md").read_text()

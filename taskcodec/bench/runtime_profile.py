@@ -111,7 +111,9 @@ def _thread_cpu() -> dict[int, tuple[str, float]]:
 
 def _thread_group(name: str) -> str:
     if name == "MainThread":
-        return "capture loop (main thread: preprocess, encode, spool append)"
+        return "capture loop (main thread: source pacing; per window of frames: preprocess, encode, spool append)"
+    if name == "capture-flusher":
+        return "capture flusher thread (spools a window whose frames stopped coming)"
     if name.startswith("uplink-"):
         return "uplink thread (asyncio + websockets + spool reads/acks)"
     if name == "status-line":
@@ -247,14 +249,19 @@ def cpu_profile(bundle_path: str | None, out: Path, frames: int = 600, fps: floa
     info = machine_info()
     coding = coding_cpu(bundle)
     pacing = pacing_probe(bundle, fps)
+    from taskcodec.runtime.capture import CaptureConfig
+
+    fields = CaptureConfig.model_fields
+    defaults = {k: fields[k].default for k in ("batch_window", "batch_frames", "max_delay", "threads", "spool_sync")}
     result = {"machine": info, "machine_line": machine_line(info), "bundle": str(bundle.path), "coding_cpu": coding,
-              "pacing_probe": pacing,
+              "pacing_probe": pacing, "capture_defaults": defaults,
               "model_id": bundle.model_id, "threads": threads, "fps_cap": fps,
               "source": f"virtual://fashion-mnist?size={size}&channels=3, first {pool} frames rendered before the "
                         f"run and repeated (rendering excluded), paced at {fps:g} fps; roi {roi}",
               "command": "runtime capture --device SOURCE --roi " + roi + f" --fps {fps:g} --threads {threads} "
                          "--precision P --spool-sync S --quiet " + " ".join(capture_args or []) +
-                         " (other settings: the command's defaults), in a child "
+                         " (other settings: the command's defaults: " +
+                         ", ".join(f"{k.replace('_', '-')} {v}" for k, v in defaults.items()) + "), in a child "
                          "process (python -m taskcodec.bench.runtime_profile --cpu-child)",
               "server": "the real ingest server (LocalServer) on loopback, its CPU not counted",
               "targets": {"process_cpu_ms_per_frame": CPU_TARGET_MS, "coding_ms_per_frame": CODING_TARGET_MS},
@@ -298,11 +305,12 @@ def coding_cpu(bundle, frames: int = 1000, repeats: int = 5) -> dict:
     return {"frames": len(symbols), "repeats": repeats, "backends": out}
 
 
-def pacing_probe(bundle, fps: float = 30.0, frames: int = 120, rounds: int = 2) -> dict:
-    """The same preprocess + encode calls, back to back and with the camera's frame interval between frames (thread
-    CPU per frame, in this process). On a VM shared with other jobs the paced calls cost several times more CPU: each
-    frame starts with cold caches after the sleep. This separates what the runtime's code costs from what the machine
-    adds at a low frame rate."""
+def pacing_probe(bundle, fps: float = 30.0, frames: int = 120, rounds: int = 2, window_frames: int = 6) -> dict:
+    """The same preprocess + encode calls, back to back, with the camera's frame interval between frames, and paced
+    in windows of ``window_frames`` (what `runtime capture --batch-window` does: one wake-up per window, one encoder
+    run) (thread CPU per frame, in this process). On a VM shared with other jobs the paced calls cost several times
+    more CPU: each wake-up starts with cold caches. This separates what the runtime's code costs from what the machine
+    adds at a low frame rate, and shows what windows save."""
     import numpy as np
 
     from taskcodec.runtime.encoder import FrameEncoder
@@ -313,13 +321,17 @@ def pacing_probe(bundle, fps: float = 30.0, frames: int = 120, rounds: int = 2) 
     enc = FrameEncoder(bundle, threads=1)
     images = [f.image for f in open_source(f"virtual://fashion-mnist?size=640x480&channels=3&count={frames}")]
     out = {}
-    for name, pause in [("back_to_back", 0.0), (f"paced_{fps:g}fps", 1.0 / fps)] * rounds:
+    k = window_frames
+    modes = [("back_to_back", 0.0, 1), (f"paced_{fps:g}fps", 1.0 / fps, 1),
+             (f"paced_{fps:g}fps_windows_of_{k}", 1.0 / fps, k)]
+    for name, pause, group in modes * rounds:
         spent = np.zeros(2)
-        for image in images:
+        for i in range(0, len(images), group):
+            chunk = images[i:i + group]
             if pause:
-                time.sleep(pause)
+                time.sleep(pause * len(chunk))
             t0 = time.thread_time()
-            x = pre(image)
+            x = pre(chunk[0]) if len(chunk) == 1 else np.concatenate([pre(image) for image in chunk])
             t1 = time.thread_time()
             enc.encode(x)
             spent += (t1 - t0, time.thread_time() - t1)
@@ -419,7 +431,8 @@ def cpu_markdown(result: dict) -> str:
                       f"{pacing['rounds']} rounds of {pacing['frames']} frames): " + "; ".join(
                           f"{name.replace('_', ' ')}: preprocess {v['preprocess_ms']:.3f} ms + encode "
                           f"{v['encode_ms']:.3f} ms" for name, v in pacing["best_round"].items())
-                  + ". The difference is the machine (cold caches after each frame interval), not the code."]
+                  + ". Frame by frame, the difference is the machine (cold caches after each frame interval), not the "
+                    "code; windows of frames pay it once per window."]
     lines += ["", "CPU per frame by thread (ms, from the warm-up frame to the source's last frame):", ""]
     for r in result["runs"]:
         parts = ", ".join(f"{k}: {v:.3f}" for k, v in r["threads_ms_per_frame"].items())

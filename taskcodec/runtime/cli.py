@@ -124,7 +124,11 @@ def capture(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings, one camera or a 'cameras:' mapping (flags override it)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log uplink and spool events."),
 ) -> None:
-    """Capture frames, encode them with the bundle's encoder, spool them durably and stream them to the server."""
+    """Capture frames, encode them with the bundle's encoder, spool them durably and stream them to the server.
+
+    Frames are encoded and spooled a window at a time (--batch-window, default 0.2 s) and the spool fsyncs each window
+    (--spool-sync full): a kill -9 or power loss loses at most the frames of the window not yet spooled, never a
+    spooled, sent or acknowledged frame."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     flags = {k: v for k, v in locals().items() if k not in ("config", "profile", "report", "verbose")}
     if token is not None:

@@ -1,7 +1,18 @@
 """Durable store-and-forward spool: every encoded frame is on disk before it is sent, and leaves only when acked.
 
 SQLite in WAL mode with ``synchronous=FULL`` makes each append durable when it returns (it survives kill -9 and
-power loss). Frames are keyed by (epoch, seq):
+power loss). ``append_many`` stores a window of frames in one transaction (group commit: one fsync for the window;
+`runtime capture` hands over one window per ``--batch-window``). What a crash can lose, exactly:
+
+- ``sync="full"`` (the default): nothing that was spooled. A kill -9 or power loss loses only frames the capture loop
+  still held in memory (at most one window: ``--batch-window`` seconds, 1.5x that if the source stalled, or
+  ``--batch-frames``), which were never spooled, sent or acknowledged. Acked frames whose DELETE was deferred
+  (``ack_later``: up to 256 frames / 2 s) come back and are re-sent; the server acknowledges them as duplicates.
+- ``sync="normal"``: as above against kill -9 (the operating system keeps what was written); a power loss may also
+  lose the frames spooled since the write-ahead log was last synced (its checkpoints), possibly frames already sent.
+
+The server acknowledges a frame only after storing it, and a frame leaves the spool only when acknowledged, so no
+acknowledged frame is ever lost. Frames are keyed by (epoch, seq):
 
 - **epoch** is a random 63-bit id drawn (``secrets``) once, when the spool is created, and stored in it. It never
   depends on the camera's clock: a camera whose spool is wiped draws a new one, so frames of its new life can never

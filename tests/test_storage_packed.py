@@ -234,3 +234,25 @@ def test_block_format_round_trips_extremes():
         assert S.decode_block("c", 1, models, S.BLOCK_FORMAT, data).rows() == sorted(part, key=lambda r: r[2])
     with pytest.raises(S.StorageError, match="format"):
         S.decode_block("c", 1, models, S.BLOCK_FORMAT + 1, data)
+
+
+def test_heads_and_registry_read_packed_frames(tmp_path):
+    from taskcodec.server.heads import HeadStore
+    from taskcodec.server.registry import Registry
+
+    db = tmp_path / "s.db"
+    st = S.SQLiteStorage(db)
+    now = int(time.time() * 1000)
+    rows = _rows(now, cameras=2, per_camera=400)
+    st.store_frames(rows)
+    heads = HeadStore(db)
+    keys = [("cam-0", 7, 3), ("cam-1", 7, 13), ("cam-1", 7, 14), ("cam-0", 7, 999)]
+    before = (heads.payloads("m2"), heads.payloads("m1", keys=keys), Registry(db).users("m2"))
+    assert len(before[0]) == sum(1 for r in rows if r[5] == "m2") and len(before[1]) == 2
+    assert before[2] == ["stored frames reference it"]
+    st.compact()
+    assert st._reader().execute("SELECT count(*) FROM frames").fetchone()[0] == 1
+    assert (heads.payloads("m2"), heads.payloads("m1", keys=keys), Registry(db).users("m2")) == before
+    assert Registry(db).users("no-such-model") == []
+    heads.close()
+    st.close()

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -126,6 +127,84 @@ def _load_process(url_list: list[str], cams: list[tuple[str, bytes]], tag: bytes
     out.put(stats)
 
 
+def _mqtt_load_process(broker: str, cams: list[tuple[str, bytes]], tag: bytes, payloads: list[bytes], t0: float,
+                       seconds: float, connect_spread: float, out: mp.Queue) -> None:
+    """``--mqtt``: this process's cameras publish over ONE MQTT connection (QoS 1, up to 10,000 in flight), each
+    message HELLO || BATCH of one frame on the camera's own topic; PUBACKs are counted as ACKs. One connection per
+    process, not per camera: paho runs a thread per connection, and a worker authenticates each message anyway."""
+    import paho.mqtt.client as mqtt
+
+    from taskcodec.runtime.mqtt_uplink import ingest_topic
+
+    n_s = int(seconds) + 120
+    stats: dict[str, Any] = {"connected": 0, "acked": 0, "other": 0, "refused": 0, "errors": 0, "ack_ms": [],
+                             "ack_capture_s": [], "refusals": {}, "reconnects": 0, "connection_errors": {},
+                             "sent_s": [0] * n_s, "acked_s": [0] * n_s, "acked_by_camera": {}, "first_error": None}
+    url = broker.split("://", 1)[1]
+    host, port = url.rsplit(":", 1)
+    pending: dict[int, tuple[str, int, float]] = {}
+    epochs = {cam: random.getrandbits(62) for cam, _ in cams}
+    acked_n = {cam: 0 for cam, _ in cams}
+    lock = threading.Lock()
+
+    early: dict[int, float] = {}  # PUBACKs that arrived before publish() returned the mid
+
+    def acked(item, now):
+        cam, seq, due = item
+        stats["acked"] += 1
+        stats["acked_s"][min(int(now - t0), n_s - 1)] += 1
+        stats["ack_ms"].append(int(1000 * (now - due)))
+        stats["ack_capture_s"].append(int(due - t0))
+        acked_n[cam] += 1
+
+    def on_publish(client, userdata, mid, reason_code=None, properties=None):
+        now = time.time()
+        with lock:  # never held around a paho call (paho holds its own locks while calling back)
+            item = pending.pop(mid, None)
+            if item is None:
+                early[mid] = now
+            else:
+                acked(item, now)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}", clean_session=True)
+    client.max_inflight_messages_set(10_000)
+    client.max_queued_messages_set(0)
+    client.on_publish = on_publish
+    client.connect(host, int(port))
+    client.loop_start()
+    stats["connected"] = len(cams)
+    phases = sorted((random.random(), cam, token) for cam, token in cams)
+    hellos = {cam: wire.Hello(tag, cam, token).encode() for cam, token in cams}
+    time.sleep(max(0.0, t0 - time.time()))
+    for sec in range(int(seconds)):
+        for phase, cam, _ in phases:
+            due = t0 + sec + phase
+            delay = due - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            if time.time() >= t0 + seconds:
+                break
+            body = hellos[cam] + wire.Batch(epochs[cam], [wire.Frame(sec, int(due * 1000),
+                                                                     payloads[sec % len(payloads)])]).encode()
+            info = client.publish(ingest_topic(cam), body, qos=1)
+            with lock:
+                now = early.pop(info.mid, None)
+                if now is None:
+                    pending[info.mid] = (cam, sec, due)
+                else:
+                    acked((cam, sec, due), now)
+            stats["sent_s"][int(time.time() - t0)] += 1
+    deadline = time.time() + 30
+    while pending and time.time() < deadline:
+        time.sleep(0.1)
+    client.loop_stop()
+    client.disconnect()
+    stats["acked_by_camera"] = {cam: (epochs[cam], n) for cam, n in acked_n.items() if n}
+    stats["ack_ms"] = np.asarray(stats["ack_ms"], dtype=np.int32)
+    stats["ack_capture_s"] = np.asarray(stats["ack_capture_s"], dtype=np.int16)
+    out.put(stats)
+
+
 def _group_cpu(groups: dict[str, list[int]]) -> dict[str, float]:
     import psutil
 
@@ -150,7 +229,7 @@ def _inserted(conn) -> int:
 
 
 def run(bundle_path: str | None, cameras: int, seconds: float, gateways: int, workers: int, load_procs: int,
-        out: Path, name: str = "cluster_10k", drain_s: float = 300.0, log=print) -> dict[str, Any]:
+        out: Path, name: str = "cluster_10k", drain_s: float = 300.0, log=print, mqtt: bool = False) -> dict[str, Any]:
     from taskcodec.bench.cluster import real_payloads, register_cameras
     from taskcodec.bundle import load_bundle
     from taskcodec.server.cluster.local import LocalCluster
@@ -165,19 +244,28 @@ def run(bundle_path: str | None, cameras: int, seconds: float, gateways: int, wo
     connect_spread = max(10.0, cameras / 500.0)
     log(f"{cameras} one-fps cameras, {gateways} gateway(s), {workers} worker(s), {load_procs} load processes, "
         f"{seconds:.0f} s (connections spread over {connect_spread:.0f} s first)")
-    with LocalCluster([bundle.path], gateways=gateways, workers=workers) as c:
+    if mqtt:
+        connect_spread, gateways = 5.0, 0
+        log("  over MQTT: nats-server's MQTT listeners, one connection per load process, QoS 1")
+    with LocalCluster([bundle.path], gateways=0 if mqtt else gateways, workers=workers) as c:
         cams = register_cameras(c.pg_dsn, cameras)
         urls = [c.gateway_url(i).replace("http://", "ws://") + "/v1/stream" for i in range(gateways)]
         ctx = mp.get_context("spawn")
         q: mp.Queue = ctx.Queue()
         t0 = time.time() + connect_spread + 10.0
-        procs = [ctx.Process(target=_load_process, args=(urls, cams[p::load_procs], bundle.model_tag, payloads, t0,
-                                                         seconds, connect_spread, q)) for p in range(load_procs)]
+        if mqtt:
+            procs = [ctx.Process(target=_mqtt_load_process, args=(c.mqtt_url(p % c.n_nats), cams[p::load_procs],
+                                                                  bundle.model_tag, payloads, t0, seconds,
+                                                                  connect_spread, q)) for p in range(load_procs)]
+        else:
+            procs = [ctx.Process(target=_load_process, args=(urls, cams[p::load_procs], bundle.model_tag, payloads,
+                                                             t0, seconds, connect_spread, q))
+                     for p in range(load_procs)]
         for p in procs:
             p.start()
         try:
             return _measure(c, procs, q, t0, seconds, drain_s, cameras, gateways, workers, load_procs, bundle,
-                            payloads, out, name, log)
+                            payloads, out, name, log, "mqtt" if mqtt else "websocket")
         finally:
             for p in procs:
                 if p.is_alive():
@@ -185,7 +273,7 @@ def run(bundle_path: str | None, cameras: int, seconds: float, gateways: int, wo
 
 
 def _measure(c, procs, q, t0, seconds, drain_s, cameras, gateways, workers, load_procs, bundle, payloads, out, name,
-             log) -> dict[str, Any]:
+             log, ingress: str) -> dict[str, Any]:
     import psutil
     import psycopg
 
@@ -240,7 +328,7 @@ def _measure(c, procs, q, t0, seconds, drain_s, cameras, gateways, workers, load
     summary["drain_s"] = drain_s_used
     conn.close()
     return _finish(summary, results, series, cameras, seconds, gateways, workers, load_procs, bundle, payloads,
-                   out, name, log)
+                   out, name, log, ingress)
 
 
 def _from_db(conn, results: list[dict[str, Any]], t0: float, seconds: float) -> dict[str, Any]:
@@ -268,7 +356,7 @@ def _from_db(conn, results: list[dict[str, Any]], t0: float, seconds: float) -> 
 
 
 def _finish(db: dict[str, Any], results, series, cameras, seconds, gateways, workers, load_procs, bundle, payloads,
-            out: Path, name: str, log) -> dict[str, Any]:
+            out: Path, name: str, log, ingress: str = "websocket") -> dict[str, Any]:
     lat = db.pop("latency_ms")
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: None)
     window = [s for s in series if 0 <= s["t"] <= seconds]
@@ -289,7 +377,7 @@ def _finish(db: dict[str, Any], results, series, cameras, seconds, gateways, wor
         "machine": machine_info(), "time": utc_now(), "bundle": bundle.model_id,
         "payload_bytes_mean": float(np.mean([len(p) for p in payloads])),
         "config": {"cameras": cameras, "seconds": seconds, "gateways": gateways, "workers": workers,
-                   "load_processes": load_procs, "nats_nodes": 3, "jetstream_replicas": 3},
+                   "load_processes": load_procs, "nats_nodes": 3, "jetstream_replicas": 3, "ingress": ingress},
         "connected": sum(r["connected"] for r in results), "refused": sum(r["refused"] for r in results),
         "errors": sum(r["errors"] for r in results), "other_replies": sum(r["other"] for r in results),
         "refusals": {k: sum(r["refusals"].get(k, 0) for r in results) for r in results for k in r["refusals"]},
@@ -393,11 +481,15 @@ def markdown(r: dict[str, Any]) -> str:
     cores = [{"what": k, "value": f"{v:.2f}"} for k, v in sorted(r["cores_mean_in_window"].items(),
                                                                   key=lambda kv: -kv[1])]
     cores.append({"what": "whole machine", "value": f"{r['machine_cores_mean_in_window'] or 0:.2f}"})
-    return (f"# {c['cameras']:,} one-fps cameras through the scale-out cluster for {c['seconds']:.0f} s\n\n"
+    return (f"# {c['cameras']:,} one-fps cameras through the scale-out cluster for {c['seconds']:.0f} s"
+            + (" (MQTT ingress)" if c.get("ingress") == "mqtt" else "") + "\n\n"
             f"{machine_line(r['machine'])}; {r['time']}; bundle {r['bundle']}, mean payload "
             f"{r['payload_bytes_mean']:.1f} B; {c['gateways']} gateway(s), {c['workers']} worker(s), 3 nats-server "
-            f"nodes (JetStream R3), PostgreSQL, and the load generator ({c['load_processes']} processes, one "
-            f"WebSocket per camera, one frame per message) all on this machine; load average up to "
+            f"nodes (JetStream R3), PostgreSQL, and the load generator ({c['load_processes']} processes, "
+            + ("one WebSocket per camera" if c.get("ingress", "websocket") == "websocket" else
+               "MQTT QoS 1 through nats-server's MQTT listeners, one connection per load process, HELLO || BATCH "
+               "per message")
+            + f", one frame per message) all on this machine; load average up to "
             f"{r['load_avg_max']:.1f}. Capture time = the time the frame was due, so a camera's queue counts as "
             f"latency.\n\n" + markdown_table(rows, [("what", ""), ("value", "")], {}) + "\n\n"
             "CPU in cores (mean over the window, user + system, from the kernel via psutil):\n\n"
@@ -452,10 +544,12 @@ def command(
     load_procs: int = typer.Option(4, "--load-procs", min=1, help="Load-generator processes."),
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for NAME.{json,md,png}."),
     name: str = typer.Option("cluster_10k", "--name", help="Result file stem."),
+    mqtt: bool = typer.Option(False, "--mqtt", help="Cameras publish over MQTT (nats-server's listener, QoS 1) "
+                                                    "instead of WebSockets to gateways; one connection per process."),
 ) -> None:
     """Many one-fps cameras through the local scale-out cluster for minutes: offered vs stored frames/s, p50/p99
     capture→stored, acked-not-stored, CPU per process group, what saturated (NAME.{json,md,png})."""
-    run(bundle, cameras, seconds, gateways, workers, load_procs, out, name, log=typer.echo)
+    run(bundle, cameras, seconds, gateways, workers, load_procs, out, name, log=typer.echo, mqtt=mqtt)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
 
 
@@ -490,7 +492,7 @@ def _prefill_blocks(storage, cameras: int, model_id: str, hours: int = 24) -> No
                         json.dumps(models), data) for c in range(cameras) for h in range(hours)])
 
 
-def write_ab(old_storage: Path, out: Path, cameras: int = 500, seconds: int = 40, rounds: int = 4,
+def write_ab(old_storage: Path, out: Path, cameras: int = 500, seconds: int = 60, rounds: int = 12,
              log=print) -> dict[str, Any]:
     """The per-frame write cost of the server's write path (store_batches with the camera token checked, one-frame
     batches, one micro-batch of ``cameras`` batches per second) with this storage module and with ``old_storage``
@@ -527,7 +529,9 @@ def write_ab(old_storage: Path, out: Path, cameras: int = 500, seconds: int = 40
             log(f"round {r}: {name}: {runs[name][-1]:.1f} µs/frame")
     result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "seconds": seconds,
               "rounds": rounds, "load_avg_1min": os.getloadavg()[0], "us_per_frame": runs,
-              "median_us_per_frame": {k: sorted(v)[len(v) // 2] for k, v in runs.items()}}
+              "median_us_per_frame": {k: float(np.median(v)) for k, v in runs.items()},
+              "median_ratio_with_to_before": float(np.median(np.array(runs["with packing"]) /
+                                                             np.array(runs["before packing"])))}
     write_json(out / "storage_size_write_ab.json", result)
     med = result["median_us_per_frame"]
     write_text(out / "storage_size_write_ab.md", (
@@ -537,14 +541,89 @@ def write_ab(old_storage: Path, out: Path, cameras: int = 500, seconds: int = 40
         f"range up in frame_blocks_by_seq), {cameras} one-frame batches per micro-batch, {seconds} micro-batches, "
         f"{rounds} interleaved rounds on fresh databases (with packing: 24 packed hours per camera in frame_blocks "
         f"already, so the block lookup searches a day's index).\n\n| variant | median µs/frame | runs |\n|---|---|---|\n"
-        + "".join(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |\n" for k, v in runs.items())))
+        + "".join(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |\n" for k, v in runs.items())
+        + f"\nMedian of the per-round ratios (with / before): {result['median_ratio_with_to_before']:.3f}.\n"))
     return result
 
 
-if __name__ == "__main__":  # python3 -m taskcodec.bench.storage_size write-ab OLD_STORAGE.py [OUT]
+def write_ab_pg(old_pgstore: Path, out: Path, cameras: int = 256, seconds: int = 120, rounds: int = 8,
+                log=print) -> dict[str, Any]:
+    """The workers' write path (PgStore.store_frames with one fetched batch of ``cameras`` one-frame messages)
+    with this pgstore and with ``old_pgstore`` (a copy from before packing), interleaved on fresh databases of one
+    local PostgreSQL; CPU seconds of the client and of PostgreSQL's processes per frame (with packing: a day of
+    packed hours per camera in frame_blocks already)."""
+    import importlib.util
     import sys
 
-    if len(sys.argv) >= 3 and sys.argv[1] == "write-ab":
-        write_ab(Path(sys.argv[2]), Path(sys.argv[3] if len(sys.argv) > 3 else "bench/results"))
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from taskcodec.bench.cluster import _cpu_seconds, _postgres_pids
+    from taskcodec.server.cluster import pgstore as new
+    from taskcodec.server.cluster.local import LocalCluster
+    from taskcodec.server.storage import HOUR_MS, encode_block
+
+    spec = importlib.util.spec_from_file_location("taskcodec_old_pgstore", old_pgstore)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old
+    spec.loader.exec_module(old)
+    variants = {"before packing": old, "with packing": new}
+    runs: dict[str, list[float]] = {k: [] for k in variants}
+    model_id = "6f0d113794f9346d"
+    with LocalCluster([], gateways=0, workers=0, nats_nodes=0) as c:
+        k = 0
+        for r in range(rounds):
+            for name, mod in (variants.items() if r % 2 == 0 else reversed(list(variants.items()))):
+                k += 1
+                with psycopg.connect(c.pg_dsn, autocommit=True) as conn:
+                    conn.execute(f"CREATE DATABASE ab{k}")
+                dsn = make_conninfo(c.pg_dsn, dbname=f"ab{k}")
+                mod.migrate(dsn)
+                store = mod.PgStore(dsn)
+                if mod is new:
+                    rng = random.Random(0)
+                    epochs = [rng.getrandbits(62) for _ in range(cameras)]
+                    data, models = encode_block([("x", 0, 0, 0, 0, model_id, b"123456", 0, 0.5)])
+                    h0 = int(time.time() * 1000) // HOUR_MS - 24
+                    with store.conn.transaction():
+                        store.conn.cursor().executemany(
+                            "INSERT INTO frame_blocks VALUES (%s, %s, to_timestamp(%s), %s, %s, 3600, 0, 0, %s, 1, %s)",
+                            [(f"cam-{i:06d}", epochs[i], (h0 + h) * 3600, -3600 * (24 - h), -3600 * (24 - h) + 3599,
+                              json.dumps(models), data) for i in range(cameras) for h in range(24)])
+                pids = _postgres_pids(c)
+                cpu0, t0 = _cpu_seconds(pids), time.process_time()
+                n = 0
+                for rows in _frames(cameras, seconds, model_id):
+                    n += store.store_frames(rows)
+                cpu = time.process_time() - t0 + _cpu_seconds(pids) - cpu0
+                store.close()
+                runs[name].append(1e6 * cpu / n)
+                log(f"round {r}: {name}: {runs[name][-1]:.1f} µs/frame (client + PostgreSQL)")
+    result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "seconds": seconds,
+              "rounds": rounds, "load_avg_1min": os.getloadavg()[0], "us_per_frame": runs,
+              "median_us_per_frame": {k: float(np.median(v)) for k, v in runs.items()},
+              "median_ratio_with_to_before": float(np.median(np.array(runs["with packing"]) /
+                                                             np.array(runs["before packing"])))}
+    write_json(out / "storage_size_write_ab_pg.json", result)
+    med = result["median_us_per_frame"]
+    write_text(out / "storage_size_write_ab_pg.md", (
+        f"# PostgreSQL write path: CPU per frame before and with packing\n\n{machine_line(result['machine'])}; "
+        f"{result['time']}; load average {result['load_avg_1min']:.1f} (shared box). PgStore.store_frames as a worker "
+        f"calls it (one fetched batch: {cameras} one-frame messages of {cameras} cameras), {seconds} batches per run, "
+        f"{rounds} interleaved rounds on fresh databases; CPU of the client and of PostgreSQL's processes (with "
+        f"packing: the cameras' shared advisory locks and the block lookup per batch; 24 packed hours per camera in "
+        f"frame_blocks already).\n\n| variant | median µs/frame | runs |\n|---|---|---|\n"
+        + "".join(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |\n" for k, v in runs.items())
+        + f"\nMedian of the per-round ratios (with / before): {result['median_ratio_with_to_before']:.3f}.\n"))
+    return result
+
+
+if __name__ == "__main__":  # python3 -m taskcodec.bench.storage_size write-ab|write-ab-pg OLD_MODULE.py [OUT]
+    import sys
+
+    if len(sys.argv) >= 3 and sys.argv[1] in ("write-ab", "write-ab-pg"):
+        (write_ab if sys.argv[1] == "write-ab" else write_ab_pg)(
+            Path(sys.argv[2]), Path(sys.argv[3] if len(sys.argv) > 3 else "bench/results"))
     else:
-        sys.exit("usage: python3 -m taskcodec.bench.storage_size write-ab OLD_STORAGE.py [OUT_DIR]")
+        sys.exit("usage: python3 -m taskcodec.bench.storage_size write-ab OLD_STORAGE.py [OUT_DIR]\n"
+                 "       python3 -m taskcodec.bench.storage_size write-ab-pg OLD_PGSTORE.py [OUT_DIR]")

@@ -777,7 +777,7 @@ class SQLiteStorage:
                 frames += moved
                 blocks += nb
                 moved_any = moved_any or moved > 0
-                if moved < chunk:
+                if moved < chunk or (stop is not None and stop.is_set()):
                     break
             cameras += moved_any
         with self._transaction() as w:

@@ -528,7 +528,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
     a3.set_ylabel("CPU cores")
     a3.set_xlabel("seconds since the window started")
     a3.legend(fontsize=7, loc="lower left", ncol=3, framealpha=0.9)
-    a1.set_title(f"{r['config']['cameras']:,} one-fps cameras, {r['config']['gateways']} gateway(s), "
+    a1.set_title(f"{r['config']['cameras']:,} one-fps cameras, "
+                 + ("MQTT ingress" if r["config"].get("ingress") == "mqtt" else f"{r['config']['gateways']} gateway(s)")
+                 + f", "
                  f"{r['config']['workers']} worker(s): throughput, latency, CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -215,11 +215,13 @@ def run_config(bundle: Bundle, payloads: list[bytes], cameras: int, gateways: in
         q: mp.Queue = mp.get_context("spawn").Queue()
         ctx = mp.get_context("spawn")
         procs = []
+        target = _load_process
+        if os.environ.get("TASKCODEC_SERVE_LOAD_CLIENT") == "picows":  # a load generator costing a few µs/frame
+            from taskcodec.bench.serve_load import _fast_load_process as target
         for p in range(load_procs):
             mine = cams[p::load_procs]
             url = urls[p % len(urls)]
-            procs.append(ctx.Process(target=_load_process, args=(url, mine, bundle.model_tag, payloads, t0,
-                                                                 seconds, q)))
+            procs.append(ctx.Process(target=target, args=(url, mine, bundle.model_tag, payloads, t0, seconds, q)))
         for p in procs:
             p.start()
         time.sleep(max(0.0, t0 - time.time()))

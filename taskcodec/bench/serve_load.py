@@ -27,6 +27,99 @@ from taskcodec.bundle import load_bundle
 from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
 
 
+def _fast_load_process(url: str, cams: list[tuple[str, bytes]], tag: bytes, payloads: list[bytes], t0: float,
+                       seconds: float, out) -> None:
+    """The same cameras as cluster._load_process (one BATCH of one frame per second each, waiting for its ACK) on
+    picows clients: a few µs of load-generator CPU per frame instead of ~200, so one CPU can drive 10 000 cameras
+    (TASKCODEC_SERVE_LOAD_CLIENT=picows)."""
+    import asyncio
+    import random
+
+    import uvloop
+    from picows import WSListener, WSMsgType, ws_connect
+
+    from taskcodec import wire
+
+    stats: dict[str, Any] = {"acked": 0, "other": 0, "refused": 0, "errors": 0, "ack_ms": [], "first_error": None}
+    end = t0 + seconds
+
+    class Camera(WSListener):
+        def __init__(self, cam: str, token: bytes):
+            super().__init__()
+            self.cam, self.token = cam, token
+            self.epoch, self.seq = random.getrandbits(62), 0
+            loop = asyncio.get_running_loop()
+            self.loop, self.welcomed, self.finished = loop, loop.create_future(), loop.create_future()
+            self.t = None
+            self.sent_ms = 0.0
+            self.due = t0 + random.random()
+
+        def on_ws_connected(self, transport) -> None:
+            self.t = transport
+            transport.send(WSMsgType.BINARY, wire.Hello(tag, self.cam, self.token).encode())
+
+        def on_ws_disconnected(self, transport) -> None:
+            for f in (self.welcomed, self.finished):
+                if not f.done():
+                    f.set_result(False)
+
+        def on_ws_frame(self, transport, frame) -> None:
+            if frame.msg_type != WSMsgType.BINARY:
+                return
+            data = frame.get_payload_as_bytes()
+            if not self.welcomed.done():
+                self.welcomed.set_result(data[:1] == b"\x06")
+                return
+            if data[:1] == b"\x03":
+                stats["acked"] += 1
+                stats["ack_ms"].append(time.time() * 1000 - self.sent_ms)
+                self.seq += 1
+                self.due += 1.0
+                self.schedule()
+            else:
+                stats["other"] += 1
+                if not self.finished.done():
+                    self.finished.set_result(False)
+                transport.disconnect()
+
+        def schedule(self) -> None:
+            if self.due >= end:
+                if not self.finished.done():
+                    self.finished.set_result(True)
+                return
+            self.loop.call_later(max(0.0, self.due - time.time()), self.send)
+
+        def send(self) -> None:
+            self.sent_ms = time.time() * 1000
+            batch = wire.Batch(self.epoch, [wire.Frame(self.seq, int(self.sent_ms), payloads[self.seq % len(payloads)])])
+            self.t.send(WSMsgType.BINARY, batch.encode())
+
+    async def main() -> None:
+        sem = asyncio.Semaphore(64)
+        cameras: list[Camera] = []
+
+        async def connect(cam: str, token: bytes) -> None:
+            async with sem:
+                _, listener = await ws_connect(lambda: Camera(cam, token), url, websocket_handshake_timeout=60,
+                                               use_aiofastnet=False)
+                cameras.append(listener)
+                if not await listener.welcomed:
+                    stats["refused"] += 1
+
+        results = await asyncio.gather(*(connect(c, t) for c, t in cams), return_exceptions=True)
+        stats["errors"] = sum(isinstance(r, BaseException) for r in results)
+        stats["first_error"] = next((repr(r) for r in results if isinstance(r, BaseException)), None)
+        for c in cameras:
+            c.schedule()
+        await asyncio.wait([c.finished for c in cameras], timeout=end - time.time() + 60)
+        for c in cameras:
+            if c.t is not None:
+                c.t.disconnect()
+
+    uvloop.run(main())
+    out.put(stats)
+
+
 def _register(db: Path, n: int) -> list[tuple[str, bytes]]:
     from taskcodec.server.auth import hash_token
     from taskcodec.server.storage import SQLiteStorage
@@ -151,7 +244,8 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
         cams = _register(db, cameras)
         # every simulated camera connects from 127.0.0.1: lift the per-address cap on unauthenticated connections
         cfg = Path(tmp) / "bench.yaml"
-        cfg.write_text(f"limits: {{max_pending_per_address: {cameras + 16}, max_pending: {cameras + 16}}}\n")
+        cfg.write_text(f"limits: {{max_pending_per_address: {cameras + 16}, max_pending: {cameras + 16}, "
+                       f"max_connections: {max(10000, cameras + 256)}}}\n")
         # A/B against another checkout: TASKCODEC_SERVE_LOAD_PYTHONPATH=/path/to/checkout runs *its* server code
         other = os.environ.get("TASKCODEC_SERVE_LOAD_PYTHONPATH")
         with LocalServer(bundle.path, db, "--config", str(cfg), "--log-level", "warning", *server_args,
@@ -163,7 +257,9 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
             t0 = time.time() + 8.0 + cameras / 1000.0
             ctx = mp.get_context("spawn")
             q = ctx.Queue()
-            procs = [ctx.Process(target=_load_process, args=(url, cams[p::load_procs], bundle.model_tag, payloads,
+            client = os.environ.get("TASKCODEC_SERVE_LOAD_CLIENT", "websockets")
+            target = _fast_load_process if client == "picows" else _load_process
+            procs = [ctx.Process(target=target, args=(url, cams[p::load_procs], bundle.model_tag, payloads,
                                                              t0, seconds, q)) for p in range(load_procs)]
             for p in procs:
                 p.start()
@@ -197,7 +293,8 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
     loop_cpu = sum(th1.get(pid, (0.0, 0.0))) - sum(th0.get(pid, (0.0, 0.0)))
     mb = tuple(b - a for a, b in zip(mb0, mb1))
     ack_ms = np.array([x for r in results for x in r["ack_ms"]] or [np.nan])
-    row = {"cameras": cameras, "server_args": " ".join(server_args) + (" (pinned)" if pinned else ""), "seconds": round(w1 - w0, 1),
+    row = {"cameras": cameras, "load_generator": client,
+           "server_args": " ".join(server_args) + (" (pinned)" if pinned else ""), "seconds": round(w1 - w0, 1),
            "frames_per_s": frames / (w1 - w0), "server_cpu_s": cpu, "cpu_us_per_frame": 1e6 * cpu / max(frames, 1),
            "server_cpu_share": cpu / (w1 - w0),
            "event_loop_us_per_frame": 1e6 * loop_cpu / max(frames, 1),
@@ -237,7 +334,8 @@ def run(bundle_path: str | None, cameras: list[int], seconds: float, load_procs:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    cols = [("cameras", "1-fps cameras"), ("server_args", "serve options"), ("frames_per_s", "frames/s"),
+    cols = [("cameras", "1-fps cameras"), ("load_generator", "load generator"), ("server_args", "serve options"),
+            ("frames_per_s", "frames/s"),
             ("cpu_us_per_frame", "server CPU µs/frame"), ("event_loop_us_per_frame", "event loop thread"),
             ("event_loop_user_us_per_frame", "of which user"), ("event_loop_sys_us_per_frame", "of which kernel"),
             ("other_threads_us_per_frame", "ingest + other threads"),
@@ -250,9 +348,12 @@ def markdown(result: dict[str, Any]) -> str:
             ("load_avg_1min", "load avg")]
     text = (f"# Embedded server under one-fps cameras (one frame per message)\n\n{machine_line(result['machine'])}; "
             f"{result['time']}; bundle {result['bundle']}, mean payload {result['payload_bytes_mean']:.1f} B. "
-            f"{result['note']}.\n\n"
+            f"{result['note']}. Load generator: websockets = cluster._load_process (~200 µs of its own CPU per "
+            f"frame), picows = _fast_load_process (a few µs); (pinned): the server on one CPU, the load generator on "
+            f"the other (TASKCODEC_SERVE_LOAD_PIN=1).\n\n"
             + markdown_table(result["rows"], cols, {k: ".1f" if k.endswith("ms") or k == "load_avg_1min" else
-                                                    "d" if k in ("cameras", "errors") else "s" if k == "server_args"
+                                                    "d" if k in ("cameras", "errors") else "s" if k in ("server_args", "load_generator")
+                                                    else ".0f" if k == "frames_per_s"
                                                     else ".3g" for k, _ in cols}) + "\n")
     for r in result["rows"]:
         p = r.get("profile")

@@ -88,6 +88,99 @@ def _load_process(url: str, cams: list[tuple[str, bytes]], tag: bytes, payloads:
     out.put(stats)
 
 
+def _fast_load_process(url: str, cams: list[tuple[str, bytes]], tag: bytes, payloads: list[bytes], t0: float,
+                       seconds: float, out) -> None:
+    """The same cameras as cluster._load_process (one BATCH of one frame per second each, waiting for its ACK) on
+    picows clients: a few µs of load-generator CPU per frame instead of ~200, so one CPU can drive 10 000 cameras
+    (TASKCODEC_SERVE_LOAD_CLIENT=picows, bench serve-load and bench cluster)."""
+    import asyncio
+    import random
+
+    import uvloop
+    from picows import WSListener, WSMsgType, ws_connect
+
+    from taskcodec import wire
+
+    stats: dict[str, Any] = {"acked": 0, "other": 0, "refused": 0, "errors": 0, "ack_ms": [], "first_error": None}
+    end = t0 + seconds
+
+    class Camera(WSListener):
+        def __init__(self, cam: str, token: bytes):
+            super().__init__()
+            self.cam, self.token = cam, token
+            self.epoch, self.seq = random.getrandbits(62), 0
+            loop = asyncio.get_running_loop()
+            self.loop, self.welcomed, self.finished = loop, loop.create_future(), loop.create_future()
+            self.t = None
+            self.sent_ms = 0.0
+            self.due = t0 + random.random()
+
+        def on_ws_connected(self, transport) -> None:
+            self.t = transport
+            transport.send(WSMsgType.BINARY, wire.Hello(tag, self.cam, self.token).encode())
+
+        def on_ws_disconnected(self, transport) -> None:
+            for f in (self.welcomed, self.finished):
+                if not f.done():
+                    f.set_result(False)
+
+        def on_ws_frame(self, transport, frame) -> None:
+            if frame.msg_type != WSMsgType.BINARY:
+                return
+            data = frame.get_payload_as_bytes()
+            if not self.welcomed.done():
+                self.welcomed.set_result(data[:1] == b"\x06")
+                return
+            if data[:1] == b"\x03":
+                stats["acked"] += 1
+                stats["ack_ms"].append(time.time() * 1000 - self.sent_ms)
+                self.seq += 1
+                self.due += 1.0
+                self.schedule()
+            else:
+                stats["other"] += 1
+                if not self.finished.done():
+                    self.finished.set_result(False)
+                transport.disconnect()
+
+        def schedule(self) -> None:
+            if self.due >= end:
+                if not self.finished.done():
+                    self.finished.set_result(True)
+                return
+            self.loop.call_later(max(0.0, self.due - time.time()), self.send)
+
+        def send(self) -> None:
+            self.sent_ms = time.time() * 1000
+            batch = wire.Batch(self.epoch, [wire.Frame(self.seq, int(self.sent_ms), payloads[self.seq % len(payloads)])])
+            self.t.send(WSMsgType.BINARY, batch.encode())
+
+    async def main() -> None:
+        sem = asyncio.Semaphore(64)
+        cameras: list[Camera] = []
+
+        async def connect(cam: str, token: bytes) -> None:
+            async with sem:
+                _, listener = await ws_connect(lambda: Camera(cam, token), url, websocket_handshake_timeout=60,
+                                               use_aiofastnet=False)
+                cameras.append(listener)
+                if not await listener.welcomed:
+                    stats["refused"] += 1
+
+        results = await asyncio.gather(*(connect(c, t) for c, t in cams), return_exceptions=True)
+        stats["errors"] = sum(isinstance(r, BaseException) for r in results)
+        stats["first_error"] = next((repr(r) for r in results if isinstance(r, BaseException)), None)
+        for c in cameras:
+            c.schedule()
+        await asyncio.wait([c.finished for c in cameras], timeout=end - time.time() + 60)
+        for c in cameras:
+            if c.t is not None:
+                c.t.disconnect()
+
+    uvloop.run(main())
+    out.put(stats)
+
+
 def _cpu_seconds(pids: list[int]) -> float:
     import psutil
 
@@ -215,9 +308,8 @@ def run_config(bundle: Bundle, payloads: list[bytes], cameras: int, gateways: in
         q: mp.Queue = mp.get_context("spawn").Queue()
         ctx = mp.get_context("spawn")
         procs = []
-        target = _load_process
-        if os.environ.get("TASKCODEC_SERVE_LOAD_CLIENT") == "picows":  # a load generator costing a few µs/frame
-            from taskcodec.bench.serve_load import _fast_load_process as target
+        # TASKCODEC_SERVE_LOAD_CLIENT=picows: a load generator costing a few µs per frame instead of ~200
+        target = _fast_load_process if os.environ.get("TASKCODEC_SERVE_LOAD_CLIENT") == "picows" else _load_process
         for p in range(load_procs):
             mine = cams[p::load_procs]
             url = urls[p % len(urls)]

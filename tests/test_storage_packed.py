@@ -256,3 +256,35 @@ def test_heads_and_registry_read_packed_frames(tmp_path):
     assert Registry(db).users("no-such-model") == []
     heads.close()
     st.close()
+
+
+def test_readers_see_each_frame_once_while_a_compaction_runs(tmp_path):
+    import threading
+
+    db = tmp_path / "s.db"
+    st = S.SQLiteStorage(db)
+    now = int(time.time() * 1000)
+    rows = _rows(now, cameras=60, per_camera=150, step_ms=60_000)
+    st.store_frames(rows)
+    reader = S.SQLiteStorage(db)  # its own connections, as the query API's
+    conn = reader._reader()
+    done = threading.Event()
+    seen = []
+
+    def read():
+        while not done.is_set():
+            got = S.select_frames(conn, S.FrameFilter(), limit=10 ** 6)
+            counts = S.count_frames(conn, S.FrameFilter(), H)
+            seen.append((len(got), len({r[:3] for r in got}), sum(v[0] for v in counts.values())))
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        st.compact(chunk=40)  # many small transactions: many chances to fall between a reader's two reads
+    finally:
+        done.set()
+        t.join()
+    assert len(seen) >= 2
+    assert all(s == (len(rows),) * 3 for s in seen), [s for s in seen if s != (len(rows),) * 3][:3]
+    reader.close()
+    st.close()

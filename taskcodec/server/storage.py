@@ -33,6 +33,7 @@ applies the missing steps, one transaction each, with a log line. A database new
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -645,7 +646,11 @@ class SQLiteStorage:
                                                        since_ts=since_ts, epoch=epoch, limit=limit)]
 
     def frame_counts(self) -> dict[str, int]:
-        conn = self._reader()
+        with snapshot(self._reader()) as conn:
+            return self._frame_counts(conn)
+
+    @staticmethod
+    def _frame_counts(conn: sqlite3.Connection) -> dict[str, int]:
         out = dict(conn.execute("SELECT camera_id, count(*) FROM frames GROUP BY camera_id").fetchall())
         for cam, n in conn.execute("SELECT camera_id, sum(n) FROM frame_blocks INDEXED BY frame_blocks_by_hour "
                                    "GROUP BY camera_id"):  # the narrow index, not the rows (they hold the blocks)
@@ -1007,6 +1012,31 @@ def decode_block(camera_id: str, epoch: int, models_json: str | list[str], fmt: 
 
 
 
+@contextlib.contextmanager
+def snapshot(conn: sqlite3.Connection):
+    """One read snapshot for a reader that reads both parts (a compaction committing between its reads of the frames
+    table and of the blocks would otherwise show the moved frames twice or not at all). Nested use joins the
+    transaction already open."""
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN")
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
+
+def _in_snapshot(fn):
+    """Run a reader of both parts (its first argument: the connection) inside one read snapshot."""
+    @functools.wraps(fn)
+    def reader(conn: sqlite3.Connection, *args, **kwargs):
+        with snapshot(conn):
+            return fn(conn, *args, **kwargs)
+    return reader
+
+
 def _no_blocks_table(exc: sqlite3.OperationalError) -> bool:
     return "no such table: frame_blocks" in str(exc)  # a database not migrated yet (readers that do not migrate)
 
@@ -1129,11 +1159,37 @@ def _time_key(r: ReadRow) -> tuple:
     return (r[3], r[0], r[1], r[2])
 
 
+def decode_keys(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A block's (seq, capture time) columns alone: only the head of its zlib stream is inflated (they come first)."""
+    data = bytes(data)
+    flags, n, seq0, ts0, stored0, *widths = _HEAD.unpack_from(data)
+    at = _HEAD.size
+    size = int.from_bytes(data[at:at + 4], "little")
+    need = n * (np.dtype(_INTS[widths[0]]).itemsize + np.dtype(_INTS[widths[1]]).itemsize)
+    body = zlib.decompressobj().decompress(data[at + 4:at + 4 + size], need)
+    dseq, off = _unshuffle(body, 0, n, _INTS[widths[0]])
+    dts, _ = _unshuffle(body, off, n, _INTS[widths[1]])
+    return np.cumsum(dseq, dtype=np.int64) + seq0, np.cumsum(dts, dtype=np.int64) + ts0
+
+
+def _after_mask(seq: np.ndarray, ts: np.ndarray, cam: str, epoch: int, after: tuple, desc: bool) -> np.ndarray:
+    """Which frames of one camera and epoch come strictly after the cursor key ``after`` in the listing order."""
+    a_ts, a_key = after[0], tuple(after[1:])
+    same = (cam, epoch) == a_key[:2]
+    if not desc:
+        tie = (cam, epoch) > a_key[:2]
+        return (ts > a_ts) | ((ts == a_ts) & (tie | (same & (seq > a_key[2]))))
+    tie = (cam, epoch) < a_key[:2]
+    return (ts < a_ts) | ((ts == a_ts) & (tie | (same & (seq < a_key[2]))))
+
+
+@_in_snapshot
 def select_frames(conn: sqlite3.Connection, f: FrameFilter, *, order: str = "asc", after: tuple | None = None,
                   limit: int = 1000, payload: bool = False) -> list[ReadRow]:
     """Frames matching ``f`` from both parts (recent rows and packed blocks), in (capture time, camera, epoch, seq)
     order (``order`` asc or desc), strictly after the key ``after`` (a cursor), at most ``limit``. Blocks are read in
-    capture-hour order and the scan stops once ``limit`` frames are known to come first."""
+    capture-hour order and the scan stops once ``limit`` frames are known to come first. Without class, model or
+    confidence filters only the blocks' keys are decoded to choose the frames, then only the blocks that hold them."""
     sql, args = hot_frames_sql(f, order=order, after=after, limit=limit, payload=payload)
     out = [tuple(r) for r in conn.execute(sql, args)]
     desc = order == "desc"
@@ -1142,40 +1198,65 @@ def select_frames(conn: sqlite3.Connection, f: FrameFilter, *, order: str = "asc
         h = after[0] // HOUR_MS
         lo, hi = (lo, h if hi is None else min(hi, h)) if desc else (h if lo is None else max(lo, h), hi)
     where, bargs = f.block_where((lo, hi))
-    packed: list[ReadRow] = []
+    keys_only = not (f.predictions or f.models or f.min_confidence is not None)
+    # candidates: (ts, camera, epoch, seq, hour) of packed frames, or whole rows when blocks are decoded in full
+    packed: list[tuple] = []
     cutoff = None  # the capture time of the limit-th packed frame so far
     for cam, epoch, hour, models, fmt, data in conn.execute(
             f"SELECT camera_id, epoch, hour, models, format, data FROM frame_blocks WHERE {where} "
             f"ORDER BY hour {'DESC' if desc else 'ASC'}", bargs):
         if cutoff is not None and (hour * HOUR_MS > cutoff if not desc else (hour + 1) * HOUR_MS - 1 < cutoff):
             break
-        b = decode_block(cam, epoch, models, fmt, data)
-        m = f.mask(b)
-        if m is None or not m.any():
-            continue
+        if fmt != BLOCK_FORMAT:
+            decode_block(cam, epoch, models, fmt, data)  # raises the format error
+        if keys_only:
+            b, (seq, ts) = None, decode_keys(data)
+            m = np.ones(len(seq), bool)
+            if f.since is not None:
+                m &= ts >= f.since
+            if f.until is not None:
+                m &= ts < f.until
+        else:
+            b = decode_block(cam, epoch, models, fmt, data)
+            seq, ts = b.seq, b.ts
+            m = f.mask(b)
+            if m is None:
+                continue
         if after is not None:
-            a_ts, a_key = after[0], tuple(after[1:])
-            tie = (cam, epoch) > a_key[:2] if not desc else (cam, epoch) < a_key[:2]
-            if not desc:
-                m &= (b.ts > a_ts) | ((b.ts == a_ts) & (tie | ((cam, epoch) == a_key[:2]) & (b.seq > a_key[2])))
-            else:
-                m &= (b.ts < a_ts) | ((b.ts == a_ts) & (tie | ((cam, epoch) == a_key[:2]) & (b.seq < a_key[2])))
+            m &= _after_mask(seq, ts, cam, epoch, after, desc)
         idx = np.flatnonzero(m)
         if cutoff is not None:  # only frames that can still be among the first ``limit``
-            idx = idx[b.ts[idx] >= cutoff] if desc else idx[b.ts[idx] <= cutoff]
+            idx = idx[ts[idx] >= cutoff] if desc else idx[ts[idx] <= cutoff]
+        if not len(idx):
+            continue
         if len(idx) > limit:  # one camera and epoch: the key order is (time, seq); keep this block's first limit
-            order = np.lexsort((b.seq[idx], b.ts[idx]))
-            idx = idx[order[::-1][:limit] if desc else order[:limit]]
-        packed.extend(b.rows(idx.tolist(), payload))
+            by_key = np.lexsort((seq[idx], ts[idx]))
+            idx = idx[by_key[::-1][:limit] if desc else by_key[:limit]]
+        if keys_only:
+            packed.extend(zip(ts[idx].tolist(), [cam] * len(idx), [epoch] * len(idx), seq[idx].tolist(),
+                              [hour] * len(idx)))
+        else:
+            packed.extend(b.rows(idx.tolist(), payload))
         if len(packed) >= limit:
-            packed.sort(key=_time_key, reverse=desc)
+            packed.sort(key=(lambda r: r[:4]) if keys_only else _time_key, reverse=desc)
             del packed[limit:]
-            cutoff = packed[-1][3]
+            cutoff = packed[-1][0] if keys_only else packed[-1][3]
+    if keys_only and packed:  # the rows of the chosen frames, one decode per block that holds some
+        chosen: dict[tuple[str, int, int], list[int]] = {}
+        for _, cam, epoch, seq, hour in packed:
+            chosen.setdefault((cam, epoch, hour), []).append(seq)
+        packed = []
+        for (cam, epoch, hour), seqs in chosen.items():
+            models, fmt, data = conn.execute("SELECT models, format, data FROM frame_blocks WHERE camera_id = ? AND "
+                                             "epoch = ? AND hour = ?", (cam, epoch, hour)).fetchone()
+            b = decode_block(cam, epoch, models, fmt, data)
+            packed.extend(b.rows(np.searchsorted(b.seq, np.array(seqs, np.int64)).tolist(), payload))
     out.extend(packed)
     out.sort(key=_time_key, reverse=desc)
     return out[:limit]
 
 
+@_in_snapshot
 def camera_frames(conn: sqlite3.Connection, camera_id: str, *, since_seq: int | None = None,
                   since_ts: int | None = None, epoch: int | None = None, limit: int = 100) -> list[ReadRow]:
     """One camera's frames in (epoch, seq) order from both parts, after ``since_seq`` / captured after ``since_ts``
@@ -1234,6 +1315,7 @@ def hot_counts_sql(f: FrameFilter, interval_ms: int, by_camera: bool, with_bytes
             [interval_ms, interval_ms, *args])
 
 
+@_in_snapshot
 def count_frames(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, *, by_camera: bool = False,
                  with_bytes: bool = False) -> dict[tuple[int, str | None, int], list[int]]:
     """Frame counts (and payload bytes when ``with_bytes``) per (bucket start, camera or None, class) over both
@@ -1298,6 +1380,7 @@ def count_frames(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, *, 
     return out
 
 
+@_in_snapshot
 def frames_by_keys(conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]], model_id: str | None = None
                    ) -> list[ReadRow]:
     """The stored frames (with payloads) of the given (camera, epoch, seq) keys, from either part, in key order of
@@ -1319,6 +1402,11 @@ def frames_by_keys(conn: sqlite3.Connection, keys: Sequence[tuple[str, int, int]
 
 def frames_of_model(conn: sqlite3.Connection, model_id: str) -> Iterator[ReadRow]:
     """Every stored frame (with payload) classified by ``model_id``, from both parts (recent rows first)."""
+    with snapshot(conn):
+        yield from _frames_of_model(conn, model_id)
+
+
+def _frames_of_model(conn: sqlite3.Connection, model_id: str) -> Iterator[ReadRow]:
     for row in conn.execute(f"SELECT {_HOT_COLUMNS.format(payload='payload')} FROM frames WHERE model_id = ?",
                             (model_id,)):
         yield tuple(row)
@@ -1360,3 +1448,4 @@ def packed_totals(conn: sqlite3.Connection) -> dict[str, tuple]:
 
 def open_storage(path: str | Path) -> SQLiteStorage:
     return SQLiteStorage(path)
+

@@ -117,3 +117,20 @@ def test_pg_compaction_readers_dedup_retention_and_size():
         assert store.frame_keys() == []
         assert store.conn.execute("SELECT count(*) FROM frame_blocks").fetchone()[0] == 0
         store.close()
+
+
+def test_pg_compaction_of_many_hours_runs_in_steps():
+    now = int(time.time() * 1000)
+    rows = [("cam-long", 3, i, now - 20 * H + i * 60_000, now, "m1", os.urandom(6), i % 4, 0.5) for i in range(1100)]
+    with LocalCluster([], gateways=0, workers=0, nats_nodes=0) as cluster:
+        store = PgStore(cluster.pg_dsn)
+        assert store.store_frames(rows) == len(rows)
+        result = store.compact(settle_s=-2 * 3600)  # everything, the current hour included
+        assert result["frames"] == len(rows) and result["cameras"] == 1
+        assert result["blocks_written"] == len({r[3] // H for r in rows})  # 6-hour steps end on hour boundaries
+        hours = {(r[3] // H) for r in rows}
+        assert store.conn.execute("SELECT count(*), sum(n) FROM frame_blocks").fetchone() == (len(hours), len(rows))
+        store.conn.commit()
+        assert sorted(store.frame_keys()) == sorted(r[:3] for r in rows)
+        assert store.store_frames(rows) == 0 and store.conflicts == 0
+        store.close()

@@ -85,6 +85,7 @@ MIGRATIONS: list[str] = [
 
 # lock keys: pg_advisory_xact_lock(CAMERA_LOCK, hashtext(camera)) per camera; COMPACTOR_LOCK: one compaction at a time
 CAMERA_LOCK = 0x7463
+COMPACT_SPAN_H = 6  # capture hours of one camera per compaction transaction
 COMPACTOR_LOCK = 0x74636F6D
 
 
@@ -298,11 +299,14 @@ class PgStore:
                 cams = [r[0] for r in self.conn.execute(
                     "SELECT DISTINCT camera_id FROM frames WHERE ts_capture < to_timestamp(%s / 1000.0)", (cutoff,))]
             for cam in cams:
-                with self.conn.transaction():
-                    moved, blocks = self._compact_camera(cam, cutoff)
-                done["frames"] += moved
-                done["blocks_written"] += blocks
-                done["cameras"] += 1 if moved else 0
+                while True:  # at most COMPACT_SPAN_H capture hours per transaction (a first run may find weeks)
+                    with self.conn.transaction():
+                        moved, blocks = self._compact_camera(cam, cutoff)
+                    if not moved:
+                        break
+                    done["frames"] += moved
+                    done["blocks_written"] += blocks
+                done["cameras"] += 1
         finally:
             with self.conn.transaction():
                 self.conn.execute("SELECT pg_advisory_unlock(%s)", (COMPACTOR_LOCK,))
@@ -339,11 +343,17 @@ class PgStore:
         return done
 
     def _compact_camera(self, cam: str, cutoff: int) -> tuple[int, int]:
+        """Pack the camera's oldest closed capture hours (up to COMPACT_SPAN_H of them) in this transaction."""
         self.conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CAMERA_LOCK, cam))
+        first = self.conn.execute("SELECT (extract(epoch FROM min(ts_capture)) * 1000)::bigint FROM frames WHERE "
+                                  "camera_id = %s AND ts_capture < to_timestamp(%s / 1000.0)", (cam, cutoff)).fetchone()[0]
+        if first is None:
+            return 0, 0
+        upper = min(cutoff, (first // HOUR_MS + COMPACT_SPAN_H) * HOUR_MS)
         rows = self.conn.execute(
             """DELETE FROM frames WHERE camera_id = %s AND ts_capture < to_timestamp(%s / 1000.0)
                RETURNING epoch, seq, (extract(epoch FROM ts_capture) * 1000)::bigint, stored_ms_after, model_id,
-                         payload, prediction, confidence""", (cam, cutoff)).fetchall()
+                         payload, prediction, confidence""", (cam, upper)).fetchall()
         groups: dict[tuple[int, int], list] = {}
         for epoch, seq, ts, after, model, payload, pred, conf in rows:
             # FrameRow order; the stored time as capture + stored_ms_after, the confidence in 1/10000 (exact)

@@ -9,9 +9,9 @@ idempotent. Counts by class over time come from the rollup, never from a scan of
 Packed part (issue 12 item 4): ``compact()`` (a worker runs it every few minutes; `taskcodec cluster compact`) moves
 the frames of closed capture hours into one block per (camera, epoch, hour) in ``frame_blocks`` (the embedded
 store's block format: server/storage.py encode_block; ~16 B per 6-byte frame instead of ~190), deleting the rows and
-inserting the block in one transaction under a per-camera advisory lock. Writers take the same lock (shared) and
-look a batch's seq ranges up in the blocks first, so a re-sent frame whose hour is packed is still a duplicate (or a
-conflict), never a second copy. The rollup is written at insert time and is not touched by compaction. Retention
+inserting the block in one transaction. Writers check what they inserted against the blocks in the same transaction
+(see _drop_packed), so a re-sent frame whose hour is packed is still a duplicate (or a conflict), never a second
+copy. The rollup is written at insert time and is not touched by compaction. Retention
 drops the day partitions and the blocks of those days.
 """
 
@@ -80,13 +80,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE frame_blocks ALTER COLUMN data SET STORAGE EXTERNAL;  -- zlib already: no second compression try
     CREATE INDEX frame_blocks_by_seq ON frame_blocks (camera_id, epoch, seq_hi);
     CREATE INDEX frame_blocks_by_hour ON frame_blocks (hour);
+    CREATE TABLE compaction_state (
+        id INT PRIMARY KEY CHECK (id = 0),
+        generation BIGINT NOT NULL  -- bumped by every compaction transaction that writes blocks
+    );
+    INSERT INTO compaction_state VALUES (0, 0);
     """,
 ]
 
-# lock keys: pg_advisory_xact_lock(CAMERA_LOCK, hashtext(camera)) per camera; COMPACTOR_LOCK: one compaction at a time
-CAMERA_LOCK = 0x7463
 COMPACT_SPAN_H = 6  # capture hours of one camera per compaction transaction
-COMPACTOR_LOCK = 0x74636F6D
+COMPACTOR_LOCK = 0x74636F6D  # pg_advisory_lock key: one compaction at a time per database
 
 
 class PgStoreError(RuntimeError):
@@ -129,6 +132,8 @@ class PgStore:
             raise PgStoreError(f"cannot connect to PostgreSQL ({dsn}): {exc}") from exc
         self._partitions: set[dt.date] = set()
         self.conflicts = 0  # frames refused because their key is stored with another payload
+        self._packed_hi: dict[tuple[str, int], int] = {}  # (camera, epoch) -> highest packed seq, for one generation
+        self._generation: int | None = None
 
     def close(self) -> None:
         self.conn.close()
@@ -153,9 +158,6 @@ class PgStore:
             return 0
         with self.conn.transaction():
             self._ensure_partitions(_day(r[3]) for r in rows)
-            rows = self._drop_packed(rows)
-            if not rows:
-                return 0
             cols = list(zip(*rows))
             cur = self.conn.execute(
                 """INSERT INTO frames (camera_id, epoch, seq, ts_capture, stored_ms_after, model_id, payload,
@@ -164,53 +166,71 @@ class PgStore:
                    FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[],
                                %s::bytea[], %s::smallint[], %s::smallint[]) AS u(c, e, s, t, st, m, p, pr, cf)
                    ON CONFLICT DO NOTHING
-                   RETURNING camera_id, date_trunc('hour', ts_capture), prediction""",
+                   RETURNING camera_id, epoch, seq, date_trunc('hour', ts_capture), prediction""",
                 (list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), list(cols[4]), list(cols[5]),
                  list(cols[6]), list(cols[7]), [int(round(c * 10000)) for c in cols[8]]))
             new = cur.fetchall()
             if len(new) < len(rows):
                 self.conflicts += self._count_conflicts(rows)
             if new:
+                new = self._drop_packed(new, rows)
+            if new:
                 counts: dict[tuple, int] = {}
-                for key in new:
-                    counts[key] = counts.get(key, 0) + 1
+                for cam, _, _, hour, pred in new:
+                    counts[(cam, hour, pred)] = counts.get((cam, hour, pred), 0) + 1
                 self.conn.cursor().executemany(
                     """INSERT INTO class_counts VALUES (%s, %s, %s, %s)
                        ON CONFLICT (camera_id, hour, prediction) DO UPDATE SET n = class_counts.n + EXCLUDED.n""",
                     [(*k, v) for k, v in counts.items()])
         return len(new)
 
-    def _drop_packed(self, rows: Sequence[FrameRow]) -> list[FrameRow]:
-        """Inside the insert's transaction: lock the batch's cameras (shared: compaction takes them exclusively) and
-        leave out frames whose key is in a packed block already (counted as conflicts when the payload differs)."""
+    def _drop_packed(self, new: list[tuple], rows: Sequence[FrameRow]) -> list[tuple]:
+        """After the insert, in its transaction: take back the inserted frames whose key a packed block holds (a
+        re-delivery of a frame compacted since; a conflict when the payload differs) and return the others.
+
+        Why after: a compaction that moves an earlier copy of a key concurrently makes this insert wait on the unique
+        key until it commits, so a statement after the insert sees its block. Each worker caches the highest packed
+        seq per (camera, epoch) for one compaction generation (bumped in every transaction that writes blocks): a
+        batch of new frames (above the bounds) then costs one read of the generation, no block lookup."""
+        generation = self.conn.execute("SELECT generation FROM compaction_state WHERE id = 0").fetchone()[0]
+        if generation != self._generation or len(self._packed_hi) > 200_000:
+            self._packed_hi.clear()
+            self._generation = generation
         spans: dict[tuple[str, int], list[int]] = {}
-        for r in rows:
-            spans.setdefault((r[0], r[1]), []).append(r[2])
-        cams = sorted({c for c, _ in spans})
-        self.conn.execute("SELECT pg_advisory_xact_lock_shared(%s, hashtext(c)) FROM unnest(%s::text[]) AS c",
-                          (CAMERA_LOCK, cams))
-        keys = list(spans)
-        hits = self.conn.execute(
-            """SELECT b.camera_id, b.epoch, b.models, b.format, b.data FROM frame_blocks b
-               JOIN unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) AS u(c, e, lo, hi)
-                 ON b.camera_id = u.c AND b.epoch = u.e AND b.seq_hi >= u.lo AND b.seq_lo <= u.hi""",
-            ([k[0] for k in keys], [k[1] for k in keys], [min(spans[k]) for k in keys],
-             [max(spans[k]) for k in keys])).fetchall()
-        if not hits:
-            return list(rows)
+        for cam, epoch, seq, _, _ in new:
+            span = spans.setdefault((cam, epoch), [seq, seq])
+            span[0], span[1] = min(span[0], seq), max(span[1], seq)
+        missing = [k for k in spans if k not in self._packed_hi]
+        if missing:
+            found = dict(((c, e), hi) for c, e, hi in self.conn.execute(
+                """SELECT b.camera_id, b.epoch, max(b.seq_hi) FROM frame_blocks b
+                   JOIN unnest(%s::text[], %s::bigint[]) AS u(c, e) ON b.camera_id = u.c AND b.epoch = u.e
+                   GROUP BY b.camera_id, b.epoch""", ([k[0] for k in missing], [k[1] for k in missing])))
+            for k in missing:
+                self._packed_hi[k] = found.get(k, -(1 << 63))
+        suspects = [k for k, (lo, _) in spans.items() if lo <= self._packed_hi[k]]
+        if not suspects:
+            return new
         packed: dict[tuple[str, int, int], bytes] = {}
-        for cam, epoch, models, fmt, data in hits:
+        for cam, epoch, models, fmt, data in self.conn.execute(
+                """SELECT b.camera_id, b.epoch, b.models, b.format, b.data FROM frame_blocks b
+                   JOIN unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) AS u(c, e, lo, hi)
+                     ON b.camera_id = u.c AND b.epoch = u.e AND b.seq_hi >= u.lo AND b.seq_lo <= u.hi""",
+                ([k[0] for k in suspects], [k[1] for k in suspects], [spans[k][0] for k in suspects],
+                 [spans[k][1] for k in suspects])):
             b = decode_block(cam, epoch, models, fmt, data)
             for i, seq in enumerate(b.seq.tolist()):
                 packed[(cam, epoch, seq)] = b.payload(i)
-        out = []
-        for r in rows:
-            old = packed.get((r[0], r[1], r[2]))
-            if old is None:
-                out.append(r)
-            elif old != bytes(r[6]):
-                self.conflicts += 1
-        return out
+        dups = {n[:3] for n in new if n[:3] in packed}
+        if not dups:
+            return new
+        mine = {r[:3]: r for r in rows}
+        self.conn.execute(
+            """DELETE FROM frames f USING unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) AS u(c, e, s, t)
+               WHERE f.camera_id = u.c AND f.epoch = u.e AND f.seq = u.s AND f.ts_capture = to_timestamp(u.t / 1000.0)""",
+            ([k[0] for k in dups], [k[1] for k in dups], [k[2] for k in dups], [mine[k][3] for k in dups]))
+        self.conflicts += sum(1 for k in dups if packed[k] != bytes(mine[k][6]))
+        return [n for n in new if n[:3] not in dups]
 
     def _count_conflicts(self, rows: Sequence[FrameRow]) -> int:
         """Frames whose key is stored with a different payload (a re-sent frame has the same bytes)."""
@@ -276,7 +296,7 @@ class PgStore:
     # compaction ----------------------------------------------------------------------------------------------------
     def compact(self, settle_s: float = COMPACT_SETTLE_S, now_ms: int | None = None, wait: bool = True) -> dict:
         """Pack the frames of capture hours that ended before ``now - settle_s`` into frame_blocks, one camera per
-        transaction (rows deleted and block(s) written together, under the camera's exclusive advisory lock; an
+        transaction (rows deleted and block(s) written together, the compaction generation bumped; an
         existing block of the same hour is merged). One compaction at a time per database (``wait`` False: return
         at once when another one runs)."""
         t0 = time.monotonic()
@@ -344,7 +364,6 @@ class PgStore:
 
     def _compact_camera(self, cam: str, cutoff: int) -> tuple[int, int]:
         """Pack the camera's oldest closed capture hours (up to COMPACT_SPAN_H of them) in this transaction."""
-        self.conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CAMERA_LOCK, cam))
         first = self.conn.execute("SELECT (extract(epoch FROM min(ts_capture)) * 1000)::bigint FROM frames WHERE "
                                   "camera_id = %s AND ts_capture < to_timestamp(%s / 1000.0)", (cam, cutoff)).fetchone()[0]
         if first is None:
@@ -376,6 +395,8 @@ class PgStore:
                      models = EXCLUDED.models, format = EXCLUDED.format, data = EXCLUDED.data""",
                 (cam, epoch, start, min(seqs), max(seqs), len(new), min(ts), max(ts), json.dumps(models),
                  BLOCK_FORMAT, data))
+        if groups:  # writers' cached bounds of packed seqs end here (they read the generation after inserting)
+            self.conn.execute("UPDATE compaction_state SET generation = generation + 1 WHERE id = 0")
         return len(rows), len(groups)
 
     def class_counts(self, camera_id: str, since_ms: int, until_ms: int) -> dict[int, int]:

@@ -22,6 +22,7 @@ import collections
 import hashlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import nats
 import psycopg
@@ -83,6 +84,9 @@ class Gateway:
         self.pg_dsn = pg_dsn
         self.model_tags = model_tags
         self._auth: dict[str, tuple[str, float]] = {}
+        # One thread for the camera-store look-ups: they share one PostgreSQL connection, which must not be used from
+        # several threads at once (many cameras connecting together broke its transaction state)
+        self._auth_pool = ThreadPoolExecutor(1, thread_name_prefix="camera-auth")
         self.nc = self.js = self.pg = None
         self.state = _Connections()
         self._inbox = ""
@@ -103,6 +107,7 @@ class Gateway:
     async def close(self) -> None:
         if self.nc is not None:
             await self.nc.drain()
+        self._auth_pool.shutdown(wait=False, cancel_futures=True)
         if self.pg is not None:
             self.pg.close()
 
@@ -264,7 +269,8 @@ class _Camera(WSListener):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.loop.run_in_executor(None, self.gw._token_hash, hello.camera_id).add_done_callback(self._authenticated)
+        self.loop.run_in_executor(self.gw._auth_pool, self.gw._token_hash, hello.camera_id).add_done_callback(
+            self._authenticated)
 
     def _authenticated(self, future) -> None:
         if self.closing:

@@ -60,10 +60,10 @@ class CaptureConfig(BaseModel):
     # Frames are encoded and spooled a window at a time: the window is preprocessed, encoded (one ONNX Runtime run),
     # stored (one spool transaction: one fsync) and handed to the uplink together once a frame arrives batch_window
     # seconds after its first one (or batch_frames are held); a source that stalls has its held frames spooled
-    # 1.5 x batch_window after the first. At 30 fps 0.2 s is ~6-7 frames: process CPU per frame about a third of
-    # frame-by-frame work (bench/results/runtime/runtime_cpu.md), for up to 0.2 s more latency; a kill -9 or power loss
+    # 1.5 x batch_window after the first. At 30 fps 0.3 s is ~9-10 frames: process CPU per frame about half of
+    # frame-by-frame work (bench/results/runtime/runtime_cpu.md), for up to 0.3 s more latency; a kill -9 or power loss
     # also loses the frames still held (never one that was spooled, sent or acknowledged). 0: frame by frame.
-    batch_window: float = Field(0.2, ge=0)
+    batch_window: float = Field(0.3, ge=0)
     batch_frames: int = Field(16, ge=1, le=1024)
     max_delay: float = Field(0.0, ge=0)  # extra batching wait of the uplink (UplinkConfig.max_delay: CPU vs latency)
     max_batch: int = Field(64, ge=1, le=4096)

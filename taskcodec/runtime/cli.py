@@ -100,7 +100,7 @@ def capture(
     size: Optional[str] = typer.Option(None, "--size", help="Capture size WxH, e.g. 640x480."),
     roi: Optional[str] = typer.Option(None, "--roi", help="Region of interest x,y,w,h in capture pixels."),
     loop: Optional[bool] = typer.Option(None, "--loop/--no-loop", help="Restart files, folders and virtual cameras at the end."),
-    batch_window: Optional[float] = typer.Option(None, "--batch-window", help="Seconds a captured frame may wait to be encoded and spooled together with the next ones (default 0.2: ~6 frames at 30 fps, one encoder run and one spool fsync for all; about half the CPU per frame, up to 0.2 s more latency; a kill -9 or power loss also loses the frames held, never a spooled one). 0: frame by frame."),
+    batch_window: Optional[float] = typer.Option(None, "--batch-window", help="Seconds a captured frame may wait to be encoded and spooled together with the next ones (default 0.3: ~9 frames at 30 fps, one encoder run and one spool fsync for all; about half the CPU per frame, up to 0.3 s more latency; a kill -9 or power loss also loses the frames held, never a spooled one). 0: frame by frame."),
     batch_frames: Optional[int] = typer.Option(None, "--batch-frames", help="At most this many frames per --batch-window (default 16)."),
     max_delay: Optional[float] = typer.Option(None, "--max-delay", help="Extra seconds the uplink waits to fill a network batch (default 0: send what the capture loop spooled at once; with --batch-window 0 set e.g. 0.2 to save uplink CPU)."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Frames per batch."),
@@ -126,7 +126,7 @@ def capture(
 ) -> None:
     """Capture frames, encode them with the bundle's encoder, spool them durably and stream them to the server.
 
-    Frames are encoded and spooled a window at a time (--batch-window, default 0.2 s) and the spool fsyncs each window
+    Frames are encoded and spooled a window at a time (--batch-window, default 0.3 s) and the spool fsyncs each window
     (--spool-sync full): a kill -9 or power loss loses at most the frames of the window not yet spooled, never a
     spooled, sent or acknowledged frame."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -84,6 +84,16 @@ def test_kills_of_a_jetstream_node_gateway_worker_and_a_postgres_restart_lose_an
             seqs = [r[0] for r in conn.execute("SELECT seq FROM frames ORDER BY seq")]
         assert rolled_up == acked  # the rollup counts each frame once, redeliveries included
         assert seqs == list(range(seqs[0], seqs[0] + acked))
+        # the gateway grants no temporal coding: a TBATCH is refused with a reason, not published
+        from taskcodec import wire
+        from taskcodec.server.client import StreamClient
+        c = StreamClient(cluster.gateway_url(0))
+        try:
+            assert c.hello(wire.Hello(bundle.model_tag, "cam-1", token.encode())) == wire.Welcome()
+            replies = c.send(wire.TemporalBatch(7, [wire.Frame(0, 1_700_000_000_000, b"", wire.SAME)]))
+        finally:
+            c.close()
+        assert isinstance(replies[-1], wire.Error) and "temporal" in replies[-1].reason, replies
 
 
 def test_store_is_idempotent_partitioned_by_day_and_retention_drops_old_days(tmp_path):

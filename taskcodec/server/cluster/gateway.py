@@ -308,6 +308,10 @@ class _Camera(WSListener):
             if not isinstance(batch, wire.Batch):
                 self._refuse(wire.Code.BAD_MESSAGE, "expected a binary BATCH message")
                 return
+            if isinstance(batch, wire.TemporalBatch):  # never granted here (WELCOME offers no temporal coding)
+                self._refuse(wire.Code.BAD_MESSAGE, "temporal batches are not served by the cluster gateway; "
+                                                    "send plain BATCH messages (runtime capture without --temporal)")
+                return
         first_seq, count = batch.frames[0].seq, len(batch.frames)
         digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
         self.inflight = batch

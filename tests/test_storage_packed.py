@@ -184,15 +184,14 @@ def test_server_compacts_in_the_background_and_answers_from_both_parts(tmp_path)
     bundle = make_tiny_bundle(tmp_path / "bundle")
     db = tmp_path / "server.db"
     config = tmp_path / "server.yaml"
-    config.write_text("storage:\n  checkpoint_interval_s: 0.5\n")
+    # settle -2 h: this test's frames count as old at once (the default packs hours closed 10 minutes ago)
+    config.write_text("storage:\n  checkpoint_interval_s: 0.5\n  compact_interval_s: 0.5\n  compact_settle_s: -7200\n")
     n = 120
     coder = RangeCoder(bundle.tables)
     symbols = np.random.default_rng(0).integers(-6, 7, (n, bundle.latent_dim)).astype(np.int32)
     t0 = 1_790_000_000_000
     frames = [wire.Frame(i, t0 + 1000 * i, compress(s, coder, bundle.model_tag)) for i, s in enumerate(symbols)]
-    # settle -2 h: this test's frames count as old at once (the default packs hours closed 10 minutes ago)
-    env = {"TASKCODEC_COMPACT_SETTLE_S": "-7200", "TASKCODEC_COMPACT_INTERVAL_S": "0.5"}
-    with ServerProcess(bundle.path, db, "--config", str(config), env=env) as srv:
+    with ServerProcess(bundle.path, db, "--config", str(config)) as srv:
         token = srv.add_camera("cam-p")
         with srv.stream() as c:
             assert c.hello(wire.Hello(bundle.model_tag, "cam-p", token)) == wire.Welcome()

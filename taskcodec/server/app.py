@@ -55,7 +55,9 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     storage = SQLiteStorage(config.db, check=store_cfg.integrity_check_at_start,
                             journal_size_limit=store_cfg.journal_size_limit_bytes,
-                            wal_autocheckpoint=store_cfg.wal_autocheckpoint_pages)
+                            wal_autocheckpoint=store_cfg.wal_autocheckpoint_pages, auto_compact=store_cfg.compact,
+                            compact_interval_s=store_cfg.compact_interval_s,
+                            compact_settle_s=store_cfg.compact_settle_s)
     service = IngestService(bundle, storage, microbatch=config.microbatch, storage_config=store_cfg,
                             linger_s=config.microbatch_linger_ms / 1000.0)
     attach_heads(service, config.db)  # heads trained on stored latents label new frames (server/heads.py)

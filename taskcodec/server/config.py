@@ -74,6 +74,10 @@ class StorageConfig(_Strict):
                                           "checkpoint")
     busy_retry_after_s: float = Field(5.0, gt=0, description="retry hint sent with BUSY while storage is full")
     full_probe_interval_s: float = Field(2.0, gt=0, description="while full, try a small write this often")
+    compact: bool = Field(True, description="pack closed camera-hours into blocks in a background thread")
+    compact_interval_s: float = Field(300.0, gt=0, description="background compaction looks this often")
+    compact_settle_s: float = Field(600.0, description="pack only hours that closed at least this long ago (late "
+                                    "frames after that still land as rows and join their block next time)")
 
 
 class ServerConfig(_Strict):

@@ -308,20 +308,20 @@ class SQLiteStorage:
 
     Frames live in two parts: the frames table (one row per frame; the recent part, where writers insert) and packed
     blocks (one per camera, epoch and capture hour), filled by ``compact()``. The first periodic ``checkpoint()`` of
-    a server starts a background thread that compacts every ``compact_interval_s`` (class attributes; environment
-    TASKCODEC_COMPACT_INTERVAL_S / TASKCODEC_COMPACT_SETTLE_S override them, TASKCODEC_COMPACT=0 turns it off).
+    a server starts a background thread that compacts every ``compact_interval_s`` (``auto_compact=False`` turns it
+    off; the server sets all three from its config's ``storage`` section).
 
     ``migrate``: apply missing schema steps at open (else an old schema refuses to open; see `taskcodec db migrate`).
     ``check``: run ``PRAGMA quick_check`` at open and refuse a damaged file.
     """
 
-    auto_compact = os.environ.get("TASKCODEC_COMPACT", "1") != "0"
-    compact_interval_s = float(os.environ.get("TASKCODEC_COMPACT_INTERVAL_S", COMPACT_INTERVAL_S))
-    compact_settle_s = float(os.environ.get("TASKCODEC_COMPACT_SETTLE_S", COMPACT_SETTLE_S))
-
     def __init__(self, path: str | Path, *, migrate: bool = True, check: bool = False,
-                 journal_size_limit: int = JOURNAL_SIZE_LIMIT, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT_PAGES):
+                 journal_size_limit: int = JOURNAL_SIZE_LIMIT, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT_PAGES,
+                 auto_compact: bool = True, compact_interval_s: float = COMPACT_INTERVAL_S,
+                 compact_settle_s: float = COMPACT_SETTLE_S):
         self.path = Path(path)
+        self.auto_compact, self.compact_interval_s, self.compact_settle_s = (auto_compact, compact_interval_s,
+                                                                              compact_settle_s)
         if not self.path.parent.is_dir():
             raise StorageError(f"database folder does not exist: {self.path.parent}")
         self.journal_size_limit = journal_size_limit

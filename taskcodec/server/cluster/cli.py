@@ -64,12 +64,16 @@ def gateway(nats: str = NATS, pg: str = PG, bundle: List[Path] = BUNDLES,
 
 @cluster_app.command()
 def worker(nats: str = NATS, pg: str = PG, bundle: List[Path] = BUNDLES,
-           ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="touch this once consuming")) -> None:
+           ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="touch this once consuming"),
+           compact_interval_s: float = typer.Option(300.0, min=0, help="pack closed camera-hours into blocks this "
+                                                    "often (0: this worker never compacts)"),
+           compact_settle_s: float = typer.Option(600.0, help="pack only hours closed at least this long ago")) -> None:
     """A decode/classify worker: JetStream durable pull consumer -> PostgreSQL (insert-or-ignore)."""
     from taskcodec.server.cluster.worker import run_worker
 
     loaded = _bundles(bundle)
-    _run_until_signal(lambda stop: run_worker(nats.split(","), pg, loaded, stop, str(ready_file) if ready_file else None))
+    _run_until_signal(lambda stop: run_worker(nats.split(","), pg, loaded, stop, str(ready_file) if ready_file else None,
+                                              compact_interval_s, compact_settle_s))
 
 
 @cluster_app.command()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import nats
@@ -29,7 +28,8 @@ log = logging.getLogger("taskcodec.worker")
 DURABLE = "tc-workers"
 ACK_WAIT_S = 10.0
 FETCH = 256
-COMPACT_INTERVAL_S = float(os.environ.get("TASKCODEC_COMPACT_INTERVAL_S", 300.0))  # 0: this worker never compacts
+COMPACT_INTERVAL_S = 300.0  # how often a worker packs closed camera-hours (0: this worker never compacts)
+COMPACT_SETTLE_S = 600.0    # only hours that closed at least this long ago
 
 
 class Model:
@@ -69,7 +69,8 @@ def process(messages: list, models: dict[str, Model], store: PgStore) -> tuple[i
 
 
 async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], stop: asyncio.Event | None = None,
-                     ready_file: str | None = None) -> None:
+                     ready_file: str | None = None, compact_interval_s: float = COMPACT_INTERVAL_S,
+                     compact_settle_s: float = COMPACT_SETTLE_S) -> None:
     from nats.js.api import AckPolicy, ConsumerConfig
 
     models = {b.model_tag.hex(): Model(b) for b in bundles}
@@ -82,7 +83,7 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
     store = None
     stop = stop or asyncio.Event()
     compaction: asyncio.Task | None = None
-    next_compaction = time.monotonic() + min(COMPACT_INTERVAL_S, 5.0)
+    next_compaction = time.monotonic() + min(compact_interval_s, 5.0)
     from taskcodec.server.cluster import mqtt  # MQTT cameras (nats-server's MQTT listener): a second consumer loop
 
     mqtt_task = asyncio.create_task(mqtt.consume_mqtt(nc, await mqtt.ensure_mqtt_stream(js), pg_dsn, models, stop))
@@ -98,12 +99,12 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
                 log.warning("store unavailable, retrying: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-        if COMPACT_INTERVAL_S > 0 and time.monotonic() >= next_compaction and (compaction is None or
+        if compact_interval_s > 0 and time.monotonic() >= next_compaction and (compaction is None or
                                                                                  compaction.done()):
             # closed camera-hours into packed blocks, on a connection of its own in a thread (one worker of the
             # cluster at a time: the others find the compactor lock taken and skip)
-            next_compaction = time.monotonic() + COMPACT_INTERVAL_S
-            compaction = asyncio.create_task(asyncio.to_thread(_compact_once, pg_dsn))
+            next_compaction = time.monotonic() + compact_interval_s
+            compaction = asyncio.create_task(asyncio.to_thread(_compact_once, pg_dsn, compact_settle_s))
         try:
             messages = await sub.fetch(FETCH, timeout=0.5)
         except asyncio.TimeoutError:  # nats-py raises the plain one too (fetch deadline passed under CPU load)
@@ -142,14 +143,14 @@ async def run_worker(nats_urls: list[str], pg_dsn: str, bundles: list[Bundle], s
     await nc.drain()
 
 
-def _compact_once(pg_dsn: str) -> None:
+def _compact_once(pg_dsn: str, settle_s: float) -> None:
     try:
         store = PgStore(pg_dsn)
     except PgStoreError as exc:
         log.warning("compaction skipped: %s", exc)
         return
     try:
-        store.compact(settle_s=float(os.environ.get("TASKCODEC_COMPACT_SETTLE_S", 600.0)), wait=False)
+        store.compact(settle_s=settle_s, wait=False)
     except Exception:  # noqa: BLE001 (a failed compaction leaves everything as it was: one transaction per camera)
         log.exception("compaction failed")
     finally:

@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
     def demo_cmd(
         frames: int = typer.Option(600, min=1, help="Frames the virtual camera streams."),
         fps: float = typer.Option(30.0, min=0.1, help="Camera frame rate."),
-        max_delay: float = typer.Option(0.2, min=0.0, help="Uplink batching delay in seconds."),
+        max_delay: float = typer.Option(0.0, min=0.0, help="Extra uplink batching delay in seconds (the runtime's "
+                                        "capture window of 0.3 s already groups frames)."),
         bundle: Optional[Path] = typer.Option(None, help="Model bundle (default: the embedded default bundle)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
         quiet: bool = typer.Option(False, help="No live status line."),

@@ -65,7 +65,7 @@ def _jpeg_costs(uri: str, roi: tuple[int, int, int, int], n: int) -> tuple[float
     return float(np.mean(whole)), float(np.mean(crop))
 
 
-def run_demo(frames: int = 600, fps: float = 30.0, max_delay: float = 0.2, bundle_path: Path | None = None,
+def run_demo(frames: int = 600, fps: float = 30.0, max_delay: float = 0.0, bundle_path: Path | None = None,
              seed: int = 0, quiet: bool = False) -> DemoResult:
     from taskcodec.runtime.capture import run_capture
     from taskcodec.server.process import LocalServer

@@ -111,6 +111,9 @@ def test_store_is_idempotent_partitioned_by_day_and_retention_drops_old_days(tmp
         assert store.store_frames(rows[2:]) == 0                      # a re-delivery stores nothing twice
         changed = [rows[3][:6] + (b"other",) + rows[3][7:]]
         assert store.store_frames(changed) == 0 and store.conflicts == 1  # same key, other payload: counted
+        with psycopg.connect(cluster.pg_dsn) as conn:  # stored days after capture: the stored time kept exactly
+            after = dict(conn.execute("SELECT seq, stored_ms_after FROM frames").fetchall())
+        assert after == {seq: (5 - seq) * day_ms for seq in range(6)}
         counts = store.class_counts("cam-a", now - 10 * day_ms, now + 1)
         assert counts == {0: 2, 1: 2, 2: 2}
         result = CliRunner().invoke(cluster_app, ["retention", "--days", "2", "--pg", cluster.pg_dsn])

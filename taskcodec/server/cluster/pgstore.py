@@ -46,7 +46,7 @@ MIGRATIONS: list[str] = [
         epoch BIGINT NOT NULL,
         seq BIGINT NOT NULL,
         ts_capture TIMESTAMPTZ NOT NULL,
-        stored_ms_after SMALLINT NOT NULL DEFAULT 0,
+        stored_ms_after SMALLINT NOT NULL DEFAULT 0,  -- INTEGER from step 3
         model_id TEXT NOT NULL,
         payload BYTEA NOT NULL,
         prediction SMALLINT NOT NULL,
@@ -85,6 +85,11 @@ MIGRATIONS: list[str] = [
         generation BIGINT NOT NULL  -- bumped by every compaction transaction that writes blocks
     );
     INSERT INTO compaction_state VALUES (0, 0);
+    """,
+    # 3: the stored time of a frame uploaded late (a camera offline for hours) kept exactly, up to 24.8 days after
+    # capture (a SMALLINT capped it at 32.767 s)
+    """
+    ALTER TABLE frames ALTER COLUMN stored_ms_after TYPE INTEGER;
     """,
 ]
 
@@ -162,7 +167,7 @@ class PgStore:
             cur = self.conn.execute(
                 """INSERT INTO frames (camera_id, epoch, seq, ts_capture, stored_ms_after, model_id, payload,
                                        prediction, confidence)
-                   SELECT c, e, s, to_timestamp(t / 1000.0), LEAST(GREATEST(st - t, 0), 32767), m, p, pr, cf
+                   SELECT c, e, s, to_timestamp(t / 1000.0), LEAST(GREATEST(st - t, 0), 2147483647), m, p, pr, cf
                    FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[],
                                %s::bytea[], %s::smallint[], %s::smallint[]) AS u(c, e, s, t, st, m, p, pr, cf)
                    ON CONFLICT DO NOTHING

@@ -154,49 +154,69 @@ static void cmd_batch(char *save)
         free(payloads[i]);
 }
 
-static void cmd_tbatch(char *save)
+/* The "ts:kind:hex" items of a TBATCH or CBATCH line (shared by both commands). */
+static int64_t item_ts[TCW_MAX_FRAMES_PER_BATCH + 1];
+static unsigned item_kinds[TCW_MAX_FRAMES_PER_BATCH + 1];
+static uint8_t *item_payloads[TCW_MAX_FRAMES_PER_BATCH + 1];
+static size_t item_lens[TCW_MAX_FRAMES_PER_BATCH + 1];
+
+/* Parses the rest of the line into item_*; returns how many items (0 on a bad line). *parsed says how many
+   payloads were allocated, for free_items(). */
+static size_t parse_items(char **save, size_t *parsed)
 {
-    char *cap_s = strtok_r(NULL, " ", &save), *epoch_s = strtok_r(NULL, " ", &save);
-    char *first_s = strtok_r(NULL, " ", &save), *item;
-    static int64_t ts[TCW_MAX_FRAMES_PER_BATCH + 1];
-    static unsigned kinds[TCW_MAX_FRAMES_PER_BATCH + 1];
-    static uint8_t *payloads[TCW_MAX_FRAMES_PER_BATCH + 1];
-    static size_t lens[TCW_MAX_FRAMES_PER_BATCH + 1];
-    size_t n = 0, i, cap, len = 0;
-    uint8_t *out;
-    tcw_batch b;
-    int rc, bad = !first_s;
-    while (!bad && (item = strtok_r(NULL, " ", &save)) != NULL) {
+    size_t n = 0;
+    char *item;
+    while ((item = strtok_r(NULL, " ", save)) != NULL) {
         char *c1 = strchr(item, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
         if (!c2 || n > TCW_MAX_FRAMES_PER_BATCH) {
-            bad = 1;
-            break;
+            *parsed = n;
+            return 0;
         }
         *c1 = 0;
         *c2 = 0;
-        ts[n] = strtoll(item, NULL, 10);
-        kinds[n] = (unsigned)strtoul(c1 + 1, NULL, 10);
-        if (unhex(c2 + 1, &payloads[n], &lens[n])) {
-            bad = 1;
-            break;
+        item_ts[n] = strtoll(item, NULL, 10);
+        item_kinds[n] = (unsigned)strtoul(c1 + 1, NULL, 10);
+        if (unhex(c2 + 1, &item_payloads[n], &item_lens[n])) {
+            *parsed = n;
+            return 0;
         }
         n++;
     }
-    if (bad || n == 0) {
+    *parsed = n;
+    return n;
+}
+
+static void free_items(size_t parsed)
+{
+    size_t i;
+    for (i = 0; i < parsed; i++)
+        free(item_payloads[i]);
+}
+
+static void cmd_tbatch(char *save)
+{
+    char *cap_s = strtok_r(NULL, " ", &save), *epoch_s = strtok_r(NULL, " ", &save);
+    char *first_s = strtok_r(NULL, " ", &save);
+    size_t n = 0, parsed = 0, i, cap, len = 0;
+    uint8_t *out;
+    tcw_batch b;
+    int rc;
+    if (first_s)
+        n = parse_items(&save, &parsed);
+    if (n == 0) {
         puts("err usage");
     } else {
         cap = strtoull(cap_s, NULL, 10);
         out = malloc(cap ? cap : 1);
         rc = tcw_batch_begin_temporal(&b, out, cap, strtoull(epoch_s, NULL, 10), strtoull(first_s, NULL, 10));
         for (i = 0; rc == TCW_OK && i < n; i++)
-            rc = tcw_batch_add_kind(&b, ts[i], kinds[i], payloads[i], lens[i]);
+            rc = tcw_batch_add_kind(&b, item_ts[i], item_kinds[i], item_payloads[i], item_lens[i]);
         if (rc == TCW_OK)
             rc = tcw_batch_finish(&b, &len);
         answer(rc, out, len);
         free(out);
     }
-    for (i = 0; i < n; i++)
-        free(payloads[i]);
+    free_items(parsed);
 }
 
 static tcw_link tool_link; /* one connection's CBATCH link across lines */
@@ -204,32 +224,14 @@ static tcw_link tool_link; /* one connection's CBATCH link across lines */
 static void cmd_cbatch(char *save)
 {
     char *cap_s = strtok_r(NULL, " ", &save), *epoch_s = strtok_r(NULL, " ", &save);
-    char *first_s = strtok_r(NULL, " ", &save), *interval_s = strtok_r(NULL, " ", &save), *item;
-    static int64_t ts[TCW_MAX_FRAMES_PER_BATCH + 1];
-    static unsigned kinds[TCW_MAX_FRAMES_PER_BATCH + 1];
-    static uint8_t *payloads[TCW_MAX_FRAMES_PER_BATCH + 1];
-    static size_t lens[TCW_MAX_FRAMES_PER_BATCH + 1];
-    size_t n = 0, i, cap, len = 0;
+    char *first_s = strtok_r(NULL, " ", &save), *interval_s = strtok_r(NULL, " ", &save);
+    size_t n = 0, parsed = 0, i, cap, len = 0;
     uint8_t *out;
     tcw_cbatch c;
-    int rc, bad = !interval_s;
-    while (!bad && (item = strtok_r(NULL, " ", &save)) != NULL) {
-        char *c1 = strchr(item, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
-        if (!c2 || n > TCW_MAX_FRAMES_PER_BATCH) {
-            bad = 1;
-            break;
-        }
-        *c1 = 0;
-        *c2 = 0;
-        ts[n] = strtoll(item, NULL, 10);
-        kinds[n] = (unsigned)strtoul(c1 + 1, NULL, 10);
-        if (unhex(c2 + 1, &payloads[n], &lens[n])) {
-            bad = 1;
-            break;
-        }
-        n++;
-    }
-    if (bad || n == 0) {
+    int rc;
+    if (interval_s)
+        n = parse_items(&save, &parsed);
+    if (n == 0) {
         puts("err usage");
     } else {
         cap = strtoull(cap_s, NULL, 10);
@@ -237,14 +239,13 @@ static void cmd_cbatch(char *save)
         rc = tcw_cbatch_begin(&c, out, cap, &tool_link, strtoull(epoch_s, NULL, 10), strtoull(first_s, NULL, 10),
                               (uint32_t)strtoul(interval_s, NULL, 10));
         for (i = 0; rc == TCW_OK && i < n; i++)
-            rc = tcw_cbatch_add(&c, ts[i], kinds[i], payloads[i], lens[i]);
+            rc = tcw_cbatch_add(&c, item_ts[i], item_kinds[i], item_payloads[i], item_lens[i]);
         if (rc == TCW_OK)
             rc = tcw_cbatch_finish(&c, &len);
         answer(rc, out, len);
         free(out);
     }
-    for (i = 0; i < n; i++)
-        free(payloads[i]);
+    free_items(parsed);
 }
 
 static void cmd_check(char *save)

@@ -628,6 +628,20 @@ def decode(data: bytes) -> Message:
     return msg
 
 
+def expect(data: bytes | None, kind: type) -> Message:
+    """The message in ``data`` if it is a ``kind`` (``None`` stands for a text WebSocket message); raises WireError
+    with the reason a peer is told otherwise ("malformed HELLO: ...", "expected a binary BATCH, got ACK")."""
+    name = kind.__name__.upper()
+    try:
+        message = decode(data) if data is not None else None
+    except WireError as exc:
+        raise WireError(f"malformed {name}: {exc}") from None
+    if not isinstance(message, kind):
+        what = type(message).__name__.upper() if message is not None else "a text message"
+        raise WireError(f"expected a binary {name}, got {what}")
+    return message
+
+
 def decode_all(data: bytes) -> list[Message]:
     """Messages concatenated back to back (no length prefixes: each message's own fields delimit it)."""
     r, out = Reader(data), []

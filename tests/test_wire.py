@@ -125,3 +125,14 @@ def test_concatenated_garbage_raises_wire_error_only():
                 fn(bytes(data))
             except wire.WireError:
                 pass
+
+
+def test_expect_returns_the_kind_or_says_what_was_wrong():
+    batch = wire.Batch(9, [wire.Frame(0, 5, b"abc")])
+    assert wire.expect(batch.encode(), wire.Batch) == batch
+    with pytest.raises(wire.WireError, match=r"^expected a binary HELLO, got BATCH$"):
+        wire.expect(batch.encode(), wire.Hello)
+    with pytest.raises(wire.WireError, match=r"^expected a binary BATCH, got a text message$"):
+        wire.expect(None, wire.Batch)
+    with pytest.raises(wire.WireError, match=r"^malformed BATCH: "):
+        wire.expect(batch.encode()[:-1], wire.Batch)

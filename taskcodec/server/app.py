@@ -273,15 +273,10 @@ async def _expect(ws: WebSocket, service: IngestService, kind: type, timeout: fl
         return None
     service.metrics.bytes_received.inc(len(data or b""))
     try:
-        message = wire.decode(data) if data is not None else None
+        return wire.expect(data, kind)
     except wire.WireError as exc:
-        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"malformed {name}: {exc}"))
+        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, str(exc)))
         return None
-    if not isinstance(message, kind):
-        what = type(message).__name__.upper() if message is not None else "a text message"
-        await _refuse(ws, service.refuse(wire.Code.BAD_MESSAGE, f"expected a binary {name}, got {what}"))
-        return None
-    return message
 
 
 async def _serve_stream(ws: WebSocket, service: IngestService, config: ServerConfig, peer: str,

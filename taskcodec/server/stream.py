@@ -547,17 +547,11 @@ class _Connection(WSListener):
 
     def _expect(self, data: bytes | None, kind: type):
         """The message if it is a binary ``kind``; otherwise refuse the connection with a reason and return None."""
-        name = kind.__name__.upper()
         try:
-            message = wire.decode(data) if data is not None else None
+            return wire.expect(data, kind)
         except wire.WireError as exc:
-            self._refuse(self.service.refuse(wire.Code.BAD_MESSAGE, f"malformed {name}: {exc}"))
+            self._refuse(self.service.refuse(wire.Code.BAD_MESSAGE, str(exc)))
             return None
-        if not isinstance(message, kind):
-            what = type(message).__name__.upper() if message is not None else "a text message"
-            self._refuse(self.service.refuse(wire.Code.BAD_MESSAGE, f"expected a binary {name}, got {what}"))
-            return None
-        return message
 
     def _batch(self, data: bytes | None) -> None:
         batch = decode_batch(data) if data is not None else None

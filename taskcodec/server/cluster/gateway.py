@@ -258,12 +258,9 @@ class _Camera(WSListener):
 
     def _on_hello(self, raw: bytes) -> None:
         try:
-            hello = wire.decode(raw)
+            hello = wire.expect(raw, wire.Hello)
         except wire.WireError as exc:
-            self._refuse(wire.Code.BAD_MESSAGE, f"bad HELLO: {exc}")
-            return
-        if not isinstance(hello, wire.Hello):
-            self._refuse(wire.Code.BAD_MESSAGE, "expected a binary HELLO message")
+            self._refuse(wire.Code.BAD_MESSAGE, str(exc))
             return
         self.hello = hello
         if self.timer is not None:
@@ -301,12 +298,9 @@ class _Camera(WSListener):
         batch = decode_batch(raw)
         if batch is None:
             try:
-                batch = wire.decode(raw)
+                batch = wire.expect(raw, wire.Batch)
             except wire.WireError as exc:
-                self._refuse(wire.Code.BAD_MESSAGE, f"bad BATCH: {exc}")
-                return
-            if not isinstance(batch, wire.Batch):
-                self._refuse(wire.Code.BAD_MESSAGE, "expected a binary BATCH message")
+                self._refuse(wire.Code.BAD_MESSAGE, str(exc))
                 return
             if isinstance(batch, wire.TemporalBatch):  # never granted here (WELCOME offers no temporal coding)
                 self._refuse(wire.Code.BAD_MESSAGE, "temporal batches are not served by the cluster gateway; "

@@ -206,19 +206,9 @@ def _mqtt_load_process(broker: str, cams: list[tuple[str, bytes]], tag: bytes, p
 
 
 def _group_cpu(groups: dict[str, list[int]]) -> dict[str, float]:
-    import psutil
+    from taskcodec.bench.cluster import _cpu_seconds
 
-    out = {}
-    for name, pids in groups.items():
-        total = 0.0
-        for pid in pids:
-            try:
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        out[name] = total
-    return out
+    return {name: _cpu_seconds(pids) for name, pids in groups.items()}
 
 
 def _inserted(conn) -> int:

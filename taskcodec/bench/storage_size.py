@@ -527,23 +527,11 @@ def write_ab(old_storage: Path, out: Path, cameras: int = 500, seconds: int = 60
                 storage.close()
             runs[name].append(1e6 * cpu / n)
             log(f"round {r}: {name}: {runs[name][-1]:.1f} µs/frame")
-    result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "seconds": seconds,
-              "rounds": rounds, "load_avg_1min": os.getloadavg()[0], "us_per_frame": runs,
-              "median_us_per_frame": {k: float(np.median(v)) for k, v in runs.items()},
-              "median_ratio_with_to_before": float(np.median(np.array(runs["with packing"]) /
-                                                             np.array(runs["before packing"])))}
-    write_json(out / "storage_size_write_ab.json", result)
-    med = result["median_us_per_frame"]
-    write_text(out / "storage_size_write_ab.md", (
-        f"# SQLite write path: CPU per frame before and with packing\n\n{machine_line(result['machine'])}; "
-        f"{result['time']}; load average {result['load_avg_1min']:.1f} (shared box). store_batches as the server "
-        f"calls it (token checked in the transaction; with packing the same statement also looks the batch's seq "
-        f"range up in frame_blocks_by_seq), {cameras} one-frame batches per micro-batch, {seconds} micro-batches, "
-        f"{rounds} interleaved rounds on fresh databases (with packing: 24 packed hours per camera in frame_blocks "
-        f"already, so the block lookup searches a day's index).\n\n| variant | median µs/frame | runs |\n|---|---|---|\n"
-        + "".join(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |\n" for k, v in runs.items())
-        + f"\nMedian of the per-round ratios (with / before): {result['median_ratio_with_to_before']:.3f}.\n"))
-    return result
+    return _write_ab(out / "storage_size_write_ab", "SQLite write path", runs, cameras, seconds, rounds, (
+        f"store_batches as the server calls it (token checked in the transaction; with packing the writer also "
+        f"compares each batch's seqs with the highest packed seq of its camera and epoch, cached per compaction "
+        f"generation), {cameras} one-frame batches per micro-batch, {seconds} micro-batches, {rounds} interleaved "
+        f"rounds on fresh databases (with packing: 24 packed hours per camera in frame_blocks already)"))
 
 
 def write_ab_pg(old_pgstore: Path, out: Path, cameras: int = 256, seconds: int = 120, rounds: int = 8,
@@ -601,21 +589,29 @@ def write_ab_pg(old_pgstore: Path, out: Path, cameras: int = 256, seconds: int =
                 store.close()
                 runs[name].append(1e6 * cpu / n)
                 log(f"round {r}: {name}: {runs[name][-1]:.1f} µs/frame (client + PostgreSQL)")
+    return _write_ab(out / "storage_size_write_ab_pg", "PostgreSQL write path", runs, cameras, seconds, rounds, (
+        f"PgStore.store_frames as a worker calls it (one fetched batch: {cameras} one-frame messages of {cameras} "
+        f"cameras), {seconds} batches per run, {rounds} interleaved rounds on fresh databases (VACUUM ANALYZE after "
+        f"the set-up); CPU of the client and of PostgreSQL's processes (with packing: the read of the compaction "
+        f"generation and the highest packed seq per camera and epoch, cached per generation; 24 packed hours per "
+        f"camera in frame_blocks already)"))
+
+
+def _write_ab(stem: Path, title: str, runs: dict[str, list[float]], cameras: int, seconds: int, rounds: int,
+              how: str) -> dict:
+    """JSON + markdown of a before/with-packing A/B of µs per frame (interleaved rounds: the per-round ratio is
+    what a shared box measures best)."""
     result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "seconds": seconds,
               "rounds": rounds, "load_avg_1min": os.getloadavg()[0], "us_per_frame": runs,
               "median_us_per_frame": {k: float(np.median(v)) for k, v in runs.items()},
               "median_ratio_with_to_before": float(np.median(np.array(runs["with packing"]) /
                                                              np.array(runs["before packing"])))}
-    write_json(out / "storage_size_write_ab_pg.json", result)
+    write_json(stem.with_suffix(".json"), result)
     med = result["median_us_per_frame"]
-    write_text(out / "storage_size_write_ab_pg.md", (
-        f"# PostgreSQL write path: CPU per frame before and with packing\n\n{machine_line(result['machine'])}; "
-        f"{result['time']}; load average {result['load_avg_1min']:.1f} (shared box). PgStore.store_frames as a worker "
-        f"calls it (one fetched batch: {cameras} one-frame messages of {cameras} cameras), {seconds} batches per run, "
-        f"{rounds} interleaved rounds on fresh databases (VACUUM ANALYZE after the set-up); CPU of the client and of "
-        f"PostgreSQL's processes (with "
-        f"packing: the cameras' shared advisory locks and the block lookup per batch; 24 packed hours per camera in "
-        f"frame_blocks already).\n\n| variant | median µs/frame | runs |\n|---|---|---|\n"
+    write_text(stem.with_suffix(".md"), (
+        f"# {title}: CPU per frame before and with packing\n\n{machine_line(result['machine'])}; {result['time']}; "
+        f"load average {result['load_avg_1min']:.1f} (shared box). {how}.\n\n"
+        "| variant | median µs/frame | runs |\n|---|---|---|\n"
         + "".join(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |\n" for k, v in runs.items())
         + f"\nMedian of the per-round ratios (with / before): {result['median_ratio_with_to_before']:.3f}.\n"))
     return result

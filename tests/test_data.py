@@ -139,3 +139,21 @@ def test_bad_trees_name_the_folder_or_file(tmp_path):
     with pytest.raises(DataError, match="zz.png is not a readable image"):
         for split in ("train", "test"):
             load_frames(f"folder:{tmp_path}", split, 8, 8, 1)
+
+
+def test_placed_fashion_mnist_is_the_same_items_at_fixed_random_placements():
+    from taskcodec.data import PLACED, load_frames, place_items
+
+    plain, placed = load_frames("fashion-mnist", "test", limit=500), load_frames(PLACED, "test", limit=500)
+    assert parse_data(PLACED).is_fashion and parse_data(f"{PLACED}:{DEFAULT_DIR}").kind == PLACED
+    assert placed.frames.shape == plain.frames.shape and np.array_equal(placed.labels, plain.labels)
+    assert placed.classes == plain.classes
+    again = load_frames(PLACED, "test", limit=500)
+    assert np.array_equal(placed.frames, again.frames)  # reproducible: one fixed placement per image
+    moved = np.abs(placed.frames.astype(int) - plain.frames.astype(int)).mean(axis=(1, 2, 3))
+    assert (moved > 5).mean() > 0.9  # nearly every item is visibly moved, rotated or resized
+    # the item is moved, not destroyed: the placed image's ink is close to the original's (scale 0.8-1.2 changes it)
+    ink = placed.frames.astype(float).sum(axis=(1, 2, 3)) / plain.frames.astype(float).sum(axis=(1, 2, 3)).clip(1)
+    assert 0.6 < np.median(ink) < 1.4
+    other = place_items(plain.frames[..., 0], seed=99)
+    assert not np.array_equal(other, placed.frames[..., 0])  # train and test splits use different seeds

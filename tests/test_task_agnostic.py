@@ -101,3 +101,23 @@ def test_bench_tasks_runs_every_representation_on_every_task(tmp_path):
     assert bundle["bytes_per_image"] < 20 < res["rows"][2]["bytes_per_image"]
     assert raw["intensity"] > 0.5  # raw pixels keep the within-class intensity (the probe can learn it)
     assert "10-class acc" in (tmp_path / "tasks.md").read_text()
+
+
+def test_placement_views_shear_and_the_raw_cnn_line_follows_the_data(tmp_path):
+    from taskcodec.training.augmentations import Augmentation
+    from taskcodec.training.sweep import RAW_CNN_ACCURACY, raw_cnn_accuracy
+
+    x = torch.zeros(16, 1, 28, 28)
+    x[:, :, 4:24, 13:15] = 1.0  # a vertical bar: a horizontal shear tilts it, rows shift by different amounts
+    sheared = Augmentation("s", "", shear_deg=20.0)(x, torch.Generator().manual_seed(0))
+    tilt = (sheared[:, 0, 6].argmax(1) - sheared[:, 0, 21].argmax(1)).abs()
+    assert tilt.max() >= 3 and torch.equal(Augmentation("n", "")(x), x)
+    aug = get_augmentation("placement")
+    assert not aug.uses_labels and aug.shear_deg > 0 and aug.rotate_deg >= 30
+    assert raw_cnn_accuracy(None, None) == RAW_CNN_ACCURACY
+    assert raw_cnn_accuracy(None, "fashion-mnist-placed") is None  # no silent plain-data line for other data
+    (tmp_path / "classical.json").write_text(json.dumps({"baseline": {"accuracy": 0.8765}}))
+    assert raw_cnn_accuracy(tmp_path / "classical.json") == 0.8765
+    (tmp_path / "bad.json").write_text(json.dumps({"baseline": None}))
+    with pytest.raises(ValueError, match="no fully trained raw-pixel baseline"):
+        raw_cnn_accuracy(tmp_path / "bad.json")

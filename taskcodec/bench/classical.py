@@ -249,7 +249,7 @@ def run_benchmark(qualities: dict[str, Sequence[int | None]] | None = None, epoc
     keeps what it measured; with ``resume`` rows already in ``out``/classical.json measured with the same
     epochs/seed/subset are reused instead of recomputed."""
     from taskcodec.report import machine_info, utc_now
-    from taskcodec.data import load_fashion_mnist
+    from taskcodec.data import load_frames, parse_data
 
     qualities = dict(DEFAULT_QUALITIES if qualities is None else qualities)
     for codec, qs in qualities.items():
@@ -258,8 +258,10 @@ def run_benchmark(qualities: dict[str, Sequence[int | None]] | None = None, epoc
     missing = [c for c in qualities if not available(c)]
     if missing:
         raise CodecError(f"this Pillow/OpenCV build cannot write {', '.join(missing)}; leave it out")
-    full_x_train, full_y_train = load_fashion_mnist("train", data)
-    x_test, y_test = load_fashion_mnist("test", data)
+    spec = parse_data(data)
+    train_set, test_set = load_frames(spec, "train"), load_frames(spec, "test")
+    full_x_train, full_y_train = train_set.frames[..., 0], train_set.labels
+    x_test, y_test = test_set.frames[..., 0], test_set.labels
     x_train, y_train = full_x_train[:train_limit], full_y_train[:train_limit]
     xb_train, yb_train = full_x_train[:baseline_train_limit], full_y_train[:baseline_train_limit]
     x_test, y_test = x_test[:test_limit], y_test[:test_limit]
@@ -279,7 +281,7 @@ def run_benchmark(qualities: dict[str, Sequence[int | None]] | None = None, epoc
 
     results: dict[str, Any] = {
         "benchmark": "classical",
-        "dataset": "fashion-mnist",
+        "dataset": str(spec) if spec.path is None else spec.kind,
         "protocol": ("per codec+quality: encode/decode all train and test images, train the same SmallVGG CNN "
                      "(training/supervised.py) on decoded train images, accuracy on decoded test images"),
         "bytes_definition": ("bytes_per_image = mean complete file size over the test images, codec headers "
@@ -355,13 +357,17 @@ _FORMATS = {"bytes_per_image": ".1f", "payload_bytes_per_image": ".1f", "accurac
             "train_seconds": ".0f"}
 
 
+def _dataset_title(results: dict[str, Any]) -> str:
+    return "placed Fashion-MNIST" if results.get("dataset") == "fashion-mnist-placed" else "Fashion-MNIST"
+
+
 def markdown(results: dict[str, Any]) -> str:
     from taskcodec.report import machine_line, markdown_table
 
     s = results["settings"]
     rows = [dict(r, quality="lossless" if r["codec"] == "png" else r["quality"]) for r in results["rows"]]
     text = [
-        "# Classical codec baselines on Fashion-MNIST\n",
+        f"# Classical codec baselines on {_dataset_title(results)}\n",
         machine_line(results["machine"]) + "\n",
         f"CNN: training/supervised.py SmallVGG, {s['epochs']} epochs per codec/quality, seed {s['seed']}, "
         f"{s['threads']} torch thread(s); trained on the first {s['n_train']} train images (of 60000; fewer epochs "
@@ -442,7 +448,7 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("test accuracy (CNN retrained on decoded images)")
     s = results["settings"]
     m = results["machine"]
-    ax.set_title(f"Fashion-MNIST: CNN {s['epochs']} epochs on {s['n_train']} decoded train images, "
+    ax.set_title(f"{_dataset_title(results)}: CNN {s['epochs']} epochs on {s['n_train']} decoded train images, "
                  f"{s['n_test']} test; {m['usable_cores']}-core CPU", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

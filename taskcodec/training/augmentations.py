@@ -22,6 +22,7 @@ class Augmentation:
     rotate_deg: float = 0.0       # uniform in +-rotate_deg
     shift_px: float = 0.0         # uniform translation in +-shift_px (pixels)
     scale: float = 0.0            # zoom factor uniform in 1 +- scale (zoom-in crops / zoom-out pads)
+    shear_deg: float = 0.0        # horizontal shear angle uniform in +-shear_deg
     hflip: bool = False           # mirror left-right with probability 1/2
     brightness: float = 0.0       # additive, uniform in +-brightness
     contrast: float = 0.0         # multiplicative around the image mean, uniform in 1 +- contrast
@@ -35,7 +36,7 @@ class Augmentation:
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         """x float [N, C, H, W] in [0, 1] -> an augmented view of the same shape."""
-        if self.rotate_deg or self.shift_px or self.scale or self.hflip:
+        if self.rotate_deg or self.shift_px or self.scale or self.hflip or self.shear_deg:
             x = _affine(x, self, gen)
         if self.brightness or self.contrast:
             x = _photometric(x, self, gen)
@@ -58,8 +59,11 @@ def _affine(x: torch.Tensor, a: Augmentation, gen) -> torch.Tensor:
     flip = torch.where(torch.rand(n, generator=gen, device=x.device) < 0.5, -1.0, 1.0) if a.hflip else torch.ones(n, device=x.device)
     tx = _u(n, -a.shift_px, a.shift_px, gen, x.device) * (2.0 / w)
     ty = _u(n, -a.shift_px, a.shift_px, gen, x.device) * (2.0 / h)
+    shear = torch.tan(_u(n, -a.shear_deg, a.shear_deg, gen, x.device) * (math.pi / 180.0)) if a.shear_deg \
+        else torch.zeros(n, device=x.device)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    theta = torch.stack([torch.stack([cos * flip, cos * flip * shear - sin, tx], 1),
+                         torch.stack([sin * flip, sin * flip * shear + cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -107,6 +111,12 @@ REGISTRY: dict[str, Augmentation] = {
                      "(+-15 %), shifts (+-3 px), small rotations (+-10 deg), left-right flips, brightness (+-0.1), "
                      "contrast (+-20 %) and Gaussian noise (std <= 0.05); no erasing, no label positives.",
                      rotate_deg=10.0, shift_px=3.0, scale=0.15, hflip=True, brightness=0.1, contrast=0.2, noise=0.05),
+        Augmentation("placement", "Label-free views for items at any placement (the task-agnostic compressor of "
+                     "`--data fashion-mnist-placed`): the data's own nuisance - rotations (+-30 deg), shifts (+-2.8 px), "
+                     "zoom (+-20 %), shear (+-10 deg) - plus left-right flips, brightness (+-0.1), contrast (+-20 %) "
+                     "and Gaussian noise (std <= 0.05); no labels.",
+                     rotate_deg=30.0, shift_px=2.8, scale=0.2, shear_deg=10.0, hflip=True, brightness=0.1,
+                     contrast=0.2, noise=0.05),
         Augmentation("fashion+label", "The fashion views, and the positive view is another training image of the "
                      "same class half the time (invariance to all label-preserving changes; same-class batch items "
                      "also count as positives).", label_positive_prob=0.5, **_FASHION),

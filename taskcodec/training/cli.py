@@ -142,19 +142,23 @@ def sweep_cmd(
     option: Optional[List[str]] = typer.Option(None, "--set", help="repeatable KEY=VALUE config override, e.g. "
                                                "batch_size=512 beta_warmup=0.3 probe_full_train=true."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="where the runs are trained (default: --out)."),
+    raw_cnn: Optional[Path] = typer.Option(None, "--raw-cnn", help="classical.json of `taskcodec bench classical` on "
+                                           "the same --data: its raw-pixel CNN baseline is the accuracy line "
+                                           "(default: the committed Fashion-MNIST figure; none for other data)."),
 ) -> None:
     """Rate-accuracy sweep (coded bits vs MLP accuracy per objective), or `--runs R1 R2 ...` to only collect."""
     try:
         from taskcodec.training.sweep import collect, sweep
 
-        from taskcodec.training.sweep import bundle_row, parse_series
+        from taskcodec.training.sweep import bundle_row, parse_series, raw_cnn_accuracy
 
+        baseline = raw_cnn_accuracy(raw_cnn, data)
         if runs:
             extra = [bundle_row(b, data, cache=out / f"bundle_{b.name}.json") for b in (bundle or [])]
-            result = collect(list(runs), out, extra)
+            result = collect(list(runs), out, extra, raw_cnn=baseline)
         else:
             result = sweep(parse_series(series) if series else objective, _betas(betas), out, data_dir=data,
-                           bundles=bundle, runs_dir=runs_dir, epochs=epochs, augmentations=augmentations, threads=threads,
+                           bundles=bundle, runs_dir=runs_dir, raw_cnn=baseline, epochs=epochs, augmentations=augmentations, threads=threads,
                            train_subset=train_limit, test_subset=test_limit, **_options(option))
     except _errors() as exc:
         _fail(exc)

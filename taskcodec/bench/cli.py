@@ -140,11 +140,17 @@ def storage_size(
     out: Path = typer.Option(Path("bench/results"), "--out", help="Folder for storage_size{,_pg}.{json,md}."),
     pg: bool = typer.Option(False, "--pg", help="Also PostgreSQL (a local instance; storage_size_pg.*)."),
     sqlite: bool = typer.Option(True, "--sqlite/--no-sqlite", help="The SQLite layouts (storage_size.*)."),
+    queries_at_scale: bool = typer.Option(
+        False, "--queries-at-scale", help="Only the query latencies of the packed store as it grows to --frames "
+        "(filled by the product's write path, compacted every hour by its compaction; storage_size_queries.*)."),
 ) -> None:
     """Bytes on disk per 6-byte frame: SQLite (the server's schema vs compact rows vs packed camera-hours) and,
     with --pg, PostgreSQL (the cluster schema vs packed camera-hours)."""
-    from taskcodec.bench.storage_size import markdown, run, run_pg
+    from taskcodec.bench.storage_size import markdown, run, run_pg, run_scale
 
+    if queries_at_scale:
+        run_scale(frames, cameras, out, sqlite=sqlite, pg=pg, log=typer.echo)
+        return
     if sqlite:
         typer.echo(markdown(run(frames, cameras, out, log=typer.echo)))
     if pg:

@@ -25,6 +25,7 @@ after VACUUM; the query latencies of the query API / dashboard reader API on the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -615,6 +616,341 @@ def _write_ab(stem: Path, title: str, runs: dict[str, list[float]], cameras: int
         + "".join(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |\n" for k, v in runs.items())
         + f"\nMedian of the per-round ratios (with / before): {result['median_ratio_with_to_before']:.3f}.\n"))
     return result
+
+
+
+# query latencies at scale (--queries-at-scale) ------------------------------------------------------------------------
+SCALE_CLASSES = [f"class-{i}" for i in range(10)]
+
+
+@contextlib.contextmanager
+def _bench_lock(path: str = "/tmp/bench.lock"):
+    """Hold the team's measuring-bench lock only while timing (the fill and compaction run without it, niced)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _scale_rows(cameras: int, start_ms: int, s0: int, s1: int, rng: np.random.Generator, epochs: list[int],
+                model_id: str) -> list:
+    """Seconds [s0, s1) of ``cameras`` one-fps cameras in FrameRow order, one micro-batch per second (cameras in
+    order, as the server's store_batches writes them; the same distributions as _frames, drawn with numpy)."""
+    k = s1 - s0
+    n = k * cameras
+    cam = np.tile(np.arange(cameras), k)
+    sec = np.repeat(np.arange(s0, s1), cameras)
+    ts = start_ms + sec * 1000 + (cam * 997) % 1000
+    stored = ts + 40 + rng.integers(0, 200, n)
+    pay = rng.bytes(6 * n)
+    pred = rng.integers(0, 10, n)
+    conf = np.round(rng.random(n), 4)
+    names = [f"cam-{c:06d}" for c in range(cameras)]
+    return [(names[c], epochs[c], s, t, st, model_id, pay[6 * i:6 * i + 6], p, cf) for i, (c, s, t, st, p, cf) in
+            enumerate(zip(cam.tolist(), sec.tolist(), ts.tolist(), stored.tolist(), pred.tolist(), conf.tolist()))]
+
+
+def _api_queries(reader, cameras: int, end_ms: int) -> dict[str, dict[str, float]]:
+    """The query API routes' and the dashboard's data calls (server/query.py query_frames / query_counts, the
+    dashboard camera page's select_frames), without HTTP, on their read-only connection."""
+    from taskcodec.server.query import CountQuery, FrameQuery, _encode_cursor, query_counts, query_frames
+    from taskcodec.server.storage import HOUR_MS, FrameFilter, select_frames
+
+    cam = f"cam-{cameras // 2:06d}"
+    hour = end_ms // HOUR_MS * HOUR_MS
+    page1 = query_frames(FrameQuery(since=str(end_ms - 1_200_000), limit=100), reader)
+    last = page1[-1]
+    cursor = _encode_cursor((last["ts_capture_ms"], last["camera_id"], last["epoch"], last["seq"]))
+    queries = {
+        "newest 100 frames of one camera (dashboard camera page)":
+            lambda: select_frames(reader.conn(), FrameFilter(cameras=(cam,)), order="desc", limit=100),
+        "one camera, 10-minute range (GET /v1/query/frames?camera=&since=&until=)":
+            lambda: query_frames(FrameQuery(camera=[cam], since=str(end_ms - 5_400_000),
+                                            until=str(end_ms - 4_800_000), limit=1000), reader),
+        "one camera, per-minute class counts, last hour (dashboard chart)":
+            lambda: query_counts(CountQuery(camera=[cam], since=str(end_ms - HOUR_MS), until=str(end_ms),
+                                            interval="60000ms"), reader, with_bytes=True),
+        "all cameras, class counts per hour, last day (GET /v1/query/counts?interval=1h)":
+            lambda: query_counts(CountQuery(since=str(end_ms - 86_400_000), until=str(end_ms), interval="1h"),
+                                 reader),
+        "all cameras, class counts per hour by camera, whole store (by_camera=true)":
+            lambda: query_counts(CountQuery(until=str(hour), interval="1h", by_camera=True), reader),
+        "all cameras, class counts per minute, last 10 minutes":
+            lambda: query_counts(CountQuery(since=str(end_ms - 600_000), until=str(end_ms), interval="1m"), reader),
+        "all cameras, page of 100 ordered by time from 20 min ago (GET /v1/query/frames?since=)":
+            lambda: query_frames(FrameQuery(since=str(end_ms - 1_200_000), limit=100), reader),
+        "all cameras, next page (cursor)":
+            lambda: query_frames(FrameQuery(since=str(end_ms - 1_200_000), limit=100, cursor=cursor), reader),
+        "all cameras, page of 100 from 100 min ago (a packed hour)":
+            lambda: query_frames(FrameQuery(since=str(end_ms - 6_000_000), limit=100), reader),
+        "all cameras, newest 100 (order=desc)":
+            lambda: query_frames(FrameQuery(order="desc", limit=100), reader),
+        "one class, all cameras, newest 100":
+            lambda: query_frames(FrameQuery(class_name=["class-3"], order="desc", limit=100), reader),
+    }
+    with _bench_lock():
+        return {name: _time(fn) for name, fn in queries.items()}
+
+
+def _pg_scale_queries(store, dsn: str, cameras: int, end_ms: int) -> dict[str, dict[str, float]]:
+    """PgStore's readers (the cluster's query surface: camera_frames, class_counts) and the rollup questions the
+    cluster bench times (no PgStore method: SQL on class_counts)."""
+    import psycopg
+
+    cam = f"cam-{cameras // 2:06d}"
+    conn = psycopg.connect(dsn, autocommit=True)
+    queries = {
+        "newest 100 frames of one camera": lambda: store.camera_frames(cam, 0, end_ms, limit=100, newest=True),
+        "one camera, 10-minute range": lambda: store.camera_frames(cam, end_ms - 5_400_000, end_ms - 4_800_000,
+                                                                    limit=1000),
+        "one camera, 10-minute range in the newest hour": lambda: store.camera_frames(
+            cam, end_ms - 900_000, end_ms - 300_000, limit=1000),
+        "counts by class, one camera, last hour (rollup)": lambda: store.class_counts(cam, end_ms - 3_600_000,
+                                                                                      end_ms),
+        "counts by class per hour, all cameras, last day (rollup)": lambda: conn.execute(
+            "SELECT hour, prediction, sum(n) FROM class_counts WHERE hour >= to_timestamp(%s / 1000.0) "
+            "GROUP BY 1, 2", (end_ms - 86_400_000,)).fetchall(),
+        "counts by class per hour by camera, whole store (rollup)": lambda: conn.execute(
+            "SELECT camera_id, hour, prediction, n FROM class_counts").fetchall(),
+    }
+    try:
+        with _bench_lock():
+            return {name: _time(fn) for name, fn in queries.items()}
+    finally:
+        conn.close()
+
+
+def _stage_sqlite(storage, path: Path, reader, cameras: int, end_ms: int, frames: int, label: str,
+                  log=print) -> dict[str, Any]:
+    sizes = _sizes(path)
+    counts = storage.frame_counts()
+    rows = storage._reader().execute("SELECT count(*) FROM frames").fetchone()[0]
+    q = _api_queries(reader, cameras, end_ms)
+    stage = {"stage": label, "frames": frames, "stored": sum(counts.values()), "rows": rows,
+             "packed": sum(counts.values()) - rows, "bytes_per_frame_in_use": sizes["in_use"] / frames,
+             "bytes_per_frame_file": sizes["file"] / frames, "queries": q}
+    log(f"SQLite {label}: {frames:,} frames ({stage['packed']:,} packed, {rows:,} rows), "
+        f"{stage['bytes_per_frame_in_use']:.1f} B/frame in use; "
+        + "; ".join(f"{k.split(' (')[0]} {v['median_ms']:.2f} ms" for k, v in q.items()))
+    return stage
+
+
+def scale_sqlite(frames: int, cameras: int, chunk_s: int = 60, log=print) -> dict[str, Any]:
+    """The embedded store at ``frames`` stored frames: written by SQLiteStorage.store_frames (one durable
+    transaction per ``chunk_s`` seconds of all cameras: the same rows and INSERT as the server's store_batches
+    fast path), compacted by SQLiteStorage.compact after every hour as the server's background compaction does
+    (cutoff = the hour boundary), queries timed after each hour; at the end the store as a running server holds it
+    (closed hours packed, the last partial hour as rows) and then fully compacted (``taskcodec db compact`` with no
+    settle time: every frame but the newest packed)."""
+    from taskcodec.server.query import Reader
+    from taskcodec.server.storage import HOUR_MS, SQLiteStorage
+
+    seconds = max(1, frames // cameras)
+    n_total = seconds * cameras
+    rng = np.random.default_rng(0)
+    epochs = [int(x) for x in rng.integers(0, 1 << 62, cameras, dtype=np.int64)]
+    now = int(time.time() * 1000)
+    start_ms = (now - seconds * 1000 - 60_000) // HOUR_MS * HOUR_MS
+    model_id = "6f0d113794f9346d"
+    stages = []
+    fill_cpu = compact_cpu = 0.0
+    t_wall = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="taskcodec-storage-scale-", dir=os.environ.get("TMPDIR")) as tmp:
+        path = Path(tmp) / "scale.db"
+        storage = SQLiteStorage(path)
+        reader = Reader(path, SCALE_CLASSES)
+        done = 0
+        next_hour = start_ms + HOUR_MS
+        for s0 in range(0, seconds, chunk_s):
+            s1 = min(seconds, s0 + chunk_s)
+            rows = _scale_rows(cameras, start_ms, s0, s1, rng, epochs, model_id)
+            t = time.process_time()
+            storage.store_frames(rows)
+            fill_cpu += time.process_time() - t
+            done += len(rows)
+            if start_ms + s1 * 1000 >= next_hour + 2000:  # the hour closed (and its last stored frames are in)
+                t = time.process_time()
+                r = storage.compact(now=next_hour + 600_000)  # the server's own call: settle 10 min, hour-aligned
+                compact_cpu += time.process_time() - t
+                log(f"SQLite: {done:,} frames written, compaction packed {r['frames']:,} into {r['blocks_written']:,} "
+                    f"blocks ({time.perf_counter() - t_wall:.0f} s)")
+                stages.append(_stage_sqlite(storage, path, reader, cameras, start_ms + s1 * 1000, done,
+                                            f"{done / 1e6:.1f} M, closed hours packed", log))
+                next_hour += HOUR_MS
+        end_ms = start_ms + seconds * 1000
+        stages.append(_stage_sqlite(storage, path, reader, cameras, end_ms, done,
+                                    f"{done / 1e6:.1f} M, closed hours packed (as a running server holds it)", log))
+        t = time.process_time()
+        r = storage.compact(settle_s=0, align_hour=False, now=end_ms + 10_000)
+        compact_cpu += time.process_time() - t
+        log(f"SQLite: full compaction packed {r['frames']:,} more frames")
+        stages.append(_stage_sqlite(storage, path, reader, cameras, end_ms, done,
+                                    f"{done / 1e6:.1f} M, fully compacted", log))
+        storage.close()
+    return {"frames": n_total, "cameras": cameras, "seconds": seconds, "start_ms": start_ms,
+            "fill_cpu_us_per_frame": 1e6 * fill_cpu / n_total, "compaction_cpu_us_per_frame": 1e6 * compact_cpu / n_total,
+            "wall_s": time.perf_counter() - t_wall, "stages": stages}
+
+
+def scale_pg(frames: int, cameras: int, chunk_s: int = 20, log=print) -> dict[str, Any]:
+    """The cluster's PostgreSQL store at ``frames`` stored frames: written by PgStore.store_frames (the workers'
+    write path, ``chunk_s`` seconds of all cameras per call), compacted by PgStore.compact after every hour (the
+    workers' background step; cutoff = the hour boundary), VACUUM ANALYZE before each timing (autovacuum's job in a
+    running cluster); at the end as a running cluster holds it and then fully compacted."""
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from taskcodec.server.cluster.local import LocalCluster
+    from taskcodec.server.cluster.pgstore import PgStore, migrate
+    from taskcodec.server.storage import HOUR_MS
+
+    seconds = max(1, frames // cameras)
+    n_total = seconds * cameras
+    rng = np.random.default_rng(0)
+    epochs = [int(x) for x in rng.integers(0, 1 << 62, cameras, dtype=np.int64)]
+    now = int(time.time() * 1000)
+    start_ms = (now - seconds * 1000 - 60_000) // HOUR_MS * HOUR_MS
+    model_id = "6f0d113794f9346d"
+    stages = []
+    t_wall = time.perf_counter()
+    write_s = compact_s = 0.0
+
+    def stage(store, dsn, end_ms, done, label):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+            rows = conn.execute("SELECT count(*) FROM frames").fetchone()[0]
+            packed = conn.execute("SELECT coalesce(sum(n), 0) FROM frame_blocks").fetchone()[0]
+            size = sum(int(conn.execute(sql).fetchone()[0]) for sql in (
+                "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits "
+                "WHERE inhparent = 'frames'::regclass", "SELECT pg_total_relation_size('class_counts')",
+                "SELECT pg_total_relation_size('frame_blocks')"))
+        q = _pg_scale_queries(store, dsn, cameras, end_ms)
+        st = {"stage": label, "frames": done, "stored": int(rows) + int(packed), "rows": int(rows),
+              "packed": int(packed), "bytes_per_frame": size / done, "queries": q}
+        log(f"PostgreSQL {label}: {done:,} frames ({int(packed):,} packed, {rows:,} rows), {size / done:.1f} B/frame; "
+            + "; ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in q.items()))
+        stages.append(st)
+
+    with LocalCluster([], gateways=0, workers=0, nats_nodes=0) as c:
+        with psycopg.connect(c.pg_dsn, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE scale")
+        dsn = make_conninfo(c.pg_dsn, dbname="scale")
+        migrate(dsn)
+        store = PgStore(dsn)
+        done = 0
+        next_hour = start_ms + HOUR_MS
+        for s0 in range(0, seconds, chunk_s):
+            s1 = min(seconds, s0 + chunk_s)
+            rows = _scale_rows(cameras, start_ms, s0, s1, rng, epochs, model_id)
+            t = time.perf_counter()
+            store.store_frames(rows)
+            write_s += time.perf_counter() - t
+            done += len(rows)
+            if start_ms + s1 * 1000 >= next_hour + 2000:
+                t = time.perf_counter()
+                r = store.compact(now_ms=next_hour + 600_000)
+                compact_s += time.perf_counter() - t
+                log(f"PostgreSQL: {done:,} frames written, compaction packed {r['frames']:,} into "
+                    f"{r['blocks_written']:,} blocks ({time.perf_counter() - t_wall:.0f} s)")
+                stage(store, dsn, start_ms + s1 * 1000, done, f"{done / 1e6:.1f} M, closed hours packed")
+                next_hour += HOUR_MS
+        end_ms = start_ms + seconds * 1000
+        stage(store, dsn, end_ms, done, f"{done / 1e6:.1f} M, closed hours packed (as a running cluster holds it)")
+        t = time.perf_counter()
+        r = store.compact(settle_s=-2 * 3600, now_ms=end_ms)
+        store.reclaim_partitions()
+        compact_s += time.perf_counter() - t
+        log(f"PostgreSQL: full compaction packed {r['frames']:,} more frames")
+        stage(store, dsn, end_ms, done, f"{done / 1e6:.1f} M, fully compacted")
+        store.close()
+    return {"frames": n_total, "cameras": cameras, "seconds": seconds, "start_ms": start_ms,
+            "write_wall_us_per_frame": 1e6 * write_s / n_total, "compaction_wall_us_per_frame": 1e6 * compact_s / n_total,
+            "wall_s": time.perf_counter() - t_wall, "stages": stages}
+
+
+def _scale_table(stages: list[dict]) -> str:
+    names = list(stages[0]["queries"])
+    head = "| query | " + " | ".join(s["stage"] for s in stages) + " |\n|---|" + "---|" * len(stages) + "\n"
+    return head + "".join(
+        f"| {name} | " + " | ".join(f"{s['queries'][name]['median_ms']:.2f} (max {s['queries'][name]['max_ms']:.1f})"
+                                    for s in stages) + " |\n" for name in names)
+
+
+def run_scale(frames: int, cameras: int, out: Path, sqlite: bool = True, pg: bool = False,
+              log=print) -> dict[str, Any]:
+    """Query latencies of the query API / dashboard (SQLite) and PgStore's readers (PostgreSQL) on the packed store
+    at ``frames`` stored frames; JSON + markdown + PNG (latency against stored frames) in ``out``."""
+    stem = out / "storage_size_queries"
+    result: dict[str, Any] = {}
+    if stem.with_suffix(".json").exists():  # one back end per run keeps each run short: merge with the other's
+        result = json.loads(stem.with_suffix(".json").read_text())
+    result.update({"machine": machine_info(), "time": utc_now(), "frames": frames, "cameras": cameras})
+    if sqlite:
+        result["sqlite"] = scale_sqlite(frames, cameras, log=log)
+        result["sqlite"]["load_avg_1min_at_end"] = os.getloadavg()[0]
+    if pg:
+        result["pg"] = scale_pg(frames, cameras, log=log)
+        result["pg"]["load_avg_1min_at_end"] = os.getloadavg()[0]
+    write_json(stem.with_suffix(".json"), result)
+    md = [f"# Query latencies on the packed store at {frames / 1e6:.0f} M stored frames\n",
+          f"{machine_line(result['machine'])}; {result['time']}. `taskcodec bench storage-size --queries-at-scale "
+          f"--frames {frames} --cameras {cameras} [--pg] --out {out}`. {cameras} one-fps cameras, 6-byte random "
+          "payloads, 10 classes; median of 7 runs in ms (max in brackets), each stage timed under /tmp/bench.lock "
+          "(the fill and compaction run niced, without it).\n"]
+    for key, title, how in (
+            ("sqlite", "Embedded server (SQLite)",
+             "Method: written by SQLiteStorage.store_frames, one durable transaction per 60 s of all cameras (the same "
+             "rows and INSERT as the server's store_batches; frames in the server's micro-batch order), compacted "
+             "by the product's SQLiteStorage.compact after every hour (the server's background call: settle 10 min, "
+             "cutoff at the hour), then (last column) `db compact` with no settle time. Queries: the query API "
+             "routes' functions (server/query.py query_frames / query_counts) and the dashboard's camera-page calls, "
+             "without HTTP, on their read-only connection (warm page cache)."),
+            ("pg", "Scale-out store (PostgreSQL, PgStore)",
+             "Method: written by PgStore.store_frames (the workers' write path, 20 s of all cameras per call), "
+             "compacted by PgStore.compact after every hour (the workers' background step), then fully; VACUUM "
+             "ANALYZE before each timing (autovacuum's job in a running cluster). Queries: PgStore's readers "
+             "(camera_frames, class_counts; the cluster has no query API or dashboard of its own) and the rollup "
+             "SQL of `bench cluster --query-rows`.")):
+        if key not in result:
+            continue
+        r = result[key]
+        md.append(f"\n## {title}\n\n{how} Load average at the end {r['load_avg_1min_at_end']:.1f} (shared 2-core box). "
+                  f"Fill + compaction {r['wall_s']:.0f} s wall.\n\n")
+        md.append("| stage | frames | packed | rows | B/frame |\n|---|---|---|---|---|\n" + "".join(
+            f"| {s['stage']} | {s['frames']:,} (stored {s['stored']:,}) | {s['packed']:,} | {s['rows']:,} | "
+            f"{s.get('bytes_per_frame_in_use', s.get('bytes_per_frame')):.1f} |\n" for s in r["stages"]))
+        md.append("\n" + _scale_table(r["stages"]))
+    write_text(stem.with_suffix(".md"), "".join(md))
+    _scale_png(result, stem.with_suffix(".png"))
+    return result
+
+
+def _scale_png(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [k for k in ("sqlite", "pg") if k in result]
+    fig, axes = plt.subplots(1, len(parts), figsize=(7 * len(parts), 5), squeeze=False)
+    for ax, key in zip(axes[0], parts):
+        stages = [s for s in result[key]["stages"] if "fully" not in s["stage"]]
+        xs = [s["frames"] / 1e6 for s in stages]
+        for name in stages[0]["queries"]:
+            ax.plot(xs, [s["queries"][name]["median_ms"] for s in stages], marker="o", label=name.split(" (")[0])
+        ax.set_yscale("log")
+        ax.set_xlabel("stored frames (millions; closed hours packed)")
+        ax.set_ylabel("median ms")
+        ax.set_title("SQLite (query API / dashboard)" if key == "sqlite" else "PostgreSQL (PgStore)")
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":  # python3 -m taskcodec.bench.storage_size write-ab|write-ab-pg OLD_MODULE.py [OUT]

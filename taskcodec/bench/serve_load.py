@@ -39,6 +39,21 @@ def _register(db: Path, n: int) -> list[tuple[str, bytes]]:
         w.executemany("INSERT INTO cameras (id, token_hash, created) VALUES (?, ?, 0)",
                       [(c, hash_token(t)) for c, t in cams])
         w.execute("COMMIT")
+        # TASKCODEC_SERVE_LOAD_PREFILL_S=S: S seconds of earlier frames of every camera already stored as rows (a
+        # server in its steady state holds up to ~70 minutes of them before compaction packs them), so each new
+        # frame lands in its camera's own index leaves, not in leaves shared with other cameras as in a fresh file.
+        # Stored "now", so that the server's first compaction (10 minutes of settle time) leaves them alone.
+        prefill = int(os.environ.get("TASKCODEC_SERVE_LOAD_PREFILL_S", "0"))
+        if prefill:
+            rng = np.random.default_rng(0)
+            now = int(time.time() * 1000)
+            for s0 in range(0, prefill, 60):
+                w.execute("BEGIN")
+                w.executemany(storage._INSERT, [
+                    (c, 1, s, now - (prefill - s) * 1000, now, "prefill", rng.bytes(6), int(s % 10), 0.5)
+                    for s in range(s0, min(prefill, s0 + 60)) for c, _ in cams])
+                w.execute("COMMIT")
+            w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         storage.close()
     return cams
@@ -143,7 +158,7 @@ def _summarise_profile(raw: Path, top: int = 25) -> dict[str, Any]:
 
 
 def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, server_args: list[str],
-            profile: Path | None, log=print) -> dict[str, Any]:
+            profile: Path | None, log=print, pythonpath: str | None = None) -> dict[str, Any]:
     from taskcodec.server.process import LocalServer
 
     with tempfile.TemporaryDirectory(prefix="taskcodec-serveload-") as tmp:
@@ -154,7 +169,7 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
         cfg.write_text(f"limits: {{max_pending_per_address: {cameras + 16}, max_pending: {cameras + 16}, "
                        f"max_connections: {max(10000, cameras + 256)}}}\n")
         # A/B against another checkout: TASKCODEC_SERVE_LOAD_PYTHONPATH=/path/to/checkout runs *its* server code
-        other = os.environ.get("TASKCODEC_SERVE_LOAD_PYTHONPATH")
+        other = pythonpath or os.environ.get("TASKCODEC_SERVE_LOAD_PYTHONPATH")
         with LocalServer(bundle.path, db, "--config", str(cfg), "--log-level", "warning", *server_args,
                          env={"PYTHONPATH": other} if other else None) as server:
             if other:
@@ -269,3 +284,73 @@ def markdown(result: dict[str, Any]) -> str:
                      f" top self time\n\n| function | % |\n|---|---|\n"
                      + "\n".join(f"| `{f}` | {s} |" for f, s in p["self"][:15]) + "\n")
     return text
+
+
+def ab(before: Path, cameras: int, seconds: float, rounds: int, load_procs: int, out: Path, name: str,
+       log=print) -> dict[str, Any]:
+    """Interleaved A/B of the server code: ``before`` (a source tree whose `taskcodec` the server subprocess imports,
+    e.g. `git archive <commit>` plus the built coder extension; run from outside the repository, or the working
+    directory's copy wins) against the installed code, A B / B A / ... rounds of `run_one` on the same box, so that
+    the load other jobs put on the shared cores hits both alike; the per-round ratio is the figure to trust."""
+    bundle = load_bundle(None)
+    payloads = real_payloads(bundle)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    for r in range(rounds):
+        order = ("before", "after") if r % 2 == 0 else ("after", "before")
+        for which in order:
+            row = run_one(bundle, payloads, cameras, seconds, load_procs, [], None, log,
+                          pythonpath=str(before) if which == "before" else None)
+            row["round"], row["code"] = r, which
+            runs[which].append(row)
+    ratios = [a["cpu_us_per_frame"] / b["cpu_us_per_frame"] for a, b in zip(runs["after"], runs["before"])]
+    med = {k: {m: float(np.median([x[m] for x in v])) for m in (
+        "cpu_us_per_frame", "event_loop_us_per_frame", "other_threads_us_per_frame", "process_cpu_us_per_frame",
+        "store_cpu_us_per_frame", "frames_per_microbatch", "ack_p50_ms", "ack_p99_ms", "frames_per_s")}
+        for k, v in runs.items()}
+    result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "seconds": seconds, "rounds": rounds,
+              "before": str(before), "load_generator": os.environ.get("TASKCODEC_SERVE_LOAD_CLIENT", "websockets"),
+              "pinned": bool(os.environ.get("TASKCODEC_SERVE_LOAD_PIN")),
+              "prefill_s": int(os.environ.get("TASKCODEC_SERVE_LOAD_PREFILL_S", "0")), "runs": runs, "median": med,
+              "ratio_after_to_before": ratios, "median_ratio": float(np.median(ratios))}
+    write_json(out / f"{name}.json", result)
+    cols = ("cpu_us_per_frame", "event_loop_us_per_frame", "other_threads_us_per_frame", "store_cpu_us_per_frame",
+            "frames_per_microbatch", "ack_p99_ms", "load_avg_1min")
+    lines = [f"# Embedded server CPU per frame: interleaved A/B ({cameras} one-fps cameras)\n",
+             f"{machine_line(result['machine'])}; {result['time']}. {rounds} rounds (A B, B A, ...) of "
+             f"`run_one` ({seconds:g} s each, one frame per message), load generator {result['load_generator']}"
+             f"{', server pinned to one CPU and the load generator to the other' if result['pinned'] else ''}; "
+             + (f"{result['prefill_s']} s of earlier frames per camera stored as rows before each run "
+                "(TASKCODEC_SERVE_LOAD_PREFILL_S; a steady-state file, not a fresh one); " if result['prefill_s']
+                else "a fresh database per run; ") +
+             f"before = the server code of {before}, after = the working tree. Server CPU = the `taskcodec serve` "
+             "process (user + system, psutil) over the frames it stored; load average = the box's 1-minute load "
+             "at the end of each run (a shared 2-core box).\n",
+             "| round | code | server µs/frame | event loop | ingest + other threads | of which storage write | "
+             "frames/micro-batch | ack p99 ms | load avg |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in range(rounds):
+        for which in ("before", "after"):
+            x = runs[which][r]
+            lines.append(f"| {r} | {which} | " + " | ".join(f"{x[c]:.1f}" for c in cols) + " |")
+    lines += ["", "| code | median server µs/frame | event loop | ingest + other | storage write | frames/micro-batch | "
+              "ack p50 / p99 ms |", "|---|---|---|---|---|---|---|"]
+    for k, m in med.items():
+        lines.append(f"| {k} | {m['cpu_us_per_frame']:.1f} | {m['event_loop_us_per_frame']:.1f} | "
+                     f"{m['other_threads_us_per_frame']:.1f} | {m['store_cpu_us_per_frame']:.1f} | "
+                     f"{m['frames_per_microbatch']:.1f} | {m['ack_p50_ms']:.0f} / {m['ack_p99_ms']:.0f} |")
+    lines += ["", f"Per-round ratio after / before: {', '.join(f'{x:.3f}' for x in ratios)}; median "
+              f"**{result['median_ratio']:.3f}**.\n"]
+    write_text(out / f"{name}.md", "\n".join(lines))
+    log("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":  # python3 -m taskcodec.bench.serve_load ab BEFORE_TREE [CAMERAS] [ROUNDS] [SECONDS] [NAME]
+    import sys
+
+    if len(sys.argv) >= 3 and sys.argv[1] == "ab":
+        a = sys.argv[2:] + [None] * 5
+        ab(Path(a[0]), int(a[1] or 1000), float(a[3] or 20), int(a[2] or 6), 2,
+           Path(os.environ.get("TASKCODEC_SERVE_LOAD_OUT", "bench/results")).resolve(), a[4] or "serve_load_cpu_ab")
+    else:
+        sys.exit("usage: python3 -m taskcodec.bench.serve_load ab BEFORE_TREE [CAMERAS] [ROUNDS] [SECONDS] [NAME]")

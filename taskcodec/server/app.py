@@ -59,7 +59,8 @@ def create_app(bundle: Bundle | str | Path | None, db_path: str | Path | None = 
                             compact_interval_s=store_cfg.compact_interval_s,
                             compact_settle_s=store_cfg.compact_settle_s)
     service = IngestService(bundle, storage, microbatch=config.microbatch, storage_config=store_cfg,
-                            linger_s=config.microbatch_linger_ms / 1000.0)
+                            linger_s=config.microbatch_linger_ms / 1000.0,
+                            linger_frames=config.microbatch_linger_frames)
     attach_heads(service, config.db)  # heads trained on stored latents label new frames (server/heads.py)
     if store_cfg.integrity_check_at_start:
         service.state.integrity_result([])  # the open above ran quick_check and refuses a damaged file

@@ -69,8 +69,8 @@ class StorageConfig(_Strict):
     integrity_check_interval_s: float = Field(600.0, ge=0, description="re-run quick_check this often for "
                                               "/healthz (0: never)")
     checkpoint_interval_s: float = Field(30.0, gt=0, description="TRUNCATE checkpoint of the WAL this often")
-    wal_autocheckpoint_pages: int = Field(256, ge=16, description="SQLite's PASSIVE checkpoint threshold")
-    journal_size_limit_bytes: int = Field(4 << 20, ge=0, description="WAL file truncated to this after a "
+    wal_autocheckpoint_pages: int = Field(4096, ge=16, description="SQLite's PASSIVE checkpoint threshold")
+    journal_size_limit_bytes: int = Field(32 << 20, ge=0, description="WAL file truncated to this after a "
                                           "checkpoint")
     busy_retry_after_s: float = Field(5.0, gt=0, description="retry hint sent with BUSY while storage is full")
     full_probe_interval_s: float = Field(2.0, gt=0, description="while full, try a small write this often")
@@ -88,8 +88,9 @@ class ServerConfig(_Strict):
     workers: int = Field(1, ge=1)
     port_file: Optional[Path] = None
     microbatch: bool = True
-    microbatch_linger_ms: float = Field(20.0, ge=0, le=1000, description="under load, wait this long for more "
-                                        "messages before a micro-batch (fewer commits per frame); 0: never")
+    microbatch_linger_ms: float = Field(50.0, ge=0, le=1000, description="under load, wait up to this long for "
+                                        "more messages before a micro-batch (fewer commits per frame); 0: never")
+    microbatch_linger_frames: int = Field(256, ge=1, description="... or until this many frames wait")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "warning"
     ws_ping_interval: float = Field(120.0, ge=0)
     tls: Optional[TLSConfig] = None

@@ -60,6 +60,11 @@ def kv(**fields) -> str:
         parts.append(f"{key}={text}")
     return " ".join(parts)
 
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 HTTP_STATUS = {wire.Code.BAD_MESSAGE: 400, wire.Code.UNAUTHORIZED: 401, wire.Code.UNKNOWN_MODEL: 409,
                wire.Code.BAD_PAYLOAD: 422, wire.Code.BUSY: 503, wire.Code.CONFLICT: 409}
 REASON_NAMES = wire.CODE_NAMES
@@ -151,7 +156,7 @@ class StorageState:
 class IngestService:
     def __init__(self, bundle: Bundle, storage: Storage, *, microbatch: bool = True,
                  max_microbatch_frames: int = 8192, metrics: ServerMetrics | None = None,
-                 storage_config: StorageConfig | None = None, linger_s: float = 0.02):
+                 storage_config: StorageConfig | None = None, linger_s: float = 0.05, linger_frames: int = 256):
         self.bundle = bundle
         self.storage = storage
         self.model_id = bundle.model_id
@@ -166,6 +171,7 @@ class IngestService:
         self.microbatch = microbatch
         self.max_microbatch_frames = max_microbatch_frames
         self.linger_s = linger_s
+        self.linger_frames = linger_frames  # a linger ends early once this many frames wait
         self.config = storage_config or StorageConfig()
         self.started = time.monotonic()
         self.state = StorageState(self.metrics, str(getattr(storage, "path", "?")))
@@ -177,7 +183,9 @@ class IngestService:
         # Waiting jobs: (session, batch, done) tuples; ``done(replies)`` is called on the event loop. A plain deque and
         # one future per micro-batch to wake the worker: no asyncio.Queue, no future per message.
         self._jobs: collections.deque = collections.deque()
+        self._queued_frames = 0  # frames in self._jobs
         self._wakeup: asyncio.Future | None = None
+        self._linger: asyncio.Future | None = None  # set while the worker lingers for more messages
         self._worker: asyncio.Task | None = None
         self._maintenance: asyncio.Task | None = None
         self._integrity_thread: threading.Thread | None = None
@@ -290,10 +298,15 @@ class IngestService:
             future.add_done_callback(lambda f: done(f.result()[0]))
             return
         self._jobs.append((session, batch, done))
+        self._queued_frames += len(batch.frames)
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
             wakeup.set_result(None)
+        elif self._linger is not None and self._queued_frames >= self.linger_frames:
+            linger, self._linger = self._linger, None
+            if not linger.done():
+                linger.set_result(None)
 
     async def _run_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -303,16 +316,24 @@ class IngestService:
             if not queue:
                 self._wakeup = loop.create_future()
                 await self._wakeup
-            if self.linger_s and (busy or len(queue) > 1) and len(queue[0][1].frames) < self.max_microbatch_frames:
-                # Under load (many one-frame messages), wait a few ms for more: the per-micro-batch costs (the
-                # commit's fsync, the classifier call, the hop to the worker thread) are then shared by many more
-                # frames. A lone camera never waits (its micro-batch is one message, the queue stays empty).
-                await asyncio.sleep(self.linger_s)
+            if self.linger_s and (busy or len(queue) > 1) and self._queued_frames < self.linger_frames:
+                # Under load (many one-frame messages), wait up to linger_s for more, until linger_frames wait: the
+                # per-micro-batch costs (the commit's fsync, the classifier call, the hop to the worker thread) are
+                # then shared by many more frames. A lone camera never waits (its micro-batch is one message, the
+                # queue stays empty); under heavy load the queue holds linger_frames already and nobody waits.
+                linger = self._linger = loop.create_future()
+                timer = loop.call_later(self.linger_s, _resolve, linger)
+                try:
+                    await linger
+                finally:
+                    timer.cancel()
+                    self._linger = None
             jobs = [queue.popleft()]
             frames = len(jobs[0][1].frames)
             while queue and frames < self.max_microbatch_frames:
                 jobs.append(queue.popleft())
                 frames += len(jobs[-1][1].frames)
+            self._queued_frames -= frames
             busy = len(jobs) > 1
             try:
                 results = await loop.run_in_executor(self._pool, self._process_safe, [(s, b) for s, b, _ in jobs])
@@ -387,6 +408,13 @@ class IngestService:
         for (session, batch), out, item, status, ending in zip(jobs, decoded, items, statuses, endings):
             if status is None:
                 replies.append([self.revoked(session)])
+                continue
+            if out and len(status) == len(out) and status.count(NEW) == len(status):
+                # the usual case: every frame decoded and new: one ACK for the run (what _replies gives then)
+                new_rows.extend(item.rows)
+                replies.append([wire.Ack(batch.epoch, batch.frames[0].seq, len(out))])
+                if ending is not None:
+                    replies[-1].append(self.refuse(ending.code, ending.reason))
                 continue
             row_status = iter(zip(item.rows, status))
             outcome = []

@@ -176,10 +176,20 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 SCHEMA = "\n".join(MIGRATIONS)  # the whole current schema, for readers of the code
 
+# The writer connection's page cache (KiB; SQLite's default is 2 MiB). Under many cameras every frame dirties a leaf
+# of each per-camera index (one per camera); with the default cache those leaves are read back from the file (a pread
+# each) on almost every insert once more than a few hundred cameras are live. 32 MiB keeps them for ~4000 cameras.
+WRITER_CACHE_KIB = 32 * 1024
+
 # WAL policy: SQLite checkpoints (PASSIVE) after a commit once the WAL holds this many pages (4 KiB each) ...
-WAL_AUTOCHECKPOINT_PAGES = 256
-# ... and truncates the WAL file to at most this many bytes after a checkpoint.
-JOURNAL_SIZE_LIMIT = 4 << 20
+# Under many one-fps cameras every frame dirties its camera's leaf in each per-camera index; a checkpoint copies each
+# dirty page once however often it changed since the last one, so checkpoints ~1.4 s apart at 1000 frames/s (4096
+# pages) copy far fewer pages per frame than ones ~0.1 s apart (256 pages): 51 -> 35 µs of commit CPU per frame
+# (bench/results/serve_load_cpu_ab.md).
+WAL_AUTOCHECKPOINT_PAGES = 4096
+# ... and truncates the WAL file to at most this many bytes after a checkpoint (above the checkpoint threshold, so
+# that the file's blocks are overwritten, not freed and allocated again, between the periodic TRUNCATE checkpoints).
+JOURNAL_SIZE_LIMIT = 32 << 20
 
 NEW, DUPLICATE, CONFLICT = 0, 1, 2
 
@@ -339,6 +349,11 @@ class SQLiteStorage:
             _create_private(self.path)
             _tighten(self.path)
             self._writer = self._connect()
+            # The writer's statement journal (the SAVEPOINT of store_batches' fast path keeps the pages it changes
+            # there until RELEASE) in memory, not in a temporary file: it only serves a rollback inside the open
+            # transaction (durability is the WAL's), and on disk it cost two write() calls per changed page.
+            self._writer.execute("PRAGMA temp_store=MEMORY")
+            self._writer.execute(f"PRAGMA cache_size=-{int(WRITER_CACHE_KIB)}")
             if check:
                 problems = self.quick_check()
                 if problems:
@@ -559,15 +574,15 @@ class SQLiteStorage:
         stored) when the disk is full."""
         out: list[list[int] | None] = []
         with self._transaction() as w:
-            tokens: dict[str, str | None] = {}
             accepted, slow = [], []
             self._check_packed_generation(w)
+            # every session's camera token, read in this transaction (one statement for the whole micro-batch)
+            ids = list({b.camera_id for b in batches if b.token_hash is not None})
+            tokens = dict(w.execute("SELECT id, token_hash FROM cameras WHERE id IN (SELECT value FROM json_each(?))",
+                                    (json.dumps(ids),)).fetchall()) if ids else {}
             for b in batches:
                 if b.token_hash is not None:
-                    if b.camera_id not in tokens:
-                        row = w.execute("SELECT token_hash FROM cameras WHERE id = ?", (b.camera_id,)).fetchone()
-                        tokens[b.camera_id] = row[0] if row else None
-                    if tokens[b.camera_id] != b.token_hash:
+                    if tokens.get(b.camera_id) != b.token_hash:
                         out.append(None)
                         continue
                 out.append([])

@@ -77,14 +77,21 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def decode_batch(data: bytes) -> wire.Batch | None:
+def decode_batch(data: bytes, cache: list | None = None) -> wire.Batch | None:
     """A plain BATCH (the message a camera sends once a second), parsed without wire.Reader's per-byte method calls:
     the same Batch as ``wire.decode(data)``, or None for anything else or anything unusual (the caller then asks
-    wire.decode, which also says what is wrong)."""
+    wire.decode, which also says what is wrong). ``cache``: a connection's [type byte + epoch varint, epoch] of its
+    previous BATCH (a camera's epoch stays the same for its connection: its 9-byte varint is then not parsed again),
+    updated here."""
     if data[:1] != b"\x02":
         return None
     try:
-        epoch, pos = _varint(data, 1)
+        if cache is not None and cache[0] is not None and data.startswith(cache[0]):
+            epoch, pos = cache[1], len(cache[0])
+        else:
+            epoch, pos = _varint(data, 1)
+            if cache is not None and epoch <= wire.MAX_EPOCH:
+                cache[0], cache[1] = data[:pos], epoch
         first, pos = _varint(data, pos)
         count, pos = _varint(data, pos)
         if (epoch > wire.MAX_EPOCH or first > wire.MAX_SEQ or not 0 < count <= wire.MAX_FRAMES_PER_BATCH
@@ -438,6 +445,9 @@ class _Connection(WSListener):
         self.timer = None
         self.last_seen = 0.0
         self.connected = False
+        self.batch_cache = [None, 0]  # decode_batch's cache: this connection's epoch prefix
+        self.ack_epoch = -1  # the epoch of ack_prefix: ACK type byte + epoch varint (encode_ack)
+        self.ack_prefix = b""
 
     # picows callbacks --------------------------------------------------------------------------------------------
     def on_ws_connected(self, transport) -> None:
@@ -554,7 +564,7 @@ class _Connection(WSListener):
             return None
 
     def _batch(self, data: bytes | None) -> None:
-        batch = decode_batch(data) if data is not None else None
+        batch = decode_batch(data, self.batch_cache) if data is not None else None
         if batch is None:  # TBATCH, or something to refuse: wire.decode says what is wrong
             token = connection.set(self.who)
             try:
@@ -573,7 +583,7 @@ class _Connection(WSListener):
             return
         send = self.t.send
         for reply in replies:
-            send(WSMsgType.BINARY, reply.encode())
+            send(WSMsgType.BINARY, self.encode_ack(reply) if type(reply) is wire.Ack else reply.encode())
         for reply in replies:
             if type(reply) is wire.Error:
                 self._close(CLOSE.get(reply.code, 1011), reply.reason)
@@ -587,6 +597,17 @@ class _Connection(WSListener):
                 self.paused = False
                 self.t.underlying_transport.resume_reading()
             self._batch(data)
+
+    def encode_ack(self, ack: wire.Ack) -> bytes:
+        """``ack.encode()``, with this connection's ACK type byte + epoch varint kept from its previous ACK."""
+        if ack.epoch != self.ack_epoch:
+            prefix = bytearray(b"\x03")
+            wire.put_varint(prefix, ack.epoch)
+            self.ack_epoch, self.ack_prefix = ack.epoch, bytes(prefix)
+        out = bytearray(self.ack_prefix)
+        wire.put_varint(out, ack.first_seq)
+        wire.put_varint(out, ack.count)
+        return bytes(out)
 
     # closing -----------------------------------------------------------------------------------------------------
     def _refuse(self, error: wire.Error) -> None:

@@ -184,8 +184,9 @@ WRITER_CACHE_KIB = 32 * 1024
 # WAL policy: SQLite checkpoints (PASSIVE) after a commit once the WAL holds this many pages (4 KiB each) ...
 # Under many one-fps cameras every frame dirties its camera's leaf in each per-camera index; a checkpoint copies each
 # dirty page once however often it changed since the last one, so checkpoints ~1.4 s apart at 1000 frames/s (4096
-# pages) copy far fewer pages per frame than ones ~0.1 s apart (256 pages): 51 -> 35 µs of commit CPU per frame
-# (bench/results/serve_load_cpu_ab.md).
+# pages) copy far fewer pages per frame than ones ~0.1 s apart (256 pages): in-process, 1000 cameras with 20 minutes
+# of rows each, 23 frames per commit, the commit's CPU went from ~51 to ~35 µs per frame (the whole server:
+# bench/results/serve_load_cpu_ab*.md).
 WAL_AUTOCHECKPOINT_PAGES = 4096
 # ... and truncates the WAL file to at most this many bytes after a checkpoint (above the checkpoint threshold, so
 # that the file's blocks are overwritten, not freed and allocated again, between the periodic TRUNCATE checkpoints).

@@ -121,3 +121,13 @@ def test_placement_views_shear_and_the_raw_cnn_line_follows_the_data(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"baseline": None}))
     with pytest.raises(ValueError, match="no fully trained raw-pixel baseline"):
         raw_cnn_accuracy(tmp_path / "bad.json")
+
+
+def test_conv_depth_adds_stride_one_convs_and_keeps_the_latent_shape():
+    shallow, deep = Compressor(CompressorConfig()), Compressor(CompressorConfig(conv_depth=2))
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in c.encoder.modules()) for c in (shallow, deep)]
+    assert convs == [3, 6]
+    x = torch.randn(2, 1, 28, 28)
+    assert deep.latents(x).shape == shallow.latents(x).shape == (2, 64)
+    with pytest.raises(ValueError, match="conv_depth"):
+        CompressorConfig(conv_depth=0)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 
-DATA_HELP = ("training data: fashion-mnist[:DIR] (default), folder:PATH (one sub-folder per class, ImageFolder "
+DATA_HELP = ("training data: fashion-mnist[:DIR] (default), fashion-mnist-placed[:DIR] (items at random placements, "
+             "the paper's augmented-data protocol), folder:PATH (one sub-folder per class, ImageFolder "
              "layout; PATH/train + PATH/test if split) or csv:FILE (rows path,label[,split]).")
 FOLDER_IMAGE_SIZE = 64
 
@@ -152,6 +154,10 @@ def sweep_cmd(
 
         from taskcodec.training.sweep import bundle_row, parse_series, raw_cnn_accuracy
 
+        if runs and data is None:  # judge collected runs against the raw-pixel CNN of the data they were trained on
+            kinds = {json.loads((r / "data.json").read_text()).get("data") if (r / "data.json").is_file() else None
+                     for r in runs}
+            data = kinds.pop() if len(kinds) == 1 else data
         baseline = raw_cnn_accuracy(raw_cnn, data)
         if runs:
             extra = [bundle_row(b, data, cache=out / f"bundle_{b.name}.json") for b in (bundle or [])]

@@ -275,28 +275,36 @@ class PgStore:
                       AND ts_capture < to_timestamp(%s / 1000.0)
                     ORDER BY ts_capture {order}, epoch {order}, seq {order} LIMIT %s""",
                 (camera_id, since_ms, until_ms, limit))]
+            # the blocks' keys first, their data one block at a time while the limit still needs it (a camera's
+            # newest frames must not fetch every block of its history)
             blocks = self.conn.execute(
-                f"""SELECT epoch, hour, models, format, data FROM frame_blocks WHERE camera_id = %s
+                f"""SELECT epoch, hour FROM frame_blocks WHERE camera_id = %s
                       AND hour >= date_trunc('hour', to_timestamp(%s / 1000.0)) AND hour < to_timestamp(%s / 1000.0)
                     ORDER BY hour {order}""", (camera_id, since_ms, until_ms)).fetchall()
-        packed: list[tuple] = []
-        for epoch, hour, models, fmt, data in blocks:
-            start = int(hour.timestamp() * 1000)
-            if len(packed) >= limit and (start > packed[limit - 1][2] if not newest
-                                         else start + HOUR_MS <= packed[limit - 1][2]):
-                break
-            b = decode_block(camera_id, epoch, models, fmt, data)
-            idx = np.flatnonzero((b.ts >= since_ms) & (b.ts < until_ms))
-            if len(idx) > limit:  # one epoch: (time, seq) order; this block's first ``limit`` are all it can give
-                order = np.lexsort((b.seq[idx], b.ts[idx]))
-                idx = idx[order[::-1][:limit] if newest else order[:limit]]
-            for r in b.rows(idx.tolist()):
-                packed.append((epoch, r[2], r[3], r[4] - r[3], r[5], r[6], r[7], int(r[8])))
-            packed.sort(key=lambda r: (r[2], r[0], r[1]), reverse=newest)
-            del packed[limit:]
+            packed: list[tuple] = []
+            for epoch, hour in blocks:
+                start = int(hour.timestamp() * 1000)
+                if len(packed) >= limit and (start > packed[limit - 1][2] if not newest
+                                             else start + HOUR_MS <= packed[limit - 1][2]):
+                    break
+                packed += self._block_frames(camera_id, epoch, hour, since_ms, until_ms, limit, newest)
+                packed.sort(key=lambda r: (r[2], r[0], r[1]), reverse=newest)
+                del packed[limit:]
         out = [(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6], r[7]) for r in out] + packed
         out.sort(key=lambda r: (r[2], r[0], r[1]), reverse=newest)
         return out[:limit]
+
+    def _block_frames(self, camera_id: str, epoch: int, hour, since_ms: int, until_ms: int, limit: int,
+                      newest: bool) -> list[tuple]:
+        """camera_frames' rows of one block (in the caller's transaction)."""
+        models, fmt, data = self.conn.execute("SELECT models, format, data FROM frame_blocks WHERE camera_id = %s "
+                                              "AND epoch = %s AND hour = %s", (camera_id, epoch, hour)).fetchone()
+        b = decode_block(camera_id, epoch, models, fmt, data)
+        idx = np.flatnonzero((b.ts >= since_ms) & (b.ts < until_ms))
+        if len(idx) > limit:  # one epoch: (time, seq) order; this block's first ``limit`` are all it can give
+            order = np.lexsort((b.seq[idx], b.ts[idx]))
+            idx = idx[order[::-1][:limit] if newest else order[:limit]]
+        return [(epoch, r[2], r[3], r[4] - r[3], r[5], r[6], r[7], int(r[8])) for r in b.rows(idx.tolist())]
 
     # compaction ----------------------------------------------------------------------------------------------------
     def compact(self, settle_s: float = COMPACT_SETTLE_S, now_ms: int | None = None, wait: bool = True) -> dict:

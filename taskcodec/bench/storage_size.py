@@ -988,10 +988,85 @@ def _scale_png(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def pg_newest_ab(old_pgstore: Path, out: Path, hours: list[int], cameras: int = 50, log=print) -> dict[str, Any]:
+    """PgStore.camera_frames(newest=True, limit=100) (the newest frames of one camera) on cameras with ``hours``
+    packed hours each (blocks of 3600 one-fps frames written directly, encode_block), with this pgstore and with
+    ``old_pgstore`` (a copy from before it fetched block data lazily), interleaved; same answers checked."""
+    import importlib.util
+    import sys
+
+    import psycopg
+
+    from taskcodec.server.cluster import pgstore as new
+    from taskcodec.server.cluster.local import LocalCluster
+    from taskcodec.server.storage import BLOCK_FORMAT, HOUR_MS, encode_block
+
+    spec = importlib.util.spec_from_file_location("taskcodec_old_pgstore", old_pgstore)
+    old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old
+    spec.loader.exec_module(old)
+    rows_out = []
+    for h_count in hours:
+        with LocalCluster([], gateways=0, workers=0, nats_nodes=0) as c:
+            new.migrate(c.pg_dsn)
+            st = new.PgStore(c.pg_dsn)
+            h0 = int(time.time() * 1000) // HOUR_MS - h_count
+            rng = np.random.default_rng(0)
+            with st.conn.transaction():
+                for cam in range(cameras):
+                    for h in range(h_count):
+                        start = (h0 + h) * HOUR_MS
+                        rows = [(f"cam-{cam}", 7, h * 3600 + i, start + i * 1000, start + i * 1000 + 50, "m",
+                                 rng.bytes(6), int(i % 10), 0.5) for i in range(3600)]
+                        data, models = encode_block(rows)
+                        st.conn.execute("INSERT INTO frame_blocks VALUES (%s, %s, to_timestamp(%s), %s, %s, %s, %s, "
+                                        "%s, %s, %s, %s)", (f"cam-{cam}", 7, start / 1000, h * 3600, h * 3600 + 3599,
+                                                            3600, start, start + 3_599_000, json.dumps(models),
+                                                            BLOCK_FORMAT, data))
+            st.close()
+            with psycopg.connect(c.pg_dsn, autocommit=True) as conn:
+                conn.execute("VACUUM ANALYZE")
+            end = (h0 + h_count) * HOUR_MS
+            stores = {"before": old.PgStore(c.pg_dsn), "after": new.PgStore(c.pg_dsn)}
+            runs: dict[str, list[float]] = {k: [] for k in stores}
+            with _bench_lock():
+                for r in range(2 * QUERY_REPEAT):
+                    cam = f"cam-{r % cameras}"
+                    answers = []
+                    for k, s in (stores.items() if r % 2 == 0 else reversed(list(stores.items()))):
+                        t = time.perf_counter()
+                        answers.append(s.camera_frames(cam, 0, end, limit=100, newest=True))
+                        runs[k].append(1000 * (time.perf_counter() - t))
+                    assert answers[0] == answers[1] and len(answers[0]) == 100
+            for s in stores.values():
+                s.close()
+        row = {"packed_hours_per_camera": h_count, **{f"{k}_median_ms": float(np.median(v)) for k, v in runs.items()}}
+        log(f"{h_count} packed hours per camera: newest 100 frames {row['before_median_ms']:.2f} -> "
+            f"{row['after_median_ms']:.2f} ms")
+        rows_out.append(row)
+    result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "load_avg_1min": os.getloadavg()[0],
+              "rows": rows_out}
+    write_json(out / "pg_newest_history.json", result)
+    write_text(out / "pg_newest_history.md", (
+        f"# PostgreSQL: a camera's newest 100 frames against the length of its packed history\n\n"
+        f"{machine_line(result['machine'])}; {result['time']}; load average {result['load_avg_1min']:.1f} (shared "
+        f"box). `python3 -m taskcodec.bench.storage_size newest-pg OLD_PGSTORE.py OUT HOURS...`: {cameras} cameras, "
+        "blocks of 3600 one-fps frames (random 6-byte payloads) per camera-hour, PgStore.camera_frames(newest=True, "
+        "limit=100) with the pgstore before (fetched every block of the range with its data) and after (block keys "
+        "first, a block's data only while the limit needs it), interleaved, 7 runs each, timed at normal priority "
+        "under /tmp/bench.lock; both give the same frames.\n\n"
+        + markdown_table(rows_out, [("packed_hours_per_camera", "packed hours per camera"),
+                                    ("before_median_ms", "before: median ms"), ("after_median_ms", "after: median ms")],
+                         {"before_median_ms": ".2f", "after_median_ms": ".2f"})))
+    return result
+
+
 if __name__ == "__main__":  # python3 -m taskcodec.bench.storage_size write-ab|write-ab-pg OLD_MODULE.py [OUT]
     import sys
 
-    if len(sys.argv) >= 3 and sys.argv[1] in ("write-ab", "write-ab-pg"):
+    if len(sys.argv) >= 5 and sys.argv[1] == "newest-pg":
+        pg_newest_ab(Path(sys.argv[2]), Path(sys.argv[3]), [int(h) for h in sys.argv[4:]])
+    elif len(sys.argv) >= 3 and sys.argv[1] in ("write-ab", "write-ab-pg"):
         (write_ab if sys.argv[1] == "write-ab" else write_ab_pg)(
             Path(sys.argv[2]), Path(sys.argv[3] if len(sys.argv) > 3 else "bench/results"))
     else:

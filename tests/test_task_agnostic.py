@@ -49,6 +49,20 @@ def test_probes_use_the_full_train_set_when_asked(tmp_path):
     assert m["n_train"] == 256 and m["n_probe_train"] == 60000 and m["beta_warmup"] == 0.5
 
 
+def test_bits_at_vc_points_gives_a_ratio_where_a_series_outruns_the_vc_curve():
+    from taskcodec.training.sweep import bits_at_reference_points
+
+    rows = [{"objective": "vc", "augmentations": "fashion", "beta": b, "coded_bits_mean": bits, "accuracy_mlp": acc}
+            for b, bits, acc in ((0.1, 80.0, 0.76), (0.003, 280.0, 0.80))]
+    rows += [{"objective": "bince", "augmentations": "placement", "beta": b, "coded_bits_mean": bits,
+              "accuracy_mlp": acc} for b, bits, acc in ((0.01, 75.0, 0.78), (0.003, 110.0, 0.82))]
+    assert gains(rows)[1]["ratio_to_vc"] is None  # 0.82 is beyond anything VC reaches
+    rev = {r["reference_beta"]: r for r in bits_at_reference_points(rows)}
+    assert rev[0.003]["series_bits"] == pytest.approx(75 * (110 / 75) ** 0.5)  # VC's best 0.80, halfway on BINCE's
+    assert rev[0.003]["ratio_to_vc"] == pytest.approx(75 * (110 / 75) ** 0.5 / 280)
+    assert rev[0.1]["series_bits"] is None  # below BINCE's curve: no extrapolation
+
+
 def test_bits_at_equal_accuracy_interpolates_on_the_vc_curve():
     vc = [{"objective": "vc", "augmentations": "fashion", "beta": b, "coded_bits_mean": bits, "accuracy_mlp": acc}
           for b, bits, acc in ((0.1, 50.0, 0.80), (0.01, 200.0, 0.90), (0.03, 100.0, 0.79))]
@@ -74,6 +88,9 @@ def test_sweep_collects_rows_and_writes_gain_table(tmp_path):
     res = collect([], tmp_path, rows)
     assert res["gains_vs_vc"][0]["ratio_to_vc"] == pytest.approx(50 / (60 * (200 / 60) ** 0.4))
     assert "bits / VC bits" in (tmp_path / "sweep.md").read_text() and (tmp_path / "sweep.png").stat().st_size > 1000
+    # the other direction: at VC's 0.84 the single-point BINCE curve has no interpolation, at its own 0.86 it does
+    rev = {(r["reference_beta"], r["series"]): r for r in res["bits_at_vc_points"]}
+    assert rev[(0.1, "BINCE (views)")]["series_bits"] is None
 
 
 def test_attributes_measure_what_they_say():

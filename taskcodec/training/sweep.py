@@ -204,6 +204,28 @@ def gains(rows: list[dict], reference: str = "vc") -> list[dict]:
     return out
 
 
+def bits_at_reference_points(rows: list[dict], reference: str = "vc") -> list[dict]:
+    """The other direction of :func:`gains`: at each reference (VC) point's accuracy, the bits each other series
+    needs (interpolated on its own curve) — it still gives a ratio where a series outruns the whole VC curve."""
+    ref = sorted((r for r in rows if r["objective"] == reference), key=lambda r: r["coded_bits_mean"])
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["objective"] != reference and not r.get("series", "").startswith("bundle"):
+            groups.setdefault(series_label(r), []).append(r)
+    out = []
+    for v in ref:
+        for label, pts in sorted(groups.items()):
+            bits = bits_at_accuracy(pts, v["accuracy_mlp"])
+            out.append({"reference_beta": v["beta"], "reference_bits": v["coded_bits_mean"],
+                        "accuracy_mlp": v["accuracy_mlp"], "series": label, "series_bits": bits,
+                        "ratio_to_vc": bits / v["coded_bits_mean"] if bits else None})
+    return out
+
+
+REVERSE_COLUMNS = [("reference_beta", "VC beta"), ("reference_bits", "VC bits/img"), ("accuracy_mlp", "MLP acc"),
+                   ("series", "series"), ("series_bits", "series bits at that acc"), ("ratio_to_vc", "bits / VC bits")]
+
+
 def collect(runs: list[str | Path], out: str | Path, extra_rows: list[dict] | None = None, note: str = "",
             raw_cnn: float | None = RAW_CNN_ACCURACY) -> dict:
     """Read metrics.json (and evaluation.json where present) of each run, plus measured bundle rows; write
@@ -217,9 +239,10 @@ def collect(runs: list[str | Path], out: str | Path, extra_rows: list[dict] | No
     rows.sort(key=lambda r: (r.get("objective", ""), r.get("augmentations", ""), r.get("beta", 0)))
     out = Path(out)
     gain_rows = gains(rows)
+    reverse_rows = bits_at_reference_points(rows)
     datasets = sorted({str(r.get("data") or "fashion-mnist") for r in rows})
     result = {"measured_at": utc_now(), "machine": machine_info(), "note": note, "rows": rows, "gains_vs_vc": gain_rows,
-              "datasets": datasets, "raw_pixel_cnn_accuracy": raw_cnn,
+              "bits_at_vc_points": reverse_rows, "datasets": datasets, "raw_pixel_cnn_accuracy": raw_cnn,
               "probe_protocol": "linear and MLP (512 hidden) probes, 30 epochs, on the integer symbols of the 60k "
                                 "training images (n_probe_train); accuracy on the 10k test images"}
     write_json(out / "sweep.json", result)
@@ -232,6 +255,9 @@ def collect(runs: list[str | Path], out: str | Path, extra_rows: list[dict] | No
           + "\n## Bits against VC at equal accuracy\n\nVC bits interpolated log-linearly on the VC curve at each point's "
             "MLP accuracy (empty: outside the VC curve's range).\n\n"
           + markdown_table(gain_rows, GAIN_COLUMNS, fmt)
+          + "\nAnd at each VC point's accuracy, the bits each other series needs on its own curve (empty: outside "
+            "that curve's range; this direction still gives a ratio where a series outruns the whole VC curve).\n\n"
+          + markdown_table(reverse_rows, REVERSE_COLUMNS, {**fmt, "reference_bits": ".1f", "series_bits": ".1f"})
           + (f"\nSupervised raw-pixel CNN on the same data (`taskcodec bench classical` baseline): {100 * raw_cnn:.2f} %."
              if raw_cnn is not None else "\nNo raw-pixel CNN measured on this data.")
           + f" Data: {', '.join(datasets)}.\n\n{machine_line(result['machine'])}\n")

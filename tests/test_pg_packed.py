@@ -25,8 +25,11 @@ H = 3_600_000
 
 
 def _rows(now, cameras=4, per_camera=900, step_ms=8000, seed=0):
+    """Two hours of frames per camera, all in capture hours that closed more than the compaction's 10 minutes of
+    settling ago at any time of day (from now - 3 h they would leave the last hour unpacked in minutes 0-9)."""
     rng = random.Random(seed)
-    return [(f"cam-{c}", 11, i, now - 3 * H + i * step_ms + c, now, "m1" if i % 9 else "m2", os.urandom(6), i % 10,
+    start = ((now - 11 * 60_000) // H) * H - 2 * H
+    return [(f"cam-{c}", 11, i, start + i * step_ms + c, now, "m1" if i % 9 else "m2", os.urandom(6), i % 10,
              round(rng.random(), 4)) for c in range(cameras) for i in range(per_camera)]
 
 

@@ -767,6 +767,37 @@ def _stage_sqlite(storage, path: Path, reader, cameras: int, end_ms: int, frames
     return stage
 
 
+def _scale_plan(frames: int, cameras: int) -> dict[str, Any]:
+    """The frames both scale fills write: ``frames // cameras`` seconds of one-fps cameras ending a minute ago,
+    starting on an hour boundary, with fixed epochs and a fixed random generator (the same rows for both back ends)."""
+    from taskcodec.server.storage import HOUR_MS
+
+    seconds = max(1, frames // cameras)
+    rng = np.random.default_rng(0)
+    epochs = [int(x) for x in rng.integers(0, 1 << 62, cameras, dtype=np.int64)]
+    start_ms = (int(time.time() * 1000) - seconds * 1000 - 60_000) // HOUR_MS * HOUR_MS
+    return {"cameras": cameras, "seconds": seconds, "n_total": seconds * cameras, "rng": rng, "epochs": epochs,
+            "start_ms": start_ms, "model_id": "6f0d113794f9346d"}
+
+
+def _fill_by_hour(plan: dict[str, Any], chunk_s: int, write, hour_closed) -> int:
+    """Write ``chunk_s`` seconds of all cameras per ``write(rows)`` call; once an hour has closed (and its last
+    frames are in) call ``hour_closed(hour_end_ms, end_ms_written, frames_written)``. Returns the frames written."""
+    from taskcodec.server.storage import HOUR_MS
+
+    done, start_ms = 0, plan["start_ms"]
+    next_hour = start_ms + HOUR_MS
+    for s0 in range(0, plan["seconds"], chunk_s):
+        s1 = min(plan["seconds"], s0 + chunk_s)
+        rows = _scale_rows(plan["cameras"], start_ms, s0, s1, plan["rng"], plan["epochs"], plan["model_id"])
+        write(rows)
+        done += len(rows)
+        if start_ms + s1 * 1000 >= next_hour + 2000:
+            hour_closed(next_hour, start_ms + s1 * 1000, done)
+            next_hour += HOUR_MS
+    return done
+
+
 def scale_sqlite(frames: int, cameras: int, chunk_s: int = 60, log=print) -> dict[str, Any]:
     """The embedded store at ``frames`` stored frames: written by SQLiteStorage.store_frames (one durable
     transaction per ``chunk_s`` seconds of all cameras: the same rows and INSERT as the server's store_batches
@@ -775,40 +806,34 @@ def scale_sqlite(frames: int, cameras: int, chunk_s: int = 60, log=print) -> dic
     (closed hours packed, the last partial hour as rows) and then fully compacted (``taskcodec db compact`` with no
     settle time: every frame but the newest packed)."""
     from taskcodec.server.query import Reader
-    from taskcodec.server.storage import HOUR_MS, SQLiteStorage
+    from taskcodec.server.storage import SQLiteStorage
 
-    seconds = max(1, frames // cameras)
-    n_total = seconds * cameras
-    rng = np.random.default_rng(0)
-    epochs = [int(x) for x in rng.integers(0, 1 << 62, cameras, dtype=np.int64)]
-    now = int(time.time() * 1000)
-    start_ms = (now - seconds * 1000 - 60_000) // HOUR_MS * HOUR_MS
-    model_id = "6f0d113794f9346d"
+    plan = _scale_plan(frames, cameras)
+    seconds, n_total, start_ms = plan["seconds"], plan["n_total"], plan["start_ms"]
     stages = []
-    fill_cpu = compact_cpu = 0.0
+    cpu = {"fill": 0.0, "compact": 0.0}
     t_wall = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="taskcodec-storage-scale-", dir=os.environ.get("TMPDIR")) as tmp:
         path = Path(tmp) / "scale.db"
         storage = SQLiteStorage(path)
         reader = Reader(path, SCALE_CLASSES)
-        done = 0
-        next_hour = start_ms + HOUR_MS
-        for s0 in range(0, seconds, chunk_s):
-            s1 = min(seconds, s0 + chunk_s)
-            rows = _scale_rows(cameras, start_ms, s0, s1, rng, epochs, model_id)
+
+        def write(rows):
             t = time.process_time()
             storage.store_frames(rows)
-            fill_cpu += time.process_time() - t
-            done += len(rows)
-            if start_ms + s1 * 1000 >= next_hour + 2000:  # the hour closed (and its last stored frames are in)
-                t = time.process_time()
-                r = storage.compact(now=next_hour + 600_000)  # the server's own call: settle 10 min, hour-aligned
-                compact_cpu += time.process_time() - t
-                log(f"SQLite: {done:,} frames written, compaction packed {r['frames']:,} into {r['blocks_written']:,} "
-                    f"blocks ({time.perf_counter() - t_wall:.0f} s)")
-                stages.append(_stage_sqlite(storage, path, reader, cameras, start_ms + s1 * 1000, done,
-                                            f"{done / 1e6:.1f} M, closed hours packed", log))
-                next_hour += HOUR_MS
+            cpu["fill"] += time.process_time() - t
+
+        def hour_closed(hour_end, written_to, done):
+            t = time.process_time()
+            r = storage.compact(now=hour_end + 600_000)  # the server's own call: settle 10 min, hour-aligned
+            cpu["compact"] += time.process_time() - t
+            log(f"SQLite: {done:,} frames written, compaction packed {r['frames']:,} into {r['blocks_written']:,} "
+                f"blocks ({time.perf_counter() - t_wall:.0f} s)")
+            stages.append(_stage_sqlite(storage, path, reader, cameras, written_to, done,
+                                        f"{done / 1e6:.1f} M, closed hours packed", log))
+
+        done = _fill_by_hour(plan, chunk_s, write, hour_closed)
+        fill_cpu, compact_cpu = cpu["fill"], cpu["compact"]
         end_ms = start_ms + seconds * 1000
         stages.append(_stage_sqlite(storage, path, reader, cameras, end_ms, done,
                                     f"{done / 1e6:.1f} M, closed hours packed (as a running server holds it)", log))
@@ -834,18 +859,12 @@ def scale_pg(frames: int, cameras: int, chunk_s: int = 20, log=print) -> dict[st
 
     from taskcodec.server.cluster.local import LocalCluster
     from taskcodec.server.cluster.pgstore import PgStore, migrate
-    from taskcodec.server.storage import HOUR_MS
 
-    seconds = max(1, frames // cameras)
-    n_total = seconds * cameras
-    rng = np.random.default_rng(0)
-    epochs = [int(x) for x in rng.integers(0, 1 << 62, cameras, dtype=np.int64)]
-    now = int(time.time() * 1000)
-    start_ms = (now - seconds * 1000 - 60_000) // HOUR_MS * HOUR_MS
-    model_id = "6f0d113794f9346d"
+    plan = _scale_plan(frames, cameras)
+    seconds, n_total, start_ms = plan["seconds"], plan["n_total"], plan["start_ms"]
     stages = []
     t_wall = time.perf_counter()
-    write_s = compact_s = 0.0
+    wall = {"write": 0.0, "compact": 0.0}
 
     def stage(store, dsn, end_ms, done, label):
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -871,34 +890,33 @@ def scale_pg(frames: int, cameras: int, chunk_s: int = 20, log=print) -> dict[st
         dsn = make_conninfo(c.pg_dsn, dbname="scale")
         migrate(dsn)
         store = PgStore(dsn)
-        done = 0
-        next_hour = start_ms + HOUR_MS
-        for s0 in range(0, seconds, chunk_s):
-            s1 = min(seconds, s0 + chunk_s)
-            rows = _scale_rows(cameras, start_ms, s0, s1, rng, epochs, model_id)
+
+        def write(rows):
             t = time.perf_counter()
             store.store_frames(rows)
-            write_s += time.perf_counter() - t
-            done += len(rows)
-            if start_ms + s1 * 1000 >= next_hour + 2000:
-                t = time.perf_counter()
-                r = store.compact(now_ms=next_hour + 600_000)
-                compact_s += time.perf_counter() - t
-                log(f"PostgreSQL: {done:,} frames written, compaction packed {r['frames']:,} into "
-                    f"{r['blocks_written']:,} blocks ({time.perf_counter() - t_wall:.0f} s)")
-                stage(store, dsn, start_ms + s1 * 1000, done, f"{done / 1e6:.1f} M, closed hours packed")
-                next_hour += HOUR_MS
+            wall["write"] += time.perf_counter() - t
+
+        def hour_closed(hour_end, written_to, done):
+            t = time.perf_counter()
+            r = store.compact(now_ms=hour_end + 600_000)
+            wall["compact"] += time.perf_counter() - t
+            log(f"PostgreSQL: {done:,} frames written, compaction packed {r['frames']:,} into "
+                f"{r['blocks_written']:,} blocks ({time.perf_counter() - t_wall:.0f} s)")
+            stage(store, dsn, written_to, done, f"{done / 1e6:.1f} M, closed hours packed")
+
+        done = _fill_by_hour(plan, chunk_s, write, hour_closed)
         end_ms = start_ms + seconds * 1000
         stage(store, dsn, end_ms, done, f"{done / 1e6:.1f} M, closed hours packed (as a running cluster holds it)")
         t = time.perf_counter()
         r = store.compact(settle_s=-2 * 3600, now_ms=end_ms)
         store.reclaim_partitions()
-        compact_s += time.perf_counter() - t
+        wall["compact"] += time.perf_counter() - t
         log(f"PostgreSQL: full compaction packed {r['frames']:,} more frames")
         stage(store, dsn, end_ms, done, f"{done / 1e6:.1f} M, fully compacted")
         store.close()
     return {"frames": n_total, "cameras": cameras, "seconds": seconds, "start_ms": start_ms,
-            "write_wall_us_per_frame": 1e6 * write_s / n_total, "compaction_wall_us_per_frame": 1e6 * compact_s / n_total,
+            "write_wall_us_per_frame": 1e6 * wall["write"] / n_total,
+            "compaction_wall_us_per_frame": 1e6 * wall["compact"] / n_total,
             "wall_s": time.perf_counter() - t_wall, "stages": stages}
 
 

@@ -28,7 +28,8 @@ def classical(
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="Use only the first N test images."),
     baseline_train_limit: Optional[int] = typer.Option(None, "--baseline-train-limit", min=1,
                                                        help="Train images for the baseline (default: all)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Fashion-MNIST folder (default: system dataset)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="fashion-mnist[:DIR] (default: the system dataset) or "
+                                        "fashion-mnist-placed[:DIR] (items at random placements)."),
     report_only: bool = typer.Option(False, "--report-only",
                                      help="Only rewrite classical.md and classical.png from OUT/classical.json."),
     resume: bool = typer.Option(True, "--resume/--no-resume",

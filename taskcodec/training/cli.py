@@ -137,7 +137,7 @@ def sweep_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", min=1),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", min=2),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1),
-    data: Optional[Path] = typer.Option(None, "--data"),
+    data: Optional[Path] = typer.Option(None, "--data", help=DATA_HELP),
     series: Optional[List[str]] = typer.Option(None, "--series", help="repeatable OBJECTIVE:INVARIANCES, e.g. "
                                                "bince:views vc:fashion bince:fashion+label (overrides --objective)."),
     bundle: Optional[List[Path]] = typer.Option(None, "--bundle", help="repeatable: also measure a shipped bundle."),

@@ -353,9 +353,9 @@ def uplink_cpu(seconds: float = 20.0, fps: float = 30.0, repeats: int = 2, out: 
     """CPU of the uplink thread vs the whole runtime process at ``fps`` (issue 11 C), for this uplink + spool and
     those of ``baseline_commit`` (loaded from git), interleaved ``repeats`` times, each ``seconds`` long, against the real
     server. Per-thread CPU from /proc/self/task/TID/stat (utime + stime)."""
-    import importlib.util
     import threading
 
+    from taskcodec.bench.ab import load_module_copy
     from taskcodec.report import machine_info, utc_now
     from taskcodec.runtime.capture import CaptureConfig, CaptureRuntime
     from taskcodec.testing import ServerProcess
@@ -372,11 +372,7 @@ def uplink_cpu(seconds: float = 20.0, fps: float = 30.0, repeats: int = 2, out: 
                              text=True, check=True).stdout
         path = Path(tmp) / f"baseline_{name}.py"
         path.write_text(src)
-        spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[f"baseline_{name}"] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-        return module
+        return load_module_copy(f"baseline_{name}", path)
 
     with tempfile.TemporaryDirectory() as tmp:
         baseline, baseline_spool = load("uplink"), load("spool")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from taskcodec.bench.ab import abba
 from taskcodec.report import machine_info
 from taskcodec.server.query import CountQuery, FleetStats, FrameQuery, Reader, query_counts, query_frames
 from taskcodec.server.storage import SQLiteStorage
@@ -122,8 +123,7 @@ def run(cameras: int, per_camera: int, repeat: int, out: Path, batch: int) -> di
         per, rounds = 1000, 4
         samples: dict[str, list[float]] = {label: [] for label in copies}
         for r in range(rounds):
-            order = list(copies) if r % 2 == 0 else list(reversed(list(copies)))
-            for label in order:
+            for label in abba(copies, r):
                 samples[label].append(_ingest_seconds(copies[label], cameras, per, batch, seed=10 + r))
         results["ingest"] = {label: {"frames": cameras * per, "rows_per_transaction": batch, "rounds": rounds,
                                      "seconds": round(statistics.median(v), 3), "all_seconds": [round(x, 3) for x in v]}

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from taskcodec import wire
+from taskcodec.bench.ab import abba
 from taskcodec.bundle import DEFAULT_BUNDLE, check_golden, generate_signing_key, load_bundle, sign_bundle
 from taskcodec.coding import RangeCoder, compress
 from taskcodec.report import machine_info
@@ -55,7 +56,7 @@ def ingest_cost(rounds: int, micro: int = 8, frames: int = 16, n_micro: int = 40
     modes = ["one_model", "two_models"]
     results = {m: [] for m in modes}
     for r in range(rounds):
-        for mode in (modes if r % 2 == 0 else modes[::-1]):
+        for mode in abba(modes, r):
             tmp = tempfile.mkdtemp(prefix="tc-rollout-bench-")
             try:
                 storage = SQLiteStorage(Path(tmp) / "s.db")

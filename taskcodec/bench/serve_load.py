@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from taskcodec.bench.cluster import _cpu_seconds, _fast_load_process, _load_process, real_payloads
+from taskcodec.bench.ab import abba
 from taskcodec.bundle import load_bundle
 from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
 
@@ -297,8 +298,7 @@ def ab(before: Path, cameras: int, seconds: float, rounds: int, load_procs: int,
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
     for r in range(rounds):
-        order = ("before", "after") if r % 2 == 0 else ("after", "before")
-        for which in order:
+        for which in abba(("before", "after"), r):
             row = run_one(bundle, payloads, cameras, seconds, load_procs, [], None, log,
                           pythonpath=str(before) if which == "before" else None)
             row["round"], row["code"] = r, which

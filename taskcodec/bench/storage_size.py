@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from taskcodec.bench.ab import abba, load_module_copy
 from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
 
 
@@ -498,20 +499,14 @@ def write_ab(old_storage: Path, out: Path, cameras: int = 500, seconds: int = 60
     """The per-frame write cost of the server's write path (store_batches with the camera token checked, one-frame
     batches, one micro-batch of ``cameras`` batches per second) with this storage module and with ``old_storage``
     (a copy of storage.py from before packing), interleaved A/B/A/B on fresh databases."""
-    import importlib.util
-    import sys
-
     from taskcodec.server import storage as new
 
-    spec = importlib.util.spec_from_file_location("taskcodec_old_storage", old_storage)
-    old = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = old  # dataclasses look their module up
-    spec.loader.exec_module(old)
+    old = load_module_copy("taskcodec_old_storage", old_storage)
     variants = {"before packing": old, "with packing": new}
     runs: dict[str, list[float]] = {k: [] for k in variants}
     model_id = "6f0d113794f9346d"
     for r in range(rounds):
-        for name, mod in (variants.items() if r % 2 == 0 else reversed(list(variants.items()))):
+        for name, mod in abba(variants.items(), r):
             with tempfile.TemporaryDirectory(prefix="taskcodec-write-ab-", dir=os.environ.get("TMPDIR")) as tmp:
                 storage = mod.SQLiteStorage(Path(tmp) / "w.db")
                 for c in range(cameras):
@@ -541,9 +536,6 @@ def write_ab_pg(old_pgstore: Path, out: Path, cameras: int = 256, seconds: int =
     with this pgstore and with ``old_pgstore`` (a copy from before packing), interleaved on fresh databases of one
     local PostgreSQL; CPU seconds of the client and of PostgreSQL's processes per frame (with packing: a day of
     packed hours per camera in frame_blocks already)."""
-    import importlib.util
-    import sys
-
     import psycopg
     from psycopg.conninfo import make_conninfo
 
@@ -552,17 +544,14 @@ def write_ab_pg(old_pgstore: Path, out: Path, cameras: int = 256, seconds: int =
     from taskcodec.server.cluster.local import LocalCluster
     from taskcodec.server.storage import HOUR_MS, encode_block
 
-    spec = importlib.util.spec_from_file_location("taskcodec_old_pgstore", old_pgstore)
-    old = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = old
-    spec.loader.exec_module(old)
+    old = load_module_copy("taskcodec_old_pgstore", old_pgstore)
     variants = {"before packing": old, "with packing": new}
     runs: dict[str, list[float]] = {k: [] for k in variants}
     model_id = "6f0d113794f9346d"
     with LocalCluster([], gateways=0, workers=0, nats_nodes=0) as c:
         k = 0
         for r in range(rounds):
-            for name, mod in (variants.items() if r % 2 == 0 else reversed(list(variants.items()))):
+            for name, mod in abba(variants.items(), r):
                 k += 1
                 with psycopg.connect(c.pg_dsn, autocommit=True) as conn:
                     conn.execute(f"CREATE DATABASE ab{k}")
@@ -1010,19 +999,13 @@ def pg_newest_ab(old_pgstore: Path, out: Path, hours: list[int], cameras: int = 
     """PgStore.camera_frames(newest=True, limit=100) (the newest frames of one camera) on cameras with ``hours``
     packed hours each (blocks of 3600 one-fps frames written directly, encode_block), with this pgstore and with
     ``old_pgstore`` (a copy from before it fetched block data lazily), interleaved; same answers checked."""
-    import importlib.util
-    import sys
-
     import psycopg
 
     from taskcodec.server.cluster import pgstore as new
     from taskcodec.server.cluster.local import LocalCluster
     from taskcodec.server.storage import BLOCK_FORMAT, HOUR_MS, encode_block
 
-    spec = importlib.util.spec_from_file_location("taskcodec_old_pgstore", old_pgstore)
-    old = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = old
-    spec.loader.exec_module(old)
+    old = load_module_copy("taskcodec_old_pgstore", old_pgstore)
     rows_out = []
     for h_count in hours:
         with LocalCluster([], gateways=0, workers=0, nats_nodes=0) as c:
@@ -1051,7 +1034,7 @@ def pg_newest_ab(old_pgstore: Path, out: Path, hours: list[int], cameras: int = 
                 for r in range(2 * QUERY_REPEAT):
                     cam = f"cam-{r % cameras}"
                     answers = []
-                    for k, s in (stores.items() if r % 2 == 0 else reversed(list(stores.items()))):
+                    for k, s in abba(stores.items(), r):
                         t = time.perf_counter()
                         answers.append(s.camera_frames(cam, 0, end, limit=100, newest=True))
                         runs[k].append(1000 * (time.perf_counter() - t))

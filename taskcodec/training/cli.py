@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -152,19 +151,14 @@ def sweep_cmd(
     try:
         from taskcodec.training.sweep import collect, sweep
 
-        from taskcodec.training.sweep import bundle_row, parse_series, raw_cnn_accuracy
+        from taskcodec.training.sweep import bundle_row, parse_series
 
-        if runs and data is None:  # judge collected runs against the raw-pixel CNN of the data they were trained on
-            kinds = {json.loads((r / "data.json").read_text()).get("data") if (r / "data.json").is_file() else None
-                     for r in runs}
-            data = kinds.pop() if len(kinds) == 1 else data
-        baseline = raw_cnn_accuracy(raw_cnn, data)
         if runs:
             extra = [bundle_row(b, data, cache=out / f"bundle_{b.name}.json") for b in (bundle or [])]
-            result = collect(list(runs), out, extra, raw_cnn=baseline)
+            result = collect(list(runs), out, extra, classical_json=raw_cnn)
         else:
             result = sweep(parse_series(series) if series else objective, _betas(betas), out, data_dir=data,
-                           bundles=bundle, runs_dir=runs_dir, raw_cnn=baseline, epochs=epochs, augmentations=augmentations, threads=threads,
+                           bundles=bundle, runs_dir=runs_dir, classical_json=raw_cnn, epochs=epochs, augmentations=augmentations, threads=threads,
                            train_subset=train_limit, test_subset=test_limit, **_options(option))
     except _errors() as exc:
         _fail(exc)

@@ -130,7 +130,7 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
     import torch
 
     from taskcodec.bundle import load_bundle
-    from taskcodec.data import load_frames
+    from taskcodec.data import load_frames, parse_data
     from taskcodec.providers import ort_session, run_batched
     from taskcodec.training.trainer import coded_bits
 
@@ -154,7 +154,7 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
            "estimated_bits_model": float(bundle.tables.estimated_bits(s_te).mean()),
            **probe_accuracies(s_tr, ytr, s_te, yte, cfg.get("probe_epochs", 30), cfg.get("probe_hidden", 512)),
            "train_time_s": bundle.manifest.get("training", {}).get("metrics", {}).get("train_time_s"),
-           "run": f"bundle {bundle_path}", "model_id": bundle.model_id,
+           "run": f"bundle {bundle_path}", "model_id": bundle.model_id, "data": str(parse_data(data_dir)),
            **{k: cfg[k] for k in ("head_layers", "batch_size", "temperature", "beta_warmup", "conv_depth") if k in cfg}}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -227,10 +227,10 @@ REVERSE_COLUMNS = [("reference_beta", "VC beta"), ("reference_bits", "VC bits/im
 
 
 def collect(runs: list[str | Path], out: str | Path, extra_rows: list[dict] | None = None, note: str = "",
-            raw_cnn: float | None = RAW_CNN_ACCURACY) -> dict:
+            classical_json: str | Path | None = None) -> dict:
     """Read metrics.json (and evaluation.json where present) of each run, plus measured bundle rows; write
-    sweep.{json,md,png} into out. ``raw_cnn``: the supervised raw-pixel CNN's accuracy on the same data (None: none
-    measured)."""
+    sweep.{json,md,png} into out. The accuracy line is the raw-pixel CNN of the rows' own data
+    (:func:`raw_cnn_accuracy`; none for rows of several datasets unless ``classical_json`` names one)."""
     from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
 
     rows = [_row_from_run(Path(run)) for run in runs] + list(extra_rows or [])
@@ -241,6 +241,7 @@ def collect(runs: list[str | Path], out: str | Path, extra_rows: list[dict] | No
     gain_rows = gains(rows)
     reverse_rows = bits_at_reference_points(rows)
     datasets = sorted({str(r.get("data") or "fashion-mnist") for r in rows})
+    raw_cnn = raw_cnn_accuracy(classical_json, datasets[0]) if len(datasets) == 1 or classical_json else None
     result = {"measured_at": utc_now(), "machine": machine_info(), "note": note, "rows": rows, "gains_vs_vc": gain_rows,
               "bits_at_vc_points": reverse_rows, "datasets": datasets, "raw_pixel_cnn_accuracy": raw_cnn,
               "probe_protocol": "linear and MLP (512 hidden) probes, 30 epochs, on the integer symbols of the 60k "
@@ -313,7 +314,7 @@ def plot(rows: list[dict], path: Path, caption: str = "", raw_cnn: float | None 
 
 def sweep(objectives: list[str] | list[tuple], betas: list[float], out: str | Path,
           data_dir: str | Path | None = None, progress: bool = True, bundles: list[str | Path] | None = None,
-          note: str = "", runs_dir: str | Path | None = None, raw_cnn: float | None = RAW_CNN_ACCURACY,
+          note: str = "", runs_dir: str | Path | None = None, classical_json: str | Path | None = None,
           **overrides) -> dict:
     """Train one run per (series, beta) into runs_dir/<name>/ (default: out; reusing finished ones), measure bundles,
     then collect into out.
@@ -348,4 +349,4 @@ def sweep(objectives: list[str] | list[tuple], betas: list[float], out: str | Pa
                 train(cfg, data_dir=data_dir, out=run, progress=progress)
             runs.append(run)
     extra = [bundle_row(b, data_dir, cache=out / f"bundle_{Path(b).name}.json") for b in (bundles or [])]
-    return collect(runs, out, extra, note, raw_cnn)
+    return collect(runs, out, extra, note, classical_json)

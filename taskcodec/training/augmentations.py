@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from taskcodec.data import PLACEMENT
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -92,6 +94,9 @@ def _erase(x: torch.Tensor, prob: float, gen) -> torch.Tensor:
     return x.masked_fill((box & on).unsqueeze(1), 0.0)
 
 
+# the placed dataset's own placement on the 28x28 frame, as view parameters
+_PLACED = dict(rotate_deg=PLACEMENT["rotate_deg"], shift_px=round(PLACEMENT["shift"] * 28, 6),
+               scale=round((PLACEMENT["scale"][1] - PLACEMENT["scale"][0]) / 2, 6), shear_deg=PLACEMENT["shear_deg"])
 _FASHION = dict(rotate_deg=10.0, shift_px=2.5, scale=0.1, hflip=True, brightness=0.1, contrast=0.2, erase_prob=0.25)
 
 REGISTRY: dict[str, Augmentation] = {
@@ -112,11 +117,11 @@ REGISTRY: dict[str, Augmentation] = {
                      "contrast (+-20 %) and Gaussian noise (std <= 0.05); no erasing, no label positives.",
                      rotate_deg=10.0, shift_px=3.0, scale=0.15, hflip=True, brightness=0.1, contrast=0.2, noise=0.05),
         Augmentation("placement", "Label-free views for items at any placement (the task-agnostic compressor of "
-                     "`--data fashion-mnist-placed`): the data's own nuisance - rotations (+-30 deg), shifts (+-2.8 px), "
-                     "zoom (+-20 %), shear (+-10 deg) - plus left-right flips, brightness (+-0.1), contrast (+-20 %) "
-                     "and Gaussian noise (std <= 0.05); no labels.",
-                     rotate_deg=30.0, shift_px=2.8, scale=0.2, shear_deg=10.0, hflip=True, brightness=0.1,
-                     contrast=0.2, noise=0.05),
+                     "`--data fashion-mnist-placed`): the data's own nuisance (taskcodec.data.PLACEMENT: rotations "
+                     f"+-{_PLACED['rotate_deg']:g} deg, shifts +-{_PLACED['shift_px']:g} px, zoom "
+                     f"+-{100 * _PLACED['scale']:g} %, shear +-{_PLACED['shear_deg']:g} deg) plus left-right flips, "
+                     "brightness (+-0.1), contrast (+-20 %) and Gaussian noise (std <= 0.05); no labels.",
+                     hflip=True, brightness=0.1, contrast=0.2, noise=0.05, **_PLACED),
         Augmentation("fashion+label", "The fashion views, and the positive view is another training image of the "
                      "same class half the time (invariance to all label-preserving changes; same-class batch items "
                      "also count as positives).", label_positive_prob=0.5, **_FASHION),

@@ -70,7 +70,7 @@ def test_mqtt_frames_are_stored_once_refused_with_a_wrong_token_and_deduplicated
         out = subprocess.run([sys.executable, "-m", "taskcodec.cli", "mqtt-capture", "--device",
                               "virtual://fashion-mnist?size=28x28&count=30", "--bundle", str(bundle.path),
                               "--broker", cluster.mqtt_url(1), "--camera-id", cam, "--frames-per-message", "3",
-                              "--report", str(report)], capture_output=True, text=True, timeout=120,
+                              "--spool", str(tmp_path / "spool"), "--report", str(report)], capture_output=True, text=True, timeout=120,
                              env=dict(os.environ, TASKCODEC_TOKEN=token.decode()))
         assert out.returncode == 0, out.stdout + out.stderr
         summary = json.loads(report.read_text())

@@ -26,6 +26,12 @@ with an hourly class-count rollup. Every frame is in exactly one part; the reade
 (select_frames, count_frames, camera_frames, frames_by_keys, frames_of_model) reads both, and writers look a batch's
 seq range up in the blocks inside their transaction, so a re-sent frame of a packed hour is still a duplicate.
 
+Counters: frame_rollup (per camera, capture hour, class and model) and fleet_counts (all cameras, per capture minute
+and hour) count every stored frame; they are updated in the transaction that inserts the rows (one aggregated UPSERT
+per counter key of the micro-batch, from the rows actually inserted: rowid above the table's highest when the
+transaction began), left alone by compaction (the frames are counted once, wherever they are), lowered by retention.
+count_frames answers from them (no table scan, no block decoded) wherever a range's ends allow (see there).
+
 Schema: ``PRAGMA user_version`` holds the schema version; ``migrate()`` (run at open, or `taskcodec db migrate`)
 applies the missing steps, one transaction each, with a log line. A database newer than this code refuses to open.
 """
@@ -172,9 +178,31 @@ MIGRATIONS: list[str] = [
         generation INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # insert-time counters (issue 12 item 4): frame_rollup now counts every stored frame (rows and blocks alike),
+    # updated in the transaction that inserts the rows (no longer by compaction), and fleet_counts holds the same
+    # counts for all cameras together per minute and per hour; ts_min / ts_max bound the capture times counted in
+    # each counter row (deletions leave them wider than the frames left: still bounds), so a count whose range ends
+    # or starts inside a minute or hour can still use the counter when no counted frame lies on the other side.
+    # The backfill (counts of the existing rows and blocks) is _backfill_counters, run in this step's transaction.
+    """
+    CREATE TABLE IF NOT EXISTS fleet_counts (
+        unit_ms INTEGER NOT NULL,
+        cell INTEGER NOT NULL,
+        prediction INTEGER NOT NULL,
+        model_id TEXT NOT NULL,
+        frames INTEGER NOT NULL,
+        payload_bytes INTEGER NOT NULL,
+        ts_min INTEGER,
+        ts_max INTEGER,
+        PRIMARY KEY (unit_ms, cell, prediction, model_id)
+    ) WITHOUT ROWID;
+    ALTER TABLE frame_rollup ADD COLUMN ts_min INTEGER;
+    ALTER TABLE frame_rollup ADD COLUMN ts_max INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 SCHEMA = "\n".join(MIGRATIONS)  # the whole current schema, for readers of the code
+COUNTERS_VERSION = 6  # the schema version from which frame_rollup and fleet_counts count every stored frame
 
 # The writer connection's page cache (KiB; SQLite's default is 2 MiB). Under many cameras every frame dirties a leaf
 # of each per-camera index (one per camera); with the default cache those leaves are read back from the file (a pread
@@ -200,6 +228,118 @@ BLOCK_FORMAT = 2  # 1: an unreleased layout of this session (one zlib stream, pa
 COMPACT_SETTLE_S = 600.0   # frames stored before (now - this), rounded down to the hour, are packed
 COMPACT_INTERVAL_S = 300.0  # the server's background compaction looks this often (shared by all its processes)
 COMPACT_CHUNK = 20_000     # rows per compaction transaction (one camera at a time; ~0.3 s of the write lock)
+MINUTE_MS = 60_000
+FLEET_UNITS = (MINUTE_MS, HOUR_MS)  # the cells of fleet_counts
+
+
+def _floor_sql(column: str, unit: int) -> str:
+    """SQL for ``column // unit`` rounded down like Python's (SQLite's / truncates towards zero)."""
+    return f"(({column} - (({column} % {unit}) + {unit}) % {unit}) / {unit})"
+
+
+# The counters of the rows inserted by the current transaction (rowid above the table's highest rowid when it began:
+# SQLite gives a new row max(rowid) + 1): one aggregated UPSERT per (camera, hour, class, model) and per (minute or
+# hour, class, model), so an insert-or-ignore that kept the stored row counts nothing.
+_COUNT_ROWS_SQL = [
+    "INSERT INTO frame_rollup (camera_id, hour, prediction, model_id, frames, payload_bytes, ts_min, ts_max) "
+    f"SELECT camera_id, {_floor_sql('ts_capture_ms', HOUR_MS)}, prediction, model_id, count(*), "
+    "sum(length(payload)), min(ts_capture_ms), max(ts_capture_ms) FROM frames WHERE rowid > ? GROUP BY 1, 2, 3, 4 "
+    "ON CONFLICT DO UPDATE SET frames = frames + excluded.frames, payload_bytes = payload_bytes + "
+    "excluded.payload_bytes, ts_min = min(ts_min, excluded.ts_min), ts_max = max(ts_max, excluded.ts_max)",
+    *["INSERT INTO fleet_counts (unit_ms, cell, prediction, model_id, frames, payload_bytes, ts_min, ts_max) "
+      f"SELECT {unit}, {_floor_sql('ts_capture_ms', unit)}, prediction, model_id, count(*), sum(length(payload)), "
+      "min(ts_capture_ms), max(ts_capture_ms) FROM frames WHERE rowid > ? GROUP BY 2, 3, 4 "
+      "ON CONFLICT DO UPDATE SET frames = frames + excluded.frames, payload_bytes = payload_bytes + "
+      "excluded.payload_bytes, ts_min = min(ts_min, excluded.ts_min), ts_max = max(ts_max, excluded.ts_max)"
+      for unit in FLEET_UNITS]]
+_ADD_SQL = [
+    "INSERT INTO frame_rollup (camera_id, hour, prediction, model_id, frames, payload_bytes, ts_min, ts_max) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET frames = frames + excluded.frames, payload_bytes = "
+    "payload_bytes + excluded.payload_bytes, ts_min = min(ts_min, excluded.ts_min), "
+    "ts_max = max(ts_max, excluded.ts_max)",
+    "INSERT INTO fleet_counts (unit_ms, cell, prediction, model_id, frames, payload_bytes, ts_min, ts_max) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET frames = frames + excluded.frames, payload_bytes = "
+    "payload_bytes + excluded.payload_bytes, ts_min = min(ts_min, excluded.ts_min), "
+    "ts_max = max(ts_max, excluded.ts_max)"]
+
+
+def _rowid_mark(w: sqlite3.Connection) -> int:
+    """The highest rowid of `frames` now (the rows inserted after this call have larger ones)."""
+    return w.execute("SELECT coalesce(max(rowid), 0) FROM frames").fetchone()[0]
+
+
+def _count_new_rows(w: sqlite3.Connection, mark: int) -> None:
+    """Add the rows inserted since ``_rowid_mark`` returned ``mark`` to the counters (same transaction)."""
+    for sql in _COUNT_ROWS_SQL:
+        w.execute(sql, (mark,))
+
+
+def _aggregate(rows: Iterable[tuple]) -> tuple[dict, dict]:
+    """(camera, ts_capture_ms, prediction, model_id, payload_bytes) tuples summed per counter key:
+    ({(camera, hour, class, model): [n, bytes, ts_min, ts_max]}, {(unit, cell, class, model): [...]})."""
+    per_camera: dict[tuple, list] = {}
+    fleet: dict[tuple, list] = {}
+    for cam, ts, pred, model, nbytes in rows:
+        for acc, key in ((per_camera, (cam, ts // HOUR_MS, pred, model)),
+                         *((fleet, (unit, ts // unit, pred, model)) for unit in FLEET_UNITS)):
+            a = acc.get(key)
+            if a is None:
+                acc[key] = [1, nbytes, ts, ts]
+            else:
+                a[0] += 1
+                a[1] += nbytes
+                a[2] = min(a[2], ts)
+                a[3] = max(a[3], ts)
+    return per_camera, fleet
+
+
+def _add_counts(w: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+    """Add (camera, ts_capture_ms, prediction, model_id, payload_bytes) tuples to the counters."""
+    for sql, acc in zip(_ADD_SQL, _aggregate(rows)):
+        w.executemany(sql, [(*k, *v) for k, v in acc.items()])
+
+
+def _take_counts(w: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+    """Take deleted frames ((camera, ts_capture_ms, prediction, model_id, payload_bytes) tuples) out of the counters;
+    a counter row left with no frames is deleted (its ts bounds stay as they were otherwise: still bounds)."""
+    per_camera, fleet = _aggregate(rows)
+    for table, key, acc in (("frame_rollup", "camera_id = ? AND hour = ?", per_camera),
+                            ("fleet_counts", "unit_ms = ? AND cell = ?", fleet)):
+        where = f"{key} AND prediction = ? AND model_id = ?"
+        w.executemany(f"UPDATE {table} SET frames = frames - ?, payload_bytes = payload_bytes - ? WHERE {where}",
+                      [(v[0], v[1], *k) for k, v in acc.items()])
+        w.executemany(f"DELETE FROM {table} WHERE {where} AND frames <= 0", list(acc))
+
+
+def _count_tuples(rows: Iterable[ReadRow]) -> Iterator[tuple]:
+    """Counter tuples of rows in FrameRow order (payload bytes or their length)."""
+    for r in rows:
+        yield r[0], r[3], r[7], r[5], r[6] if isinstance(r[6], int) else len(r[6])
+
+
+def _backfill_counters(w: sqlite3.Connection) -> None:
+    """Schema step 5 -> 6: count the frames stored before the counters existed. frame_rollup held the packed hours
+    (bounds: their blocks' capture times, else the hour's own); the rows are added by the insert-time SQL; the
+    fleet counts of the blocks come from decoding them (once)."""
+    w.execute(f"UPDATE frame_rollup SET ts_min = coalesce((SELECT min(ts_lo) FROM frame_blocks b WHERE "
+              f"b.camera_id = frame_rollup.camera_id AND b.hour = frame_rollup.hour), hour * {HOUR_MS}), "
+              f"ts_max = coalesce((SELECT max(ts_hi) FROM frame_blocks b WHERE b.camera_id = frame_rollup.camera_id "
+              f"AND b.hour = frame_rollup.hour), hour * {HOUR_MS} + {HOUR_MS - 1})")
+    _count_new_rows(w, 0)
+    blocks = 0
+    for cam, epoch, models, fmt, data in w.execute(
+            "SELECT camera_id, epoch, models, format, data FROM frame_blocks").fetchall():
+        b = decode_block(cam, epoch, models, fmt, data)
+        fleet = _aggregate(zip([cam] * len(b.seq), b.ts.tolist(), b.pred.tolist(),
+                               [b.models[i] for i in b.model_idx.tolist()], b.lengths.tolist()))[1]
+        w.executemany(_ADD_SQL[1], [(*k, *v) for k, v in fleet.items()])
+        blocks += 1
+    if blocks:
+        log.warning("counted the frames of %d packed blocks into the fleet counters", blocks)
+
+
+# Python steps run after a schema step's SQL, in its transaction (the step's index -> function of the writer)
+MIGRATION_STEPS = {5: _backfill_counters}
 
 
 class StorageError(RuntimeError):
@@ -419,6 +559,8 @@ class SQLiteStorage:
                     for statement in MIGRATIONS[version].split(";"):
                         if statement.strip():
                             self._writer.execute(statement)
+                    if version in MIGRATION_STEPS:
+                        MIGRATION_STEPS[version](self._writer)
                     self._writer.execute(f"PRAGMA user_version={version + 1}")
                     self._writer.execute("COMMIT")
                 except BaseException:
@@ -557,6 +699,7 @@ class SQLiteStorage:
         if not rows:
             return 0
         with self._transaction() as w:
+            mark = _rowid_mark(w)
             spans: dict[tuple[str, int], list[int]] = {}
             for r in rows:
                 spans.setdefault((r[0], r[1]), []).append(r[2])
@@ -566,6 +709,8 @@ class SQLiteStorage:
                 rows = [r for r in rows if r[2] not in packed.get((r[0], r[1]), ())]
             inserted = w.executemany(self._INSERT.replace("INSERT", "INSERT OR IGNORE", 1), rows).rowcount \
                 if rows else 0
+            if inserted:
+                _count_new_rows(w, mark)
         return inserted
 
     def store_batches(self, batches: Sequence[BatchRows]) -> list[list[int] | None]:
@@ -576,6 +721,7 @@ class SQLiteStorage:
         out: list[list[int] | None] = []
         with self._transaction() as w:
             accepted, slow = [], []
+            mark = _rowid_mark(w)
             self._check_packed_generation(w)
             # every session's camera token, read in this transaction (one statement for the whole micro-batch)
             ids = list({b.camera_id for b in batches if b.token_hash is not None})
@@ -607,6 +753,8 @@ class SQLiteStorage:
                 w.execute("RELEASE fast")
                 for i, b in accepted:
                     out[i] = self._store_rows(w, b.rows)
+            if any(s and NEW in s for s in out):
+                _count_new_rows(w, mark)  # the counters, in the same durable transaction
         return out
 
     def _check_packed_generation(self, w: sqlite3.Connection) -> None:
@@ -683,9 +831,12 @@ class SQLiteStorage:
         total = 0
         while True:
             with self._transaction() as w:
-                n = w.execute(
+                gone = w.execute(
                     "DELETE FROM frames WHERE rowid IN (SELECT rowid FROM frames INDEXED BY frames_by_time "
-                    "WHERE ts_capture_ms < ? LIMIT ?)", (cutoff, int(chunk))).rowcount
+                    "WHERE ts_capture_ms < ? LIMIT ?) RETURNING camera_id, ts_capture_ms, prediction, model_id, "
+                    "length(payload)", (cutoff, int(chunk))).fetchall()
+                _take_counts(w, gone)
+            n = len(gone)
             total += n
             if n < chunk:
                 break
@@ -700,11 +851,15 @@ class SQLiteStorage:
             total += sum(k[3] for k in keys)
             if len(keys) < blocks:
                 break
-        while True:  # their rollup rows
+        while True:  # their rollup rows (their rows are gone already, each taken out of the counters)
             with self._transaction() as w:
                 n = w.execute("DELETE FROM frame_rollup WHERE (camera_id, hour, prediction, model_id) IN (SELECT "
                               "camera_id, hour, prediction, model_id FROM frame_rollup INDEXED BY frame_rollup_by_hour "
                               "WHERE hour < ? LIMIT ?)", (hour, int(chunk))).rowcount
+                if n < chunk:
+                    for unit in FLEET_UNITS:  # and the fleet counts of those hours
+                        w.execute("DELETE FROM fleet_counts WHERE unit_ms = ? AND cell < ?",
+                                  (unit, hour * (HOUR_MS // unit)))
             if n < chunk:
                 break
         with self._transaction() as w:  # the cutoff hour's blocks: split
@@ -714,7 +869,7 @@ class SQLiteStorage:
                 b = decode_block(cam, epoch, models, fmt, data)
                 old = b.ts < cutoff
                 gone = b.rows(np.flatnonzero(old).tolist())
-                self._rollup(w, gone, -1)
+                _take_counts(w, _count_tuples(gone))
                 kept = b.rows(np.flatnonzero(~old).tolist())
                 w.execute("DELETE FROM frame_blocks WHERE camera_id = ? AND epoch = ? AND hour = ?", (cam, epoch, hour))
                 if kept:
@@ -723,22 +878,6 @@ class SQLiteStorage:
         return total
 
     # compaction --------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _rollup(w: sqlite3.Connection, rows: Sequence[ReadRow], sign: int) -> None:
-        """Add (sign 1) or take away (-1) rows (with payloads) in the hourly rollup."""
-        acc: dict[tuple, list[int]] = {}
-        for r in rows:
-            a = acc.setdefault((r[0], r[3] // HOUR_MS, r[7], r[5]), [0, 0])
-            a[0] += 1
-            a[1] += len(r[6])
-        w.executemany("INSERT INTO frame_rollup (camera_id, hour, prediction, model_id, frames, payload_bytes) "
-                      "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET frames = frames + excluded.frames, "
-                      "payload_bytes = payload_bytes + excluded.payload_bytes",
-                      [(*k, sign * n, sign * b) for k, (n, b) in acc.items()])
-        if sign < 0 and acc:
-            w.executemany("DELETE FROM frame_rollup WHERE camera_id = ? AND hour = ? AND prediction = ? AND "
-                          "model_id = ? AND frames <= 0", list(acc))
-
     @staticmethod
     def _write_block(w: sqlite3.Connection, cam: str, epoch: int, hour: int, rows: Sequence[ReadRow]) -> None:
         data, models = encode_block(rows)
@@ -827,12 +966,15 @@ class SQLiteStorage:
             if old is not None:
                 have = decode_block(cam, epoch, *old).rows()
                 seen = {r[2] for r in have}
-                new = [r for r in new if r[2] not in seen]  # never the case (writers check blocks): kept once
+                dropped = [r for r in new if r[2] in seen]  # never the case (writers check blocks): kept once
+                if dropped:
+                    _take_counts(w, _count_tuples(dropped))
+                    new = [r for r in new if r[2] not in seen]
                 self._write_block(w, cam, epoch, hour, have + new)
             else:
                 self._write_block(w, cam, epoch, hour, new)
             moved.extend(new)
-        self._rollup(w, moved, 1)
+        # the counters (frame_rollup, fleet_counts) counted these frames when they were inserted
         # writers cache the highest packed seq per (camera, epoch) for one generation: this transaction ends it
         w.execute("INSERT INTO compaction (id, last_run_ms, generation) VALUES (0, 0, 1) ON CONFLICT DO UPDATE SET "
                   "generation = generation + 1")
@@ -1335,8 +1477,14 @@ def hot_counts_sql(f: FrameFilter, interval_ms: int, by_camera: bool, with_bytes
 def count_frames(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, *, by_camera: bool = False,
                  with_bytes: bool = False) -> dict[tuple[int, str | None, int], list[int]]:
     """Frame counts (and payload bytes when ``with_bytes``) per (bucket start, camera or None, class) over both
-    parts. Packed hours wholly inside the range come from the hourly rollup when the bucket is a whole number of
-    hours and no confidence filter is set; other packed hours are counted from their blocks."""
+    parts, from the insert-time counters where the range allows, else from the rows and blocks themselves.
+
+    Counters (no confidence filter): all cameras together (no camera filter, not ``by_camera``) per hour and per
+    minute (fleet_counts), per camera per hour (frame_rollup), usable when the bucket is a whole number of their
+    cells. The range is cut into whole cells of the coarsest counter, then of the next, down to pieces of the
+    finest cell at the range's two ends; such a piece is answered from its cell's counters when each counter row's
+    capture-time bounds lie wholly inside the piece or wholly outside it (a range ending after the newest frame, or
+    starting before the oldest), else from the rows and blocks of the piece alone (``_count_exact``)."""
     out: dict[tuple[int, str | None, int], list[int]] = {}
 
     def add(bucket: int, cam: str | None, pred: int, n: int, nbytes: int) -> None:
@@ -1344,38 +1492,115 @@ def count_frames(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, *, 
         acc[0] += n
         acc[1] += nbytes if with_bytes else 0
 
+    levels = _counter_levels(conn, f, interval_ms, by_camera)
+    if not levels:
+        _count_exact(conn, f, interval_ms, by_camera, with_bytes, add)
+        return out
+    whole, edges = _split_range(f.since, f.until, [unit for unit, _ in levels])
+    table = dict(levels)
+    for unit, lo, hi in whole:
+        sql, args, cell_column = _counter_sql(table[unit], unit, f, by_camera)
+        sql += (f" AND {cell_column} >= ?" if lo is not None else "") + \
+            (f" AND {cell_column} <= ?" if hi is not None else "")
+        args += [x for x in (lo, hi) if x is not None]
+        for cell, cam, pred, n, nbytes, _, _ in conn.execute(sql, args):
+            add(cell * unit // interval_ms * interval_ms, cam, pred, n, nbytes)
+    for unit, cell, a, b in edges:
+        sql, args, cell_column = _counter_sql(table[unit], unit, f, by_camera)
+        rows = conn.execute(f"{sql} AND {cell_column} = ?", [*args, cell]).fetchall()
+        if all(t0 is not None and t1 is not None and (a <= t0 and t1 < b or t1 < a or t0 >= b)
+               for *_, t0, t1 in rows):
+            for _, cam, pred, n, nbytes, t0, t1 in rows:
+                if a <= t0 and t1 < b:
+                    add(cell * unit // interval_ms * interval_ms, cam, pred, n, nbytes)
+        else:  # counted frames on both sides of the piece's end: count the piece itself
+            _count_exact(conn, FrameFilter(f.cameras, f.predictions, f.models, a, b, f.min_confidence), interval_ms,
+                         by_camera, with_bytes, add)
+    return out
+
+
+def _counter_levels(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int,
+                    by_camera: bool) -> list[tuple[int, str]]:
+    """The counters a count may read, coarsest first: (cell width in ms, "fleet" or "camera")."""
+    if f.min_confidence is not None or conn.execute("PRAGMA user_version").fetchone()[0] < COUNTERS_VERSION:
+        return []
+    if by_camera or f.cameras:
+        return [(HOUR_MS, "camera")] if interval_ms % HOUR_MS == 0 else []
+    return [(unit, "fleet") for unit in sorted(FLEET_UNITS, reverse=True) if interval_ms % unit == 0]
+
+
+def _counter_sql(kind: str, unit: int, f: FrameFilter, by_camera: bool) -> tuple[str, list, str]:
+    """SELECT cell, camera or NULL, class, frames, payload bytes, ts_min, ts_max FROM the counter, filtered by
+    camera, class and model (the caller adds the bounds on the cell column, the third item returned)."""
+    if kind == "camera":
+        sql = (f"SELECT hour, {'camera_id' if by_camera else 'NULL'}, prediction, frames, payload_bytes, "
+               "ts_min, ts_max FROM frame_rollup WHERE 1")
+        args: list = []
+        filters = (("camera_id", f.cameras), ("prediction", f.predictions), ("model_id", f.models))
+    else:
+        sql = ("SELECT cell, NULL, prediction, frames, payload_bytes, ts_min, ts_max FROM fleet_counts "
+               "WHERE unit_ms = ?")
+        args = [unit]
+        filters = (("prediction", f.predictions), ("model_id", f.models))
+    for column, values in filters:
+        if values:
+            sql += f" AND {column} IN ({', '.join('?' * len(values))})"
+            args.extend(values)
+    return sql, args, "hour" if kind == "camera" else "cell"
+
+
+def _split_range(since: int | None, until: int | None, units: list[int]
+                 ) -> tuple[list[tuple[int, int | None, int | None]], list[tuple[int, int, int, int]]]:
+    """Cut [since, until) (None: open) into runs of whole cells, coarsest unit first: [(unit, first cell, last cell)]
+    (None: open), and the pieces left at the ends, each inside one cell of the finest unit: [(unit, cell, a, b)]."""
+    whole: list[tuple[int, int | None, int | None]] = []
+    pieces: list[tuple[int | None, int | None]] = [(since, until)]
+    for unit in units:
+        rest = []
+        for a, b in pieces:
+            lo = None if a is None else -(-a // unit)
+            hi = None if b is None else b // unit - 1
+            if lo is None or hi is None or lo <= hi:
+                whole.append((unit, lo, hi))
+                if a is not None and a < lo * unit:
+                    rest.append((a, lo * unit))
+                if b is not None and (hi + 1) * unit < b:
+                    rest.append(((hi + 1) * unit, b))
+            elif a < b:
+                rest.append((a, b))
+        pieces = rest
+    unit = units[-1]
+    edges = []
+    for a, b in pieces:  # no whole cell inside: at most two cells
+        while a < b:
+            cell = a // unit
+            end = min(b, (cell + 1) * unit)
+            edges.append((unit, cell, a, end))
+            a = end
+    return whole, edges
+
+
+def _count_exact(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, by_camera: bool, with_bytes: bool,
+                 add) -> None:
+    """Count the frames matching ``f`` from the rows (frames_by_time / frames_by_capture_time) and the blocks of the
+    range's hours (decoded), passing each (bucket, camera or None, class, frames, bytes) to ``add``."""
     sql, args = hot_counts_sql(f, interval_ms, by_camera, with_bytes)
     for row in conn.execute(sql, args):
         add(row[0], row[1], row[2], row[3], row[4] or 0 if with_bytes else 0)
-    lo, hi = f.hours()
-    rolled: tuple[int, int] | None = None
-    if interval_ms % HOUR_MS == 0 and f.min_confidence is None:
-        # whole hours inside [since, until)
-        r_lo = None if f.since is None else -(-f.since // HOUR_MS)
-        r_hi = None if f.until is None else f.until // HOUR_MS - 1
-        if r_lo is None or r_hi is None or r_lo <= r_hi:
-            rolled = (r_lo if r_lo is not None else -(1 << 62), r_hi if r_hi is not None else (1 << 62))
-            where, rargs = ["hour >= ?", "hour <= ?"], list(rolled)
-            for column, values in (("camera_id", f.cameras), ("prediction", f.predictions), ("model_id", f.models)):
-                if values:
-                    where.append(f"{column} IN ({', '.join('?' * len(values))})")
-                    rargs.extend(values)
-            for hour, cam, pred, n, nbytes in conn.execute(
-                    f"SELECT hour, camera_id, prediction, sum(frames), sum(payload_bytes) FROM frame_rollup "
-                    f"WHERE {' AND '.join(where)} GROUP BY hour, camera_id, prediction", rargs):
-                add((hour * HOUR_MS // interval_ms) * interval_ms, cam, pred, n, nbytes)
-    # the packed hours not in the rollup's answer: read their blocks (hour ranges on frame_blocks_by_hour)
-    ranges = [(lo, hi)]
-    if rolled is not None:
-        ranges = [(lo, rolled[0] - 1), (rolled[1] + 1, hi)]
-        ranges = [(a, b) for a, b in ranges if a is None or b is None or a <= b]
-        ranges = [r for r in ranges if not (r[1] is not None and r[1] < -(1 << 61)) and
-                  not (r[0] is not None and r[0] > (1 << 61))]
-    blocks = []
-    for r in ranges:
-        where, bargs = f.block_where(r)
-        blocks += conn.execute(f"SELECT camera_id, epoch, hour, models, format, data FROM frame_blocks "
-                               f"INDEXED BY frame_blocks_by_hour WHERE {where}", bargs).fetchall()
+    where, bargs = f.block_where()
+    if f.since is not None:  # blocks wholly outside the range need no decoding
+        where += " AND ts_hi >= ?"
+        bargs.append(f.since)
+    if f.until is not None:
+        where += " AND ts_lo < ?"
+        bargs.append(f.until)
+    try:
+        blocks = conn.execute(f"SELECT camera_id, epoch, hour, models, format, data FROM frame_blocks "
+                              f"INDEXED BY frame_blocks_by_hour WHERE {where}", bargs).fetchall()
+    except sqlite3.OperationalError as exc:
+        if _no_blocks_table(exc):
+            return
+        raise
     for cam, epoch, hour, models, fmt, data in blocks:
         b = decode_block(cam, epoch, models, fmt, data)
         m = f.mask(b)
@@ -1393,7 +1618,6 @@ def count_frames(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, *, 
         low = int(preds.min())
         for key, n, nbytes in zip(uniq.tolist(), ns.tolist(), nb.tolist()):
             add((base + key // span) * interval_ms, cam, low + key % span, n, int(nbytes))
-    return out
 
 
 @_in_snapshot

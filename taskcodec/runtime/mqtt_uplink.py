@@ -13,16 +13,17 @@ which the uplinks here subscribe to.
   (epoch, seq) come from the spool, so the epoch survives restarts and seqs continue across them;
 - :class:`SpooledMqttUplink` publishes what the spool holds, in (epoch, seq) order, up to ``--frames-per-message``
   consecutive frames per message and up to ``--max-in-flight`` messages awaiting PUBACK; a frame leaves the spool only
-  once the message carrying it got its PUBACK;
+  once the message carrying it got its PUBACK, and ``--refusal-grace`` seconds (3) later if no refusal came meanwhile;
 - a lost connection, a broker that is down or refuses the connection, or a PUBACK that does not come within
   ``ack_timeout`` ends the connection: a new one is made after an exponential backoff with jitter (as the WebSocket
   uplink's), and everything still in the spool is published again with the same (epoch, seq). Re-sends are harmless:
   PostgreSQL's unique (camera, epoch, seq) key keeps one copy. Meanwhile capture goes on spooling, up to the spool's
   bounds (``--spool-max-frames`` / ``--spool-max-bytes`` / a full disk: the oldest frames are dropped and counted);
 - a worker's refusal of this camera (UNAUTHORIZED, UNKNOWN_MODEL, BAD_MESSAGE) stops the uplink and the capture
-  (exit 1): MQTT 3.1.1 has no negative acknowledgement, so the frames of the messages PUBACKed before the refusal
-  arrived are lost (counted in ``refusals``); everything after them stays in the spool for a run with the right
-  token or bundle.
+  (exit 1). MQTT 3.1.1 has no negative acknowledgement: PUBACK comes once nats-server stored the message, and a
+  refusal later, on the reply topic. Hence the refusal grace: the frames PUBACKed within it (all of them, when the
+  refusal takes less than the grace to arrive) stay in the spool, and a run with the right token or bundle sends
+  them. A refusal slower than the grace loses the frames PUBACKed before it (not stored: they were refused).
 
 :class:`MqttUplink` is the minimal synchronous publisher (one batch, wait for PUBACK; no spool) for tests and tools.
 """
@@ -35,6 +36,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -163,6 +165,9 @@ class MqttUplinkConfig:
     backoff_max: float = 15.0
     open_timeout: float = 10.0       # TCP connect + CONNACK
     ack_timeout: float = 30.0        # no PUBACK for this long with messages outstanding -> reconnect and re-send
+    # PUBACKed frames leave the spool only this long after their PUBACK, if no refusal came meanwhile (MQTT 3.1.1 has
+    # no negative ack: a worker's refusal arrives later, on the reply topic), so a wrong token or bundle loses nothing
+    refusal_grace: float = 3.0
     keepalive: int = 30
     client_id: str | None = None
 
@@ -176,13 +181,13 @@ class MqttUplinkConfig:
             raise ValueError(f"frames per message must be 1..{wire.MAX_FRAMES_PER_BATCH}")
         if not 1 <= self.max_in_flight <= 65535:
             raise ValueError("max in flight must be 1..65535")
-        if self.max_delay < 0 or self.backoff_max <= 0:
-            raise ValueError("max delay must be >= 0 and backoff max > 0 seconds")
+        if self.max_delay < 0 or self.backoff_max <= 0 or self.refusal_grace < 0:
+            raise ValueError("max delay and refusal grace must be >= 0 and backoff max > 0 seconds")
 
 
 class SpooledMqttUplink:
     """Publishes a :class:`~taskcodec.runtime.spool.Spool`'s frames over MQTT QoS 1 in its own thread; frames leave
-    the spool at PUBACK. :meth:`start`, :meth:`notify` after appends, :meth:`wait_drained`, :meth:`stop`."""
+    the spool ``refusal_grace`` seconds after their PUBACK. :meth:`start`, :meth:`notify` after appends, :meth:`wait_drained`, :meth:`stop`."""
 
     def __init__(self, spool, model_tag: bytes, config: MqttUplinkConfig, stats=None):
         from taskcodec.runtime.status import RuntimeStats
@@ -320,6 +325,10 @@ class SpooledMqttUplink:
         cfg, spool = self.config, self.spool
         outstanding: dict[int, tuple[int, int, int, float]] = {}   # mid -> (epoch, first seq, count, send time)
         acked = state["acked"]
+        # PUBACKed, leaving the spool once the refusal grace is over: (deadline, epoch, first seq, count), in order.
+        # Left in the spool when this connection ends (re-published by the next one: the unique key dedups them)
+        # and when a refusal stops the uplink (sent again by a run with the right token or bundle).
+        probation: deque[tuple[float, int, int, int]] = deque()
         sent_upto: tuple[int, int] | None = None   # None: from the spool's oldest frame (a new connection)
         partial_since: float | None = None
         while not self._stop.is_set() and self.fatal is None:
@@ -331,9 +340,12 @@ class SpooledMqttUplink:
                 done = outstanding.pop(acked.pop(0), None)
                 if done is not None:
                     epoch, first, count, sent = done
-                    spool.ack_later(epoch, first, count)   # the DELETE is batched: a crash only re-sends these
+                    probation.append((now + cfg.refusal_grace, epoch, first, count))
                     self.stats.ack(count, now - sent)
                     self.messages += 1
+            while probation and probation[0][0] <= now and self.fatal is None:
+                _, epoch, first, count = probation.popleft()
+                spool.ack_later(epoch, first, count)   # the DELETE is batched: a crash only re-sends these
             self.stats.set_depth(spool.depth())
             while len(outstanding) < cfg.max_in_flight and self.fatal is None:
                 if sent_upto is not None and sent_upto == (spool.epoch, spool.next_seq - 1):
@@ -429,6 +441,9 @@ def mqtt_capture(device: str = typer.Option(..., "--device", help="source URI, e
                                                      "normal (no fsync: survives kill -9, not power loss)"),
                  backoff_max: float = typer.Option(15.0, "--backoff-max", min=0.1,
                                                    help="longest wait between reconnection attempts (seconds)"),
+                 refusal_grace: float = typer.Option(3.0, "--refusal-grace", min=0,
+                                                     help="seconds a PUBACKed frame stays spooled in case the "
+                                                          "workers refuse it (MQTT has no negative ack)"),
                  drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0,
                                                      help="at the end, seconds to wait for PUBACKs"),
                  quiet: bool = typer.Option(False, "--quiet", "-q", help="no status line"),
@@ -461,7 +476,8 @@ def mqtt_capture(device: str = typer.Option(..., "--device", help="source URI, e
         raise bad(f"no token (--token-file or ${TOKEN_ENV})")
     try:
         cfg = MqttUplinkConfig(broker, camera_id, token, frames_per_message=frames_per_message,
-                               max_in_flight=max_in_flight, max_delay=max_delay, backoff_max=backoff_max)
+                               max_in_flight=max_in_flight, max_delay=max_delay, backoff_max=backoff_max,
+                               refusal_grace=refusal_grace)
         b = load_bundle(bundle)
         pre, enc = Preprocessor(b.input), FrameEncoder(b)
         source = open_source(device, fps=fps or None)
@@ -511,11 +527,8 @@ def mqtt_capture(device: str = typer.Option(..., "--device", help="source URI, e
         except KeyboardInterrupt:
             stopping.set()
             typer.secho("interrupted; unsent frames stay in the spool", err=True)
-        drained = False
         if uplink.fatal is None and uplink.crashed is None and not stopping.is_set():
-            drained = uplink.wait_drained(drain_timeout, stopping)
-            if drained and stats.acked:
-                time.sleep(0.5)  # refusals (QoS 0 replies) that are on their way
+            uplink.wait_drained(drain_timeout + cfg.refusal_grace, stopping)
         uplink.stop()
     finally:
         if status is not None:

@@ -288,3 +288,27 @@ def test_a_database_from_before_the_query_api_gets_the_index_on_open(tmp_path):
         plan = [r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + frames_sql(FrameQuery(), Reader(db))[0],
                                             [1000])]
         assert any("frames_by_time" in p for p in plan), plan
+
+
+def test_counts_read_from_the_insert_time_counters_match_the_database(env):
+    """All-camera counts per minute and per hour, and per camera per hour, with range ends inside a minute (frames on
+    both sides: counted from the rows) and after the newest frame (answered from the counters' time bounds), equal
+    a count of the stored rows; the counter tables were written by the server's own ingest (storage_counters)."""
+    srv, bundle, db = env
+    rows, classes = _db_rows(db), list(bundle.classes)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT sum(frames) FROM fleet_counts WHERE unit_ms = 60000").fetchone()[0] == len(rows)
+        assert conn.execute("SELECT sum(frames) FROM frame_rollup").fetchone()[0] == len(rows)
+    end = max(r[3] for r in rows) + 1
+    for interval, ms, by_camera, since, until in (("1m", 60_000, False, T0 + 123_456, T0 + 987_654),
+                                                  ("1m", 60_000, False, T0 - 1, end),
+                                                  ("1h", 3_600_000, False, T0 + 61_001, end),
+                                                  ("5m", 300_000, False, None, None),
+                                                  ("1h", 3_600_000, True, T0 + 7_777, end)):
+        params = {k: v for k, v in (("since", since), ("until", until)) if v is not None}
+        got = _get(srv, "/v1/query/counts", interval=interval, by_camera=str(by_camera).lower(), **params)
+        expect = Counter(((r[3] // ms) * ms, r[0] if by_camera else None, classes[r[5]]) for r in rows
+                         if (since is None or r[3] >= since) and (until is None or r[3] < until))
+        flat = Counter({(b["start_ms"], b.get("camera_id"), name): n for b in got["buckets"]
+                        for name, n in b["counts"].items()})
+        assert flat == expect, (interval, by_camera, since, until)

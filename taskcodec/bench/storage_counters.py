@@ -1,0 +1,141 @@
+"""The cost and the gain of the SQLite store's insert-time counters (issue 12 item 4; storage.py frame_rollup and
+fleet_counts, updated in the insert's transaction).
+
+``write-ab OLD_STORAGE.py OUT``: CPU per frame of the server's write path (SQLiteStorage.store_batches with the
+camera tokens checked in the transaction, one-frame batches of distinct one-fps cameras, ``per_commit`` of them per
+micro-batch as the server commits them at 1000 cameras), with this storage.py and with ``OLD_STORAGE.py`` (a copy
+from before the counters), interleaved A B / B A on fresh databases that already hold ``prefill_s`` seconds of rows of
+every camera (a running server's steady state between compactions).
+
+``queries OUT BEFORE.json AFTER.json``: the side-by-side table of two `taskcodec bench storage-size
+--queries-at-scale` runs (one from a tree before the counters, one after).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from taskcodec.bench.ab import abba, load_module_copy
+from taskcodec.report import machine_info, machine_line, utc_now, write_json, write_text
+
+MODEL_ID = "6f0d113794f9346d"
+
+
+def _seconds_of_frames(cameras: int, s0: int, s1: int, start_ms: int, epochs: list[int], rng) -> list[list[tuple]]:
+    """Seconds [s0, s1) of ``cameras`` one-fps cameras: one list of rows per second, cameras in order."""
+    out = []
+    for s in range(s0, s1):
+        pay = rng.bytes(6 * cameras)
+        pred = rng.integers(0, 10, cameras).tolist()
+        conf = np.round(rng.random(cameras), 4).tolist()
+        out.append([(f"cam-{c:06d}", epochs[c], s, start_ms + s * 1000 + (c * 997) % 1000,
+                     start_ms + s * 1000 + (c * 997) % 1000 + 60, MODEL_ID, pay[6 * c:6 * c + 6], pred[c], conf[c])
+                    for c in range(cameras)])
+    return out
+
+
+def write_ab(old_storage: Path, out: Path, cameras: int = 1000, per_commit: int = 57, seconds: int = 30,
+             prefill_s: int = 300, rounds: int = 6, log=print) -> dict[str, Any]:
+    from taskcodec.server import storage as new
+
+    old = load_module_copy("taskcodec_storage_before_counters", old_storage)
+    variants = {"before counters": old, "with counters": new}
+    runs: dict[str, list[float]] = {k: [] for k in variants}
+    rng0 = np.random.default_rng(0)
+    epochs = [int(x) for x in rng0.integers(0, 1 << 62, cameras, dtype=np.int64)]
+    start_ms = int(time.time() * 1000) - (prefill_s + seconds) * 1000
+    for r in range(rounds):
+        for name, mod in abba(variants.items(), r):
+            with tempfile.TemporaryDirectory(prefix="taskcodec-counters-ab-", dir=os.environ.get("TMPDIR")) as tmp:
+                st = mod.SQLiteStorage(Path(tmp) / "w.db", auto_compact=False)
+                for c in range(cameras):
+                    st.add_camera(f"cam-{c:06d}", "h")
+                rng = np.random.default_rng(1)
+                for rows in _seconds_of_frames(cameras, 0, prefill_s, start_ms, epochs, rng):
+                    st.store_frames(rows)
+                frames = [row for rows in _seconds_of_frames(cameras, prefill_s, prefill_s + seconds, start_ms,
+                                                             epochs, rng) for row in rows]
+                cpu, t_wall = 0.0, time.perf_counter()
+                for i in range(0, len(frames), per_commit):
+                    batches = [mod.BatchRows(row[0], "h", [row]) for row in frames[i:i + per_commit]]
+                    t = time.process_time()
+                    st.store_batches(batches)
+                    cpu += time.process_time() - t
+                wall = time.perf_counter() - t_wall
+                st.close()
+            runs[name].append(1e6 * cpu / len(frames))
+            log(f"round {r}: {name}: {runs[name][-1]:.1f} µs CPU/frame ({wall:.1f} s wall)")
+    ratios = np.array(runs["with counters"]) - np.array(runs["before counters"])
+    result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "frames_per_commit": per_commit,
+              "seconds": seconds, "prefill_s": prefill_s, "rounds": rounds, "load_avg_1min": os.getloadavg()[0],
+              "us_per_frame": runs, "median_us_per_frame": {k: float(np.median(v)) for k, v in runs.items()},
+              "median_difference_us_per_frame": float(np.median(ratios)),
+              "per_round_difference_us_per_frame": ratios.tolist()}
+    stem = out / f"storage_counters_write_ab_{per_commit}"
+    write_json(stem.with_suffix(".json"), result)
+    med = result["median_us_per_frame"]
+    write_text(stem.with_suffix(".md"), (
+        f"# SQLite write path: CPU per frame before and with the insert-time counters ({per_commit} frames per "
+        f"commit)\n\n{machine_line(result['machine'])}; {result['time']}; load average "
+        f"{result['load_avg_1min']:.1f} (shared box). `python3 -m taskcodec.bench.storage_counters write-ab "
+        f"OLD_STORAGE.py OUT {cameras} {per_commit} {seconds} {prefill_s} {rounds}` under /tmp/bench.lock: "
+        f"SQLiteStorage.store_batches as the server calls it (camera tokens checked in the transaction), "
+        f"{cameras} one-fps cameras, one-frame batches, {per_commit} per micro-batch (one durable commit each), "
+        f"{seconds} s of frames timed (process CPU time of the calls) after {prefill_s} s of rows of every camera "
+        f"stored untimed, {rounds} interleaved rounds (A B, B A, ...) on fresh databases; before = storage.py of "
+        "the commit before the counters.\n\n"
+        "| variant | median µs CPU/frame | runs |\n|---|---|---|\n"
+        + "".join(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |\n" for k, v in runs.items())
+        + f"\nMedian per-round difference (with - before): {result['median_difference_us_per_frame']:+.1f} µs per "
+          f"frame (rounds: {', '.join(f'{x:+.1f}' for x in ratios)}).\n"))
+    return result
+
+
+def queries(out: Path, before_json: Path, after_json: Path) -> dict[str, Any]:
+    """One table of the SQLite query latencies of two --queries-at-scale runs, stage by stage."""
+    before = json.loads(before_json.read_text())["sqlite"]
+    after = json.loads(after_json.read_text())["sqlite"]
+    result = {"machine": machine_info(), "time": utc_now(), "before": before, "after": after,
+              "before_file": str(before_json), "after_file": str(after_json)}
+    write_json(out / "storage_counters_queries.json", result)
+    lines = []
+    for sb, sa in zip(before["stages"], after["stages"]):
+        lines.append(f"\n### {sa['stage']} ({sa['packed']:,} packed, {sa['rows']:,} rows; B/frame in use "
+                     f"{sb['bytes_per_frame_in_use']:.1f} before, {sa['bytes_per_frame_in_use']:.1f} after)\n\n"
+                     "| query | before median ms (max) | after median ms (max) |\n|---|---|---|\n")
+        for name, qb in sb["queries"].items():
+            qa = sa["queries"][name]
+            lines.append(f"| {name} | {qb['median_ms']:.2f} ({qb['max_ms']:.1f}) | **{qa['median_ms']:.2f}** "
+                         f"({qa['max_ms']:.1f}) |\n")
+    write_text(out / "storage_counters_queries.md", (
+        f"# Query latencies before and after the insert-time counters ({after['frames']:,} frames, "
+        f"{after['cameras']} one-fps cameras)\n\n{machine_line(result['machine'])}; {result['time']}. Both runs: "
+        f"`taskcodec bench storage-size --queries-at-scale --frames {after['frames']} --cameras {after['cameras']} "
+        "--out DIR`, run from `git archive` trees of the commit before the counters and of the one with them, "
+        "at the same time (fills at nice 10; each stage's queries timed at nice 0 under /tmp/bench.lock, so the "
+        "two runs' timings never overlapped). Fill CPU µs/frame (store_frames, 60 s of all cameras per "
+        f"transaction): before {before['fill_cpu_us_per_frame']:.1f}, after {after['fill_cpu_us_per_frame']:.1f}; "
+        f"compaction CPU µs/frame: before {before['compaction_cpu_us_per_frame']:.1f}, after "
+        f"{after['compaction_cpu_us_per_frame']:.1f}. Method of each run and the query definitions: "
+        "storage_size_10m/storage_size_queries.md.\n" + "".join(lines)))
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "write-ab":
+        a = [int(x) for x in sys.argv[4:]]
+        write_ab(Path(sys.argv[2]), Path(sys.argv[3]), *a)
+    elif len(sys.argv) == 5 and sys.argv[1] == "queries":
+        queries(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        sys.exit("usage: python3 -m taskcodec.bench.storage_counters write-ab OLD_STORAGE.py OUT [CAMERAS "
+                 "PER_COMMIT SECONDS PREFILL_S ROUNDS]\n"
+                 "       python3 -m taskcodec.bench.storage_counters queries OUT BEFORE.json AFTER.json")

@@ -177,6 +177,8 @@ class MqttUplinkConfig:
             self.token = self.token.encode()
         if not 0 < len(self.camera_id.encode()) < 256:
             raise ValueError("camera id must be 1..255 bytes of utf-8")
+        if len(self.token) > 255:
+            raise ValueError("token must be at most 255 bytes")
         if not 1 <= self.frames_per_message <= wire.MAX_FRAMES_PER_BATCH:
             raise ValueError(f"frames per message must be 1..{wire.MAX_FRAMES_PER_BATCH}")
         if not 1 <= self.max_in_flight <= 65535:
@@ -187,7 +189,8 @@ class MqttUplinkConfig:
 
 class SpooledMqttUplink:
     """Publishes a :class:`~taskcodec.runtime.spool.Spool`'s frames over MQTT QoS 1 in its own thread; frames leave
-    the spool ``refusal_grace`` seconds after their PUBACK. :meth:`start`, :meth:`notify` after appends, :meth:`wait_drained`, :meth:`stop`."""
+    the spool ``refusal_grace`` seconds after their PUBACK. :meth:`start`, :meth:`notify` after appends,
+    :meth:`wait_drained`, :meth:`stop`."""
 
     def __init__(self, spool, model_tag: bytes, config: MqttUplinkConfig, stats=None):
         from taskcodec.runtime.status import RuntimeStats
@@ -390,12 +393,14 @@ class SpooledMqttUplink:
             batch = wire.Batch(run[0].epoch, [wire.Frame(f.seq, f.ts_ms, f.payload) for f in run])
             return run, wire.encode_ingest_body(self.hello, batch)
         except ValueError:
+            dropped = 0
             for f in run:
                 try:
                     wire.Batch(f.epoch, [wire.Frame(f.seq, f.ts_ms, f.payload)]).encode()
                 except ValueError as exc:
+                    dropped += 1
                     self.stats.drop(self.spool.drop(f.epoch, f.seq, 1, reason=f"unencodable: {exc}"), "unencodable")
-            return None
+            return None if dropped or len(run) == 1 else self._body(run[:1])
 
     def _on_message(self, client, userdata, message) -> None:
         reply = _decode_reply(message.payload)
@@ -460,7 +465,8 @@ def mqtt_capture(device: str = typer.Option(..., "--device", help="source URI, e
     from taskcodec.runtime.spool import Spool, SpoolError
     from taskcodec.runtime.status import RuntimeStats, StatusLine
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
     def bad(message: str) -> typer.Exit:
         typer.secho(f"error: {message}", err=True, fg="red")

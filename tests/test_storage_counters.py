@@ -237,3 +237,56 @@ def test_a_frame_dropped_by_compaction_as_already_packed_leaves_the_counters(tmp
     _check_counters(st)
     assert sum(v[0] for v in S.count_frames(st._reader(), S.FrameFilter(), H).values()) == len(rows) + 1
     st.close()
+
+
+def _key(r):
+    return (r[3], r[0], r[1], r[2])
+
+
+def test_listings_across_cameras_skip_the_blocks_a_page_of_rows_already_beats(tmp_path, monkeypatch):
+    """select_frames (the query API's listing) equals a sort of every frame for orders, filters, limits and cursors
+    across both parts; a page that the recent rows fill (the newest frames, newest of one class) decodes no block."""
+    rng = random.Random(4)
+    st = S.SQLiteStorage(tmp_path / "l.db", auto_compact=False)
+    now = int(time.time() * 1000)
+    rows = sorted(_rows(now - 3 * H, cameras=4, per_camera=1200, step_ms=9_000), key=lambda r: r[4])
+    st.store_frames(rows)  # in stored-time order, as a server appends them
+    st.compact(settle_s=0)  # the closed hours packed, the newest hour as rows
+    conn = st._reader()
+    assert conn.execute("SELECT count(*) FROM frames").fetchone()[0] > 200
+    every = sorted(_all_frames(st), key=_key)
+    ts = [r[3] for r in every]
+    for kw in ({}, {"predictions": (2,)}, {"cameras": ("cam-1", "cam-3")}, {"since": ts[len(ts) // 4]},
+               {"since": ts[100] + 1, "until": ts[-300]}, {"models": ("m2",), "min_confidence": 0.3}):
+        f = S.FrameFilter(**kw)
+        match = [r for r in every if r in _brute_rows(every, f)]
+        for order in ("asc", "desc"):
+            expect = match if order == "asc" else match[::-1]
+            for limit in (1, 37, 100):
+                got, after = [], None
+                while len(got) < 3 * limit + 5:
+                    page = S.select_frames(conn, f, order=order, after=after, limit=limit)
+                    got += page
+                    if len(page) < limit:
+                        break
+                    after = _key(page[-1])
+                assert got == expect[:len(got)] and (len(got) >= 3 * limit + 5 or len(got) == len(expect)), \
+                    (kw, order, limit)
+    decoded = []
+    for name in ("decode_keys", "decode_block"):
+        real = getattr(S, name)
+        monkeypatch.setattr(S, name, lambda *a, _real=real, _name=name: decoded.append(_name) or _real(*a))
+    newest = S.select_frames(conn, S.FrameFilter(), order="desc", limit=100)
+    one_class = S.select_frames(conn, S.FrameFilter(predictions=(3,)), order="desc", limit=20)
+    assert decoded == []
+    assert newest == every[::-1][:100] and one_class == [r for r in every[::-1] if r[7] == 3][:20]
+    st.close()
+
+
+def _brute_rows(every, f):
+    return {r for r in every if not ((f.cameras and r[0] not in f.cameras) or
+                                     (f.predictions and r[7] not in f.predictions) or
+                                     (f.models and r[5] not in f.models) or
+                                     (f.since is not None and r[3] < f.since) or
+                                     (f.until is not None and r[3] >= f.until) or
+                                     (f.min_confidence is not None and r[8] < f.min_confidence))}

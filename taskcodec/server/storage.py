@@ -1359,7 +1359,14 @@ def select_frames(conn: sqlite3.Connection, f: FrameFilter, *, order: str = "asc
     keys_only = not (f.predictions or f.models or f.min_confidence is not None)
     # candidates: (ts, camera, epoch, seq, hour) of packed frames, or whole rows when blocks are decoded in full
     packed: list[tuple] = []
-    cutoff = None  # the capture time of the limit-th packed frame so far
+    # the capture time of the limit-th frame so far: a page the recent rows fill already (the newest frames, or a
+    # range starting in the rows) reads only the blocks that reach that time (usually none)
+    rows_cutoff = cutoff = out[limit - 1][3] if len(out) >= limit else None
+    for bound, value in (("ts_hi >= ?", f.since), ("ts_lo < ?", f.until),
+                         ("ts_hi >= ?" if desc else "ts_lo <= ?", cutoff)):
+        if value is not None:  # blocks wholly outside the range, or past the rows' cutoff: not read
+            where += f" AND {bound}"
+            bargs.append(value)
     for cam, epoch, hour, models, fmt, data in conn.execute(
             f"SELECT camera_id, epoch, hour, models, format, data FROM frame_blocks WHERE {where} "
             f"ORDER BY hour {'DESC' if desc else 'ASC'}", bargs):
@@ -1399,6 +1406,8 @@ def select_frames(conn: sqlite3.Connection, f: FrameFilter, *, order: str = "asc
             packed.sort(key=(lambda r: r[:4]) if keys_only else _time_key, reverse=desc)
             del packed[limit:]
             cutoff = packed[-1][0] if keys_only else packed[-1][3]
+            if rows_cutoff is not None:
+                cutoff = max(cutoff, rows_cutoff) if desc else min(cutoff, rows_cutoff)
     if keys_only and packed:  # the rows of the chosen frames, one decode per block that holds some
         chosen: dict[tuple[str, int, int], list[int]] = {}
         for _, cam, epoch, seq, hour in packed:

@@ -138,7 +138,7 @@ def test_sigkill_mid_stream_then_restart_on_the_spool_stores_every_frame_once(cl
 
 
 def test_broker_down_at_start_and_mid_stream_loses_no_frame(cluster, bundle, tmp_path):
-    cam, node, frames = "outage-cam", 1, 240
+    cam, node, frames = "outage-cam", 1, 300
     token = cluster.add_camera(cam)
     spool, log = tmp_path / "spool", tmp_path / "capture.log"
     cluster.kill_nats(node)                         # the listener this camera points at is down when it starts
@@ -146,7 +146,7 @@ def test_broker_down_at_start_and_mid_stream_loses_no_frame(cluster, bundle, tmp
         with open(log, "w") as out:
             proc = subprocess.Popen(_capture(cluster, bundle, cam, token, spool, node, frames, "--fps", "30",
                                              "--frames-per-message", "3", "--max-delay", "0.2",
-                                             "--backoff-max", "1", "--refusal-grace", "0.5"),
+                                             "--backoff-max", "1", "--refusal-grace", "2"),
                                     stdout=out, stderr=subprocess.STDOUT, env=_env(token))
         _wait(lambda: "unreachable" in log.read_text(), 20, "the console saying the broker is unreachable", proc, log)
         time.sleep(1.5)
@@ -156,7 +156,9 @@ def test_broker_down_at_start_and_mid_stream_loses_no_frame(cluster, bundle, tmp
         cluster.start_nats(node)
         _wait(lambda: _stored(cluster.pg_dsn, cam)[0] >= 30, 40, "frames stored after the listener came up", proc,
               log)
-        cluster.kill_nats(node)                      # and down again mid-stream, for a few seconds
+        # and down again mid-stream, for a few seconds (the 2 s refusal grace keeps the frames just PUBACKed in the
+        # spool, so the camera cannot have finished yet: they are published again after the outage)
+        cluster.kill_nats(node)
         time.sleep(2.5)
         assert proc.poll() is None, log.read_text()
         cluster.start_nats(node)

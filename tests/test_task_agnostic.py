@@ -12,7 +12,7 @@ from taskcodec.bench.tasks import ATTRIBUTES, COARSE, attributes, residual_targe
 from taskcodec.bundle import DEFAULT_BUNDLE
 from taskcodec.training.augmentations import get_augmentation
 from taskcodec.training.models import Compressor, CompressorConfig
-from taskcodec.training.sweep import bits_at_accuracy, collect, gains, parse_series, run_name
+from taskcodec.training.sweep import bits_at_accuracy, collect, gains, parse_series, recipe, run_name
 from taskcodec.training.trainer import beta_at, train
 
 torch.set_num_threads(1)
@@ -78,19 +78,29 @@ def test_bits_at_equal_accuracy_interpolates_on_the_vc_curve():
     assert spec == ("bince", "views", {"head_layers": 0}, [0.001, 0.01])
     assert run_name("bince", 0.01, "views", {"head_layers": 0}) == "bince-views-head_layers0_beta0.01"
     assert run_name("bince", 0.01) == "bince_beta0.01"
+    assert run_name("bince", 0.01, "views", {"channels": [64, 128, 256]}) == "bince-views-channels64x128x256_beta0.01"
+    assert recipe({"objective": "bince", "channels": [64, 128, 256], "latent_dim": 128}) == \
+        "channels 64/128/256, 128-d latent"
 
 
 def test_sweep_collects_rows_and_writes_gain_table(tmp_path):
     rows = [{"objective": o, "augmentations": a, "beta": b, "coded_bits_mean": bits, "accuracy_mlp": acc,
              "accuracy_linear": acc, "run": "x"}
             for o, a, b, bits, acc in (("vc", "fashion", 0.1, 60.0, 0.84), ("vc", "fashion", 0.01, 200.0, 0.89),
-                                       ("bince", "views", 0.003, 50.0, 0.86))]
+                                       ("bince", "views", 0.003, 50.0, 0.86), ("bince", "views", 0.001, 120.0, 0.90),
+                                       ("bince", "fashion", 0.003, 70.0, 0.85))]
     res = collect([], tmp_path, rows)
-    assert res["gains_vs_vc"][0]["ratio_to_vc"] == pytest.approx(50 / (60 * (200 / 60) ** 0.4))
+    by_series = {(g["series"], g["beta"]): g for g in res["gains_vs_vc"]}
+    assert by_series[("BINCE (views)", 0.003)]["ratio_to_vc"] == pytest.approx(50 / (60 * (200 / 60) ** 0.4))
     assert "bits / VC bits" in (tmp_path / "sweep.md").read_text() and (tmp_path / "sweep.png").stat().st_size > 1000
-    # the other direction: at VC's 0.84 the single-point BINCE curve has no interpolation, at its own 0.86 it does
+    # the other direction: at VC's 0.84 the BINCE curve (0.86-0.90) has no value, at VC's 0.89 it interpolates
+    # log-linearly; a one-point series has no curve to read and is left out
     rev = {(r["reference_beta"], r["series"]): r for r in res["bits_at_vc_points"]}
     assert rev[(0.1, "BINCE (views)")]["series_bits"] is None
+    assert rev[(0.01, "BINCE (views)")]["series_bits"] == pytest.approx(50 * (120 / 50) ** 0.75)
+    assert rev[(0.01, "BINCE (views)")]["ratio_to_vc"] == pytest.approx(50 * (120 / 50) ** 0.75 / 200)
+    assert not any(s == "BINCE (fashion)" for _, s in rev)
+    assert "series bits at that acc" in (tmp_path / "sweep.md").read_text()
 
 
 def test_attributes_measure_what_they_say():

@@ -43,7 +43,12 @@ def raw_cnn_accuracy(classical_json: str | Path | None, data: str | Path | None 
 def run_name(objective: str, beta: float, augmentations: str | None = None, options: dict | None = None) -> str:
     if augmentations is None:
         return f"{objective}_beta{beta:g}"
-    extra = "".join(f"-{k}{v:g}" if isinstance(v, (int, float)) else f"-{k}{v}" for k, v in sorted((options or {}).items()))
+    def text(v) -> str:
+        if isinstance(v, (list, tuple)):
+            return "x".join(text(x) for x in v)
+        return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+    extra = "".join(f"-{k}{text(v)}" for k, v in sorted((options or {}).items()))
     return f"{objective}-{augmentations.replace('+', '_')}{extra}_beta{beta:g}"
 
 
@@ -60,6 +65,10 @@ def recipe(row: dict) -> str:
         parts.append(f"β warm-up {row['beta_warmup']:g}")
     if row.get("conv_depth", 1) != 1:
         parts.append(f"{row['conv_depth']} convs/stage")
+    if list(row.get("channels", (32, 64, 128))) != [32, 64, 128]:
+        parts.append("channels " + "/".join(str(c) for c in row["channels"]))
+    if row.get("latent_dim", 64) != 64:
+        parts.append(f"{row['latent_dim']}-d latent")
     return ", ".join(parts)
 
 
@@ -206,12 +215,14 @@ def gains(rows: list[dict], reference: str = "vc") -> list[dict]:
 
 def bits_at_reference_points(rows: list[dict], reference: str = "vc") -> list[dict]:
     """The other direction of :func:`gains`: at each reference (VC) point's accuracy, the bits each other series
-    needs (interpolated on its own curve) — it still gives a ratio where a series outruns the whole VC curve."""
+    needs (interpolated on its own curve) — it still gives a ratio where a series outruns the whole VC curve.
+    Series of one point have no curve to read and are left out."""
     ref = sorted((r for r in rows if r["objective"] == reference), key=lambda r: r["coded_bits_mean"])
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["objective"] != reference and not r.get("series", "").startswith("bundle"):
             groups.setdefault(series_label(r), []).append(r)
+    groups = {label: pts for label, pts in groups.items() if len(pts) >= 2}
     out = []
     for v in ref:
         for label, pts in sorted(groups.items()):
@@ -256,9 +267,10 @@ def collect(runs: list[str | Path], out: str | Path, extra_rows: list[dict] | No
           + "\n## Bits against VC at equal accuracy\n\nVC bits interpolated log-linearly on the VC curve at each point's "
             "MLP accuracy (empty: outside the VC curve's range).\n\n"
           + markdown_table(gain_rows, GAIN_COLUMNS, fmt)
-          + "\nAnd at each VC point's accuracy, the bits each other series needs on its own curve (empty: outside "
-            "that curve's range; this direction still gives a ratio where a series outruns the whole VC curve).\n\n"
-          + markdown_table(reverse_rows, REVERSE_COLUMNS, {**fmt, "reference_bits": ".1f", "series_bits": ".1f"})
+          + ("\nAnd at each VC point's accuracy, the bits each other series needs on its own curve (empty: outside "
+             "that curve's range; this direction still gives a ratio where a series outruns the whole VC curve).\n\n"
+             + markdown_table(reverse_rows, REVERSE_COLUMNS, {**fmt, "reference_bits": ".1f", "series_bits": ".1f"})
+             if any(r["series_bits"] for r in reverse_rows) else "")
           + (f"\nSupervised raw-pixel CNN on the same data (`taskcodec bench classical` baseline): {100 * raw_cnn:.2f} %."
              if raw_cnn is not None else "\nNo raw-pixel CNN measured on this data.")
           + f" Data: {', '.join(datasets)}.\n\n{machine_line(result['machine'])}\n")

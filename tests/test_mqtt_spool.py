@@ -10,6 +10,7 @@ camera as a `taskcodec mqtt-capture` subprocess.
 3. A wrong token: the workers' refusal (on the reply topic, after PUBACK) stops the camera with a clear error
    (exit 1) and nothing is stored; every captured frame stays in the spool (the refusal grace), and a run with the
    right token stores them all, once.
+4. A broker refusing the MQTT connection as not authorized: a clear error (exit 1), not a retry loop.
 """
 
 from __future__ import annotations
@@ -199,3 +200,34 @@ def test_a_refused_camera_stops_with_a_clear_error_and_keeps_its_frames(cluster,
     _wait(lambda: _stored(cluster.pg_dsn, cam)[0] >= spooled + 1, 30, "the refused run's frames stored")
     time.sleep(0.5)
     assert _stored(cluster.pg_dsn, cam) == (spooled + 1, spooled + 1, [epoch], list(range(spooled + 1)))
+
+
+def test_a_broker_refusing_the_connection_as_not_authorized_is_a_clear_error_not_a_retry_loop(bundle, tmp_path):
+    """CONNACK return code 5 (not authorized: MQTT-level credentials, which retrying cannot fix) from a one-shot
+    listener: exit 1 with the broker's reason at once, and the frames captured until then stay spooled."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def refuse() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)                       # CONNECT
+            conn.sendall(b"\x20\x02\x00\x05")    # CONNACK, return code 5
+            time.sleep(1)
+
+    threading.Thread(target=refuse, daemon=True).start()
+    try:
+        out = subprocess.run([sys.executable, "-m", "taskcodec.cli", "mqtt-capture", "--device",
+                              "virtual://fashion-mnist?size=28x28&count=5", "--bundle", str(bundle.path),
+                              "--broker", f"mqtt://127.0.0.1:{port}", "--camera-id", "cam-x",
+                              "--spool", str(tmp_path / "spool")],
+                             capture_output=True, text=True, timeout=60, env=_env(b"t"))
+    finally:
+        server.close()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"broker mqtt://127.0.0.1:{port} refused the connection: Not authorized" in out.stderr, out.stderr
+    _, left, spooled = _spool_state(tmp_path / "spool")
+    assert 0 < left == spooled <= 5                 # capture stopped at the refusal; what it took stays spooled

@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 FATAL_CODES = {wire.Code.UNAUTHORIZED: "unauthorized", wire.Code.UNKNOWN_MODEL: "unknown model",
                wire.Code.BAD_MESSAGE: "bad message"}
 MAX_MESSAGE_BYTES = 512 * 1024   # well under nats-server's default max_payload (1 MiB)
+# CONNACK refusals that retrying cannot fix (MQTT 3.1.1 return codes 1, 4, 5 as paho's reason codes): unacceptable
+# protocol version, bad user name or password, not authorized
+FATAL_CONNACK = {132, 134, 135}
 
 
 def topic_token(camera_id: str) -> str:
@@ -200,7 +203,7 @@ class SpooledMqttUplink:
         self.hello = wire.Hello(model_tag, config.camera_id, config.token)
         self.topic = ingest_topic(config.camera_id)
         self.stats = stats or RuntimeStats(camera_id=config.camera_id)
-        self.fatal: str | None = None            # a worker refused this camera: the reason
+        self.fatal: str | None = None            # a worker (or the broker's CONNACK) refused this camera: the reason
         self.crashed: BaseException | None = None
         self.refusals: list[wire.Error] = []
         self.attempts = 0
@@ -301,12 +304,19 @@ class SpooledMqttUplink:
             deadline = time.monotonic() + cfg.open_timeout
             while state["connack"] is None:
                 rc = client.loop(0.05)
+                if state["connack"] is not None:
+                    break  # a refusing CONNACK closes the connection in the same loop() call
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     raise _Retry(f"connection lost before CONNACK ({mqtt.error_string(rc)})")
                 if time.monotonic() > deadline:
                     raise _Retry(f"no CONNACK within {cfg.open_timeout:g} s")
-            if state["connack"].is_failure:
-                raise _Retry(f"refused the connection ({state['connack']})")
+            reason = state["connack"]
+            if reason.is_failure:
+                if reason.value in FATAL_CONNACK:  # retrying cannot fix these; "server unavailable" is retried
+                    self.fatal = f"broker {cfg.broker} refused the connection: {reason}"
+                    log.error("MQTT uplink stopped: %s", self.fatal)
+                    return
+                raise _Retry(f"refused the connection ({reason})")
             client.subscribe(reply_topic(cfg.camera_id), qos=0)  # before the first PUBLISH: in order on this link
             self.stats.set_connected(True)
             if self._down_since is not None:

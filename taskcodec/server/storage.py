@@ -320,22 +320,44 @@ def _count_tuples(rows: Iterable[ReadRow]) -> Iterator[tuple]:
 def _backfill_counters(w: sqlite3.Connection) -> None:
     """Schema step 5 -> 6: count the frames stored before the counters existed. frame_rollup held the packed hours
     (bounds: their blocks' capture times, else the hour's own); the rows are added by the insert-time SQL; the
-    fleet counts of the blocks come from decoding them (once)."""
+    fleet counts of the blocks come from decoding each block once (numpy per block, one pass, not all in memory)."""
     w.execute(f"UPDATE frame_rollup SET ts_min = coalesce((SELECT min(ts_lo) FROM frame_blocks b WHERE "
               f"b.camera_id = frame_rollup.camera_id AND b.hour = frame_rollup.hour), hour * {HOUR_MS}), "
               f"ts_max = coalesce((SELECT max(ts_hi) FROM frame_blocks b WHERE b.camera_id = frame_rollup.camera_id "
               f"AND b.hour = frame_rollup.hour), hour * {HOUR_MS} + {HOUR_MS - 1})")
     _count_new_rows(w, 0)
-    blocks = 0
-    for cam, epoch, models, fmt, data in w.execute(
-            "SELECT camera_id, epoch, models, format, data FROM frame_blocks").fetchall():
+    fleet: dict[tuple, list] = {}
+    blocks, t0 = 0, time.monotonic()
+    for cam, epoch, models, fmt, data in w.execute("SELECT camera_id, epoch, models, format, data FROM frame_blocks"):
         b = decode_block(cam, epoch, models, fmt, data)
-        fleet = _aggregate(zip([cam] * len(b.seq), b.ts.tolist(), b.pred.tolist(),
-                               [b.models[i] for i in b.model_idx.tolist()], b.lengths.tolist()))[1]
-        w.executemany(_ADD_SQL[1], [(*k, *v) for k, v in fleet.items()])
+        if not len(b.seq):
+            continue
+        minute = b.ts // MINUTE_MS
+        order = np.lexsort((b.model_idx, b.pred, minute))
+        keys = np.stack([minute[order], b.pred[order], b.model_idx[order]])
+        starts = np.flatnonzero(np.concatenate(([True], (keys[:, 1:] != keys[:, :-1]).any(axis=0))))
+        ts = b.ts[order]
+        groups = zip(keys[:, starts].T.tolist(), np.diff(np.append(starts, len(order))).tolist(),
+                     np.add.reduceat(b.lengths[order], starts).tolist(), np.minimum.reduceat(ts, starts).tolist(),
+                     np.maximum.reduceat(ts, starts).tolist())
+        for (m, pred, midx), n, nbytes, lo, hi in groups:
+            for key in ((MINUTE_MS, m, pred, b.models[midx]), (HOUR_MS, m // 60, pred, b.models[midx])):
+                a = fleet.get(key)
+                if a is None:
+                    fleet[key] = [n, nbytes, lo, hi]
+                else:
+                    a[0] += n
+                    a[1] += nbytes
+                    a[2] = min(a[2], lo)
+                    a[3] = max(a[3], hi)
         blocks += 1
+        if blocks % 100_000 == 0:
+            log.warning("counting packed blocks into the fleet counters: %d done (%.0f s)", blocks,
+                        time.monotonic() - t0)
+    w.executemany(_ADD_SQL[1], [(*k, *v) for k, v in fleet.items()])
     if blocks:
-        log.warning("counted the frames of %d packed blocks into the fleet counters", blocks)
+        log.warning("counted the frames of %d packed blocks into the fleet counters in %.1f s", blocks,
+                    time.monotonic() - t0)
 
 
 # Python steps run after a schema step's SQL, in its transaction (the step's index -> function of the writer)

@@ -129,13 +129,86 @@ def queries(out: Path, before_json: Path, after_json: Path) -> dict[str, Any]:
     return result
 
 
+def reads_ab(old_storage: Path, out: Path, cameras: int = 1000, seconds: int = 5400, rounds: int = 7,
+             log=print) -> dict[str, Any]:
+    """The readers that did not change their answer's source (one camera's counts and listings, pages across all
+    cameras) timed with this storage.py and with ``OLD_STORAGE.py`` on one store (filled by this one's store_frames,
+    the closed hours compacted, the rest rows), interleaved; same answers checked."""
+    from taskcodec.bench.storage_size import _bench_lock, _fill_by_hour, _scale_plan
+    from taskcodec.server import storage as new
+
+    old = load_module_copy("taskcodec_storage_before_counters", old_storage)
+    plan = _scale_plan(seconds * cameras, cameras)
+    end = plan["start_ms"] + plan["seconds"] * 1000
+    cam = f"cam-{cameras // 2:06d}"
+    runs: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="taskcodec-counters-reads-", dir=os.environ.get("TMPDIR")) as tmp:
+        st = new.SQLiteStorage(Path(tmp) / "r.db", auto_compact=False)
+        _fill_by_hour(plan, 60, st.store_frames, lambda hour_end, _w, _d: st.compact(now=hour_end + 600_000))
+        rows = st._reader().execute("SELECT count(*) FROM frames").fetchone()[0]
+        log(f"store: {plan['n_total']:,} frames, {rows:,} rows")
+        page = new.select_frames(st._reader(), new.FrameFilter(since=end - 1_200_000), limit=100)
+        after = (page[-1][3], page[-1][0], page[-1][1], page[-1][2])
+        queries = {
+            "one camera, per-minute class counts, last hour (dashboard chart)": lambda m, c: m.count_frames(
+                c, m.FrameFilter(cameras=(cam,), since=end - 3_600_000, until=end), 60_000, with_bytes=True),
+            "newest 100 frames of one camera (dashboard camera page)": lambda m, c: m.select_frames(
+                c, m.FrameFilter(cameras=(cam,)), order="desc", limit=100),
+            "one camera, 10-minute range": lambda m, c: m.select_frames(
+                c, m.FrameFilter(cameras=(cam,), since=end - 5_400_000, until=end - 4_800_000), limit=1000),
+            "all cameras, page of 100 from 20 min ago": lambda m, c: m.select_frames(
+                c, m.FrameFilter(since=end - 1_200_000), limit=100),
+            "all cameras, next page (cursor)": lambda m, c: m.select_frames(
+                c, m.FrameFilter(since=end - 1_200_000), after=after, limit=100),
+            "all cameras, page of 100 from 100 min ago (a packed hour)": lambda m, c: m.select_frames(
+                c, m.FrameFilter(since=end - 6_000_000), limit=100),
+            "all cameras, newest 100 (order=desc)": lambda m, c: m.select_frames(
+                c, m.FrameFilter(), order="desc", limit=100),
+            "one class, all cameras, newest 100": lambda m, c: m.select_frames(
+                c, m.FrameFilter(predictions=(3,)), order="desc", limit=100),
+        }
+        conn = st._reader()
+        with _bench_lock():
+            for name, fn in queries.items():
+                runs[name] = {"before": [], "after": []}
+                for r in range(rounds):
+                    answers = {}
+                    for label, mod in abba((("before", old), ("after", new)), r):
+                        t = time.perf_counter()
+                        answers[label] = fn(mod, conn)
+                        runs[name][label].append(1000 * (time.perf_counter() - t))
+                    assert answers["before"] == answers["after"], name
+                log(f"{name}: {np.median(runs[name]['before']):.2f} -> {np.median(runs[name]['after']):.2f} ms")
+        st.close()
+    result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "seconds": seconds, "rows": rows,
+              "rounds": rounds, "load_avg_1min": os.getloadavg()[0], "ms": runs}
+    write_json(out / "storage_counters_reads_ab.json", result)
+    write_text(out / "storage_counters_reads_ab.md", (
+        f"# Readers before and after on one store ({plan['n_total']:,} frames of {cameras} one-fps cameras, "
+        f"{rows:,} of them rows)\n\n{machine_line(result['machine'])}; {result['time']}; load average "
+        f"{result['load_avg_1min']:.1f}. `python3 -m taskcodec.bench.storage_counters reads-ab OLD_STORAGE.py OUT "
+        f"{cameras} {seconds} {rounds}`: one store filled by store_frames and compacted after its closed hour as "
+        "the server does, then the storage reader functions of the storage.py before the counters and of this "
+        f"one on the same read connection, interleaved (A B, B A, ...), {rounds} runs each, timed at nice 0 "
+        "under /tmp/bench.lock; the two give the same answers (checked). Counts that now come from the counters "
+        "are not here (the old reader would count the rows twice on the new schema): see "
+        "storage_counters_queries.md.\n\n| query | before median ms | after median ms |\n|---|---|---|\n"
+        + "".join(f"| {k} | {np.median(v['before']):.2f} | **{np.median(v['after']):.2f}** |\n"
+                  for k, v in runs.items())))
+    return result
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "write-ab":
         a = [int(x) for x in sys.argv[4:]]
         write_ab(Path(sys.argv[2]), Path(sys.argv[3]), *a)
+    elif len(sys.argv) >= 4 and sys.argv[1] == "reads-ab":
+        reads_ab(Path(sys.argv[2]), Path(sys.argv[3]), *[int(x) for x in sys.argv[4:]])
     elif len(sys.argv) == 5 and sys.argv[1] == "queries":
         queries(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     else:
         sys.exit("usage: python3 -m taskcodec.bench.storage_counters write-ab OLD_STORAGE.py OUT [CAMERAS "
                  "PER_COMMIT SECONDS PREFILL_S ROUNDS]\n"
+                 "       python3 -m taskcodec.bench.storage_counters reads-ab OLD_STORAGE.py OUT [CAMERAS SECONDS "
+                 "ROUNDS]\n"
                  "       python3 -m taskcodec.bench.storage_counters queries OUT BEFORE.json AFTER.json")

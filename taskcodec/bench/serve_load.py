@@ -28,11 +28,33 @@ from taskcodec.bundle import load_bundle
 from taskcodec.report import machine_info, machine_line, markdown_table, utc_now, write_json, write_text
 
 
-def _register(db: Path, n: int) -> list[tuple[str, bytes]]:
+def _register(db: Path, n: int, pythonpath: str | None = None) -> list[tuple[str, bytes]]:
+    """Register n cameras (and the optional prefill) in a new database file. ``pythonpath``: with the storage code
+    of that source tree (in a subprocess), so that the file has the schema the server of that tree expects."""
+    cams = [(f"sim-{i:06d}", os.urandom(16).hex().encode()) for i in range(n)]
+    if pythonpath:
+        import inspect
+        import json
+        import sys
+
+        code = (inspect.getsource(_fill) + "\nimport json, sys\nfrom pathlib import Path\n"
+                "cams = [(c, t.encode()) for c, t in json.load(sys.stdin)]\n_fill(Path(sys.argv[1]), cams)\n")
+        subprocess.run([sys.executable, "-c", code, str(db)], input=json.dumps([(c, t.decode()) for c, t in cams]),
+                       text=True, check=True, env=dict(os.environ, PYTHONPATH=pythonpath), cwd=tempfile.gettempdir())
+    else:
+        _fill(db, cams)
+    return cams
+
+
+def _fill(db, cams) -> None:
+    import os
+    import time
+
+    import numpy as np
+
     from taskcodec.server.auth import hash_token
     from taskcodec.server.storage import SQLiteStorage
 
-    cams = [(f"sim-{i:06d}", os.urandom(16).hex().encode()) for i in range(n)]
     storage = SQLiteStorage(db)
     try:
         w = storage._writer
@@ -57,7 +79,6 @@ def _register(db: Path, n: int) -> list[tuple[str, bytes]]:
             w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         storage.close()
-    return cams
 
 
 def _pin(server_pid: int, load_pids: list[int]) -> str | None:
@@ -87,6 +108,20 @@ def _threads(pid: int) -> dict[int, tuple[float, float]]:
     import psutil
 
     return {t.id: (t.user_time, t.system_time) for t in psutil.Process(pid).threads()}
+
+
+def _ctx_switches(pid: int) -> dict[int, int]:
+    """Voluntary + involuntary context switches so far per thread id (/proc/PID/task/TID/status): how often each
+    thread went to sleep and was woken (or was preempted)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue
+        out[int(task.name)] = sum(int(line.split()[1]) for line in text.splitlines()
+                                  if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+    return out
 
 
 def _thread_names(pid: int) -> dict[int, str]:
@@ -164,13 +199,13 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
 
     with tempfile.TemporaryDirectory(prefix="taskcodec-serveload-") as tmp:
         db = Path(tmp) / "server.db"
-        cams = _register(db, cameras)
+        # A/B against another checkout: TASKCODEC_SERVE_LOAD_PYTHONPATH=/path/to/checkout runs *its* server code
+        other = pythonpath or os.environ.get("TASKCODEC_SERVE_LOAD_PYTHONPATH")
+        cams = _register(db, cameras, other)
         # every simulated camera connects from 127.0.0.1: lift the per-address cap on unauthenticated connections
         cfg = Path(tmp) / "bench.yaml"
         cfg.write_text(f"limits: {{max_pending_per_address: {cameras + 16}, max_pending: {cameras + 16}, "
                        f"max_connections: {max(10000, cameras + 256)}}}\n")
-        # A/B against another checkout: TASKCODEC_SERVE_LOAD_PYTHONPATH=/path/to/checkout runs *its* server code
-        other = pythonpath or os.environ.get("TASKCODEC_SERVE_LOAD_PYTHONPATH")
         with LocalServer(bundle.path, db, "--config", str(cfg), "--log-level", "warning", *server_args,
                          env={"PYTHONPATH": other} if other else None) as server:
             if other:
@@ -199,8 +234,10 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             mb0 = _microbatches(server)
             rows0, cpu0, th0, w0 = _max_rowid(db), _cpu_seconds([pid]), _threads(pid), time.time()
+            cs0 = _ctx_switches(pid)
             time.sleep(window)
             rows1, cpu1, th1, w1 = _max_rowid(db), _cpu_seconds([pid]), _threads(pid), time.time()
+            cs1 = _ctx_switches(pid)
             names = _thread_names(pid)
             mb1 = _microbatches(server)
             results = [q.get(timeout=seconds + 300) for _ in procs]
@@ -222,6 +259,8 @@ def run_one(bundle, payloads, cameras: int, seconds: float, load_procs: int, ser
            "server_cpu_share": cpu / (w1 - w0),
            "event_loop_us_per_frame": 1e6 * loop_cpu / max(frames, 1),
            "other_threads_us_per_frame": 1e6 * (cpu - loop_cpu) / max(frames, 1), **split,
+           "event_loop_switches_per_frame": (cs1.get(pid, 0) - cs0.get(pid, 0)) / max(frames, 1),
+           "other_threads_switches_per_frame": sum(cs1[t] - cs0.get(t, 0) for t in cs1 if t != pid) / max(frames, 1),
            "process_cpu_us_per_frame": 1e6 * mb[2] / max(mb[0], 1),
            "store_cpu_us_per_frame": 1e6 * mb[3] / max(mb[0], 1),
            "microbatches_per_s": mb[1] / (w1 - w0), "frames_per_microbatch": mb[0] / max(mb[1], 1), "acked": sum(r["acked"] for r in results), "stored": stored,
@@ -297,10 +336,13 @@ def ab(before: Path, cameras: int, seconds: float, rounds: int, load_procs: int,
     payloads = real_payloads(bundle)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    # TASKCODEC_SERVE_LOAD_AFTER=TREE: the "after" server code from that source tree too (e.g. the start commit plus
+    # only the files of one change, when other people's edits in the working tree would mix into the comparison)
+    after = os.environ.get("TASKCODEC_SERVE_LOAD_AFTER") or None
     for r in range(rounds):
         for which in abba(("before", "after"), r):
             row = run_one(bundle, payloads, cameras, seconds, load_procs, [], None, log,
-                          pythonpath=str(before) if which == "before" else None)
+                          pythonpath=str(before) if which == "before" else after)
             row["round"], row["code"] = r, which
             runs[which].append(row)
     ratios = [a["cpu_us_per_frame"] / b["cpu_us_per_frame"] for a, b in zip(runs["after"], runs["before"])]
@@ -309,7 +351,7 @@ def ab(before: Path, cameras: int, seconds: float, rounds: int, load_procs: int,
         "store_cpu_us_per_frame", "frames_per_microbatch", "ack_p50_ms", "ack_p99_ms", "frames_per_s")}
         for k, v in runs.items()}
     result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "seconds": seconds, "rounds": rounds,
-              "before": str(before), "load_generator": os.environ.get("TASKCODEC_SERVE_LOAD_CLIENT", "websockets"),
+              "before": str(before), "after": after or "the installed code (working tree)", "load_generator": os.environ.get("TASKCODEC_SERVE_LOAD_CLIENT", "websockets"),
               "pinned": bool(os.environ.get("TASKCODEC_SERVE_LOAD_PIN")),
               "prefill_s": int(os.environ.get("TASKCODEC_SERVE_LOAD_PREFILL_S", "0")), "runs": runs, "median": med,
               "ratio_after_to_before": ratios, "median_ratio": float(np.median(ratios))}
@@ -323,7 +365,7 @@ def ab(before: Path, cameras: int, seconds: float, rounds: int, load_procs: int,
              + (f"{result['prefill_s']} s of earlier frames per camera stored as rows before each run "
                 "(TASKCODEC_SERVE_LOAD_PREFILL_S; a steady-state file, not a fresh one); " if result['prefill_s']
                 else "a fresh database per run; ") +
-             f"before = the server code of {before}, after = the working tree. Server CPU = the `taskcodec serve` "
+             f"before = the server code of {before}, after = {result['after']}. Server CPU = the `taskcodec serve` "
              "process (user + system, psutil) over the frames it stored; load average = the box's 1-minute load "
              "at the end of each run (a shared 2-core box).\n",
              "| round | code | server µs/frame | event loop | ingest + other threads | of which storage write | "

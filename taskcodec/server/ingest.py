@@ -60,11 +60,6 @@ def kv(**fields) -> str:
         parts.append(f"{key}={text}")
     return " ".join(parts)
 
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 HTTP_STATUS = {wire.Code.BAD_MESSAGE: 400, wire.Code.UNAUTHORIZED: 401, wire.Code.UNKNOWN_MODEL: 409,
                wire.Code.BAD_PAYLOAD: 422, wire.Code.BUSY: 503, wire.Code.CONFLICT: 409}
 REASON_NAMES = wire.CODE_NAMES
@@ -184,9 +179,15 @@ class IngestService:
         # one future per micro-batch to wake the worker: no asyncio.Queue, no future per message.
         self._jobs: collections.deque = collections.deque()
         self._queued_frames = 0  # frames in self._jobs
-        self._wakeup: asyncio.Future | None = None
-        self._linger: asyncio.Future | None = None  # set while the worker lingers for more messages
-        self._worker: asyncio.Task | None = None
+        # The micro-batch cycle is callbacks on the loop (_next, _dispatch, _delivered), not a task: each await of a
+        # task is another loop iteration between the commit and the replies.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight = False  # a micro-batch is in the ingest thread
+        self._scheduled = False  # a _dispatch_soon is scheduled
+        self._busy = False  # the previous micro-batch held several messages
+        self._linger: asyncio.Handle | None = None  # set while lingering for more messages
+        self._ending = False  # the linger ends in this loop iteration (linger_frames wait)
+        self._closed = False
         self._maintenance: asyncio.Task | None = None
         self._integrity_thread: threading.Thread | None = None
         self.stored_hooks: list = []  # called with the rows after each commit (server/events.py); must not block
@@ -285,12 +286,14 @@ class IngestService:
     def submit_nowait(self, session: Session, batch: wire.Batch, done) -> None:
         """The callback form of submit (the stream front end, server/stream.py): ``done(replies)`` is called later
         on the event loop, never from inside this call."""
-        self.metrics.frames_received.inc(len(batch.frames))
+        nframes = len(batch.frames)
+        self.metrics.frames_received.inc(nframes)
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
+        if loop is not self._loop:  # the first message (or a new loop: tests run several)
+            self._loop, self._inflight, self._scheduled, self._linger, self._ending = loop, False, False, None, False
             self.start()
-            self._worker = loop.create_task(self._run_worker())
-        if self.state.full_since is not None or self.state.damaged:
+        state = self.state
+        if state.full_since is not None or state.damaged:
             loop.call_soon(done, [self.busy()])
             return
         if not self.microbatch:
@@ -298,56 +301,79 @@ class IngestService:
             future.add_done_callback(lambda f: done(f.result()[0]))
             return
         self._jobs.append((session, batch, done))
-        self._queued_frames += len(batch.frames)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set_result(None)
-        elif self._linger is not None and self._queued_frames >= self.linger_frames:
-            linger, self._linger = self._linger, None
-            if not linger.done():
-                linger.set_result(None)
+        self._queued_frames += nframes
+        if self._inflight:
+            return  # _delivered dispatches what waits once the micro-batch in the ingest thread is answered
+        if self._linger is not None:
+            if self._queued_frames >= self.linger_frames and not self._ending:  # enough waits: end the linger
+                self._ending = True  # (the messages read in this loop iteration still join)
+                self._linger.cancel()
+                self._linger = loop.call_soon(self._linger_over)
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._dispatch_soon)  # the messages read in this loop iteration join it
 
-    async def _run_worker(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _dispatch_soon(self) -> None:
+        self._scheduled = False
+        if not self._inflight and self._linger is None:
+            self._next()
+
+    def _next(self) -> None:
+        """Start the next micro-batch, or linger for more first. Under load (many one-frame messages), wait up to
+        linger_s for more, until linger_frames wait: the per-micro-batch costs (the commit's fsync, the classifier
+        call, the hop to the worker thread) are then shared by many more frames. A lone camera never waits (its
+        micro-batch is one message, the queue stays empty); under heavy load the queue holds linger_frames already
+        and nobody waits."""
+        if not self._jobs or self._closed:
+            return
+        if self.linger_s and (self._busy or len(self._jobs) > 1) and self._queued_frames < self.linger_frames:
+            self._linger = self._loop.call_later(self.linger_s, self._linger_over)
+            return
+        self._dispatch()
+
+    def _linger_over(self) -> None:
+        self._linger, self._ending = None, False
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand everything waiting (up to max_microbatch_frames) to the ingest thread as one micro-batch; its replies
+        come back to the loop in one call_soon_threadsafe (_delivered): no task or future per micro-batch."""
         queue = self._jobs
-        busy = False  # the previous micro-batch held several messages
-        while True:
-            if not queue:
-                self._wakeup = loop.create_future()
-                await self._wakeup
-            if self.linger_s and (busy or len(queue) > 1) and self._queued_frames < self.linger_frames:
-                # Under load (many one-frame messages), wait up to linger_s for more, until linger_frames wait: the
-                # per-micro-batch costs (the commit's fsync, the classifier call, the hop to the worker thread) are
-                # then shared by many more frames. A lone camera never waits (its micro-batch is one message, the
-                # queue stays empty); under heavy load the queue holds linger_frames already and nobody waits.
-                linger = self._linger = loop.create_future()
-                timer = loop.call_later(self.linger_s, _resolve, linger)
-                try:
-                    await linger
-                finally:
-                    timer.cancel()
-                    self._linger = None
-            jobs = [queue.popleft()]
-            frames = len(jobs[0][1].frames)
-            while queue and frames < self.max_microbatch_frames:
-                jobs.append(queue.popleft())
-                frames += len(jobs[-1][1].frames)
-            self._queued_frames -= frames
-            busy = len(jobs) > 1
+        if not queue or self._inflight or self._closed:
+            return
+        jobs = [queue.popleft()]
+        frames = len(jobs[0][1].frames)
+        while queue and frames < self.max_microbatch_frames:
+            jobs.append(queue.popleft())
+            frames += len(jobs[-1][1].frames)
+        self._queued_frames -= frames
+        self._busy = len(jobs) > 1
+        self._inflight = True
+        loop = self._loop
+
+        def finished(future) -> None:  # in the ingest thread
             try:
-                results = await loop.run_in_executor(self._pool, self._process_safe, [(s, b) for s, b, _ in jobs])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 (a bug in process must not stop ingest: answer BUSY)
-                log.exception("micro-batch failed")
-                results = [[self.refuse(wire.Code.BUSY, f"server error ({type(exc).__name__}); retry_after_s="
-                                                        f"{self.config.busy_retry_after_s:g}")] for _ in jobs]
-            for (_, _, done), replies in zip(jobs, results):
-                try:
-                    done(replies)
-                except Exception:  # noqa: BLE001 (one connection's failure is not the others')
-                    log.exception("delivering replies failed")
+                loop.call_soon_threadsafe(self._delivered, jobs, future)
+            except RuntimeError:  # the loop is closed (shutting down): nobody waits for these replies
+                pass
+
+        self._pool.submit(self._process_safe, [(s, b) for s, b, _ in jobs]).add_done_callback(finished)
+
+    def _delivered(self, jobs: list, future) -> None:
+        self._inflight = False
+        exc = future.exception()
+        if exc is None:
+            results = future.result()
+        else:  # a bug in process must not stop ingest: answer BUSY
+            log.error("micro-batch failed", exc_info=exc)
+            results = [[self.refuse(wire.Code.BUSY, f"server error ({type(exc).__name__}); retry_after_s="
+                                                    f"{self.config.busy_retry_after_s:g}")] for _ in jobs]
+        for (_, _, done), replies in zip(jobs, results):
+            try:
+                done(replies)
+            except Exception:  # noqa: BLE001 (one connection's failure is not the others')
+                log.exception("delivering replies failed")
+        self._next()
 
     def _process_safe(self, jobs: list[tuple[Session, wire.Batch]]) -> list[list[wire.Message]]:
         try:
@@ -575,7 +601,11 @@ class IngestService:
         return time.monotonic() - self.started
 
     async def aclose(self) -> None:
-        for task in (self._worker, self._maintenance):
+        self._closed = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        for task in (self._maintenance,):
             if task is not None:
                 task.cancel()
                 try:

@@ -149,6 +149,15 @@ class LocalServer:
 
     def add_operator(self, name: str, scope: str) -> str:
         """Create an operator API key in this server's database (directly; the CLI does the same); returns it."""
+        if self.env.get("PYTHONPATH"):  # the server runs other code (an A/B of an older tree): so does this step
+            out = subprocess.run([sys.executable, "-m", "taskcodec.server", "operators", "add", name, "--scope", scope,
+                                  "--db", str(self.db_path)], capture_output=True, text=True, timeout=60,
+                                 env=dict(os.environ, PYTHONPATH=self.env["PYTHONPATH"]), cwd=self._tmp.name)
+            if out.returncode != 0:
+                from taskcodec.server.storage import StorageError
+
+                raise StorageError(f"operators add failed: {out.stderr}")
+            return out.stdout.strip()
         from taskcodec.server.auth import add_operator
         from taskcodec.server.storage import SQLiteStorage
 

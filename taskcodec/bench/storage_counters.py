@@ -99,6 +99,62 @@ def write_ab(old_storage: Path, out: Path, cameras: int = 1000, per_commit: int 
     return result
 
 
+def write_toggle(out: Path, cameras: int = 1000, per_commit: int = 57, seconds: int = 240, prefill_s: int = 120,
+                 log=print) -> dict[str, Any]:
+    """The counters' CPU per frame on one store: store_batches micro-batches alternating, commit by commit, between
+    no counter statements, all of them, the fleet ones only and the per-camera one only (the counters end up wrong:
+    a cost measurement only), so that every variant sees the same file, cache and load."""
+    from taskcodec.server import storage as st_mod
+
+    sqls = list(st_mod._COUNT_ROWS_SQL)
+    variants = {"none": [], "all (this storage.py)": sqls, "fleet only (minute + hour)": sqls[1:],
+                "per camera only": sqls[:1]}
+    rng = np.random.default_rng(0)
+    epochs = [int(x) for x in rng.integers(0, 1 << 62, cameras, dtype=np.int64)]
+    start_ms = int(time.time() * 1000) - (prefill_s + seconds) * 1000
+    per: dict[str, list[float]] = {k: [] for k in variants}
+    try:
+        with tempfile.TemporaryDirectory(prefix="taskcodec-counters-toggle-", dir=os.environ.get("TMPDIR")) as tmp:
+            st = st_mod.SQLiteStorage(Path(tmp) / "t.db", auto_compact=False)
+            for c in range(cameras):
+                st.add_camera(f"cam-{c:06d}", "h")
+            for rows in _seconds_of_frames(cameras, 0, prefill_s, start_ms, epochs, rng):
+                st.store_frames(rows)
+            frames = [r for rows in _seconds_of_frames(cameras, prefill_s, prefill_s + seconds, start_ms, epochs,
+                                                        rng) for r in rows]
+            names = list(variants)
+            for j, i in enumerate(range(0, len(frames), per_commit)):
+                name = names[j % len(names)]
+                st_mod._COUNT_ROWS_SQL[:] = variants[name]
+                batches = [st_mod.BatchRows(r[0], "h", [r]) for r in frames[i:i + per_commit]]
+                t = time.process_time()
+                st.store_batches(batches)
+                per[name].append(1e6 * (time.process_time() - t) / len(batches))
+            st.close()
+    finally:
+        st_mod._COUNT_ROWS_SQL[:] = sqls
+    med = {k: float(np.median(v)) for k, v in per.items()}
+    mean = {k: float(np.mean(v)) for k, v in per.items()}
+    result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "frames_per_commit": per_commit,
+              "seconds": seconds, "prefill_s": prefill_s, "load_avg_1min": os.getloadavg()[0],
+              "median_us_per_frame": med, "mean_us_per_frame": mean, "commits_per_variant": len(per["none"])}
+    stem = out / f"storage_counters_write_toggle_{per_commit}"
+    write_json(stem.with_suffix(".json"), result)
+    write_text(stem.with_suffix(".md"), (
+        f"# SQLite write path: the counters' CPU per frame, commit by commit ({per_commit} frames per commit)\n\n"
+        f"{machine_line(result['machine'])}; {result['time']}; load average {result['load_avg_1min']:.1f}. "
+        f"`python3 -m taskcodec.bench.storage_counters write-toggle OUT {cameras} {per_commit} {seconds} "
+        f"{prefill_s}` under /tmp/bench.lock: one store ({prefill_s} s of rows of {cameras} one-fps cameras "
+        f"stored first), then {seconds} s of frames through store_batches (tokens checked, one-frame batches, "
+        f"{per_commit} per durable commit), the counter statements switched commit by commit between the four "
+        f"variants below ({result['commits_per_variant']} commits each); process CPU time of each call.\n\n"
+        "| counter statements | median µs CPU/frame | mean (checkpoints included) | median - none |\n"
+        "|---|---|---|---|\n"
+        + "".join(f"| {k} | {med[k]:.1f} | {mean[k]:.1f} | {med[k] - med['none']:+.1f} |\n" for k in variants)))
+    log(", ".join(f"{k}: {med[k]:.1f}" for k in variants))
+    return result
+
+
 def queries(out: Path, before_json: Path, after_json: Path) -> dict[str, Any]:
     """One table of the SQLite query latencies of two --queries-at-scale runs, stage by stage."""
     before = json.loads(before_json.read_text())["sqlite"]
@@ -202,6 +258,8 @@ if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "write-ab":
         a = [int(x) for x in sys.argv[4:]]
         write_ab(Path(sys.argv[2]), Path(sys.argv[3]), *a)
+    elif len(sys.argv) >= 3 and sys.argv[1] == "write-toggle":
+        write_toggle(Path(sys.argv[2]), *[int(x) for x in sys.argv[3:]])
     elif len(sys.argv) >= 4 and sys.argv[1] == "reads-ab":
         reads_ab(Path(sys.argv[2]), Path(sys.argv[3]), *[int(x) for x in sys.argv[4:]])
     elif len(sys.argv) == 5 and sys.argv[1] == "queries":
@@ -209,6 +267,8 @@ if __name__ == "__main__":
     else:
         sys.exit("usage: python3 -m taskcodec.bench.storage_counters write-ab OLD_STORAGE.py OUT [CAMERAS "
                  "PER_COMMIT SECONDS PREFILL_S ROUNDS]\n"
+                 "       python3 -m taskcodec.bench.storage_counters write-toggle OUT [CAMERAS PER_COMMIT SECONDS "
+                 "PREFILL_S]\n"
                  "       python3 -m taskcodec.bench.storage_counters reads-ab OLD_STORAGE.py OUT [CAMERAS SECONDS "
                  "ROUNDS]\n"
                  "       python3 -m taskcodec.bench.storage_counters queries OUT BEFORE.json AFTER.json")

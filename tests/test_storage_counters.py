@@ -180,9 +180,9 @@ def _make_version_5(path, rows, compact_settle_s):
     st.close()
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE fleet_counts")
-    conn.execute("DELETE FROM frame_rollup")
-    conn.execute("ALTER TABLE frame_rollup DROP COLUMN ts_min")
-    conn.execute("ALTER TABLE frame_rollup DROP COLUMN ts_max")
+    conn.execute("DROP TABLE frame_rollup")
+    conn.executescript(S.MIGRATIONS[4][S.MIGRATIONS[4].index("CREATE TABLE IF NOT EXISTS frame_rollup"):
+                                        S.MIGRATIONS[4].index("CREATE TABLE IF NOT EXISTS packed_cameras")])
     for cam, epoch, models, fmt, data in conn.execute("SELECT camera_id, epoch, models, format, data "
                                                       "FROM frame_blocks").fetchall():
         b = S.decode_block(cam, epoch, models, fmt, data)

@@ -100,10 +100,12 @@ def write_ab(old_storage: Path, out: Path, cameras: int = 1000, per_commit: int 
 
 
 def write_toggle(out: Path, cameras: int = 1000, per_commit: int = 57, seconds: int = 240, prefill_s: int = 120,
-                 log=print) -> dict[str, Any]:
+                 history_h: int = 0, log=print) -> dict[str, Any]:
     """The counters' CPU per frame on one store: store_batches micro-batches alternating, commit by commit, between
     no counter statements, all of them, the fleet ones only and the per-camera one only (the counters end up wrong:
-    a cost measurement only), so that every variant sees the same file, cache and load."""
+    a cost measurement only), so that every variant sees the same file, cache and load. ``history_h``: counter rows
+    of that many earlier hours (10 classes per camera-hour, and the fleet's minutes and hours) written first, as a
+    store that has run that long holds them (their frames are not stored: the counters' pages are what matters)."""
     from taskcodec.server import storage as st_mod
 
     sqls = list(st_mod._COUNT_ROWS_SQL)
@@ -118,6 +120,16 @@ def write_toggle(out: Path, cameras: int = 1000, per_commit: int = 57, seconds: 
             st = st_mod.SQLiteStorage(Path(tmp) / "t.db", auto_compact=False)
             for c in range(cameras):
                 st.add_camera(f"cam-{c:06d}", "h")
+            h0 = start_ms // 3_600_000
+            with st._transaction() as w:
+                w.executemany("INSERT INTO frame_rollup (camera_id, hour, prediction, model_id, frames, payload_bytes, "
+                              "ts_min, ts_max) VALUES (?, ?, ?, ?, 360, 2160, ?, ?)",
+                              [(f"cam-{c:06d}", h, p, MODEL_ID, h * 3_600_000, h * 3_600_000 + 3_599_999)
+                               for h in range(h0 - history_h, h0) for c in range(cameras) for p in range(10)])
+                w.executemany("INSERT INTO fleet_counts VALUES (?, ?, ?, ?, 6000, 36000, ?, ?)",
+                              [(unit, cell, p, MODEL_ID, cell * unit, cell * unit + unit - 1)
+                               for unit, per_h in ((60_000, 60), (3_600_000, 1))
+                               for cell in range((h0 - history_h) * per_h, h0 * per_h) for p in range(10)])
             for rows in _seconds_of_frames(cameras, 0, prefill_s, start_ms, epochs, rng):
                 st.store_frames(rows)
             frames = [r for rows in _seconds_of_frames(cameras, prefill_s, prefill_s + seconds, start_ms, epochs,
@@ -130,21 +142,26 @@ def write_toggle(out: Path, cameras: int = 1000, per_commit: int = 57, seconds: 
                 t = time.process_time()
                 st.store_batches(batches)
                 per[name].append(1e6 * (time.process_time() - t) / len(batches))
+            sql = st._reader().execute("SELECT sql FROM sqlite_master WHERE name = 'frame_rollup'").fetchone()[0]
+            rollup_key = sql.split("PRIMARY KEY")[-1].split(")")[0].strip(" (")
             st.close()
     finally:
         st_mod._COUNT_ROWS_SQL[:] = sqls
     med = {k: float(np.median(v)) for k, v in per.items()}
     mean = {k: float(np.mean(v)) for k, v in per.items()}
     result = {"machine": machine_info(), "time": utc_now(), "cameras": cameras, "frames_per_commit": per_commit,
-              "seconds": seconds, "prefill_s": prefill_s, "load_avg_1min": os.getloadavg()[0],
+              "seconds": seconds, "prefill_s": prefill_s, "history_h": history_h,
+              "rollup_key": rollup_key,
+              "load_avg_1min": os.getloadavg()[0],
               "median_us_per_frame": med, "mean_us_per_frame": mean, "commits_per_variant": len(per["none"])}
-    stem = out / f"storage_counters_write_toggle_{per_commit}"
+    stem = out / (f"storage_counters_write_toggle_{per_commit}" + (f"_{history_h}h" if history_h else ""))
     write_json(stem.with_suffix(".json"), result)
     write_text(stem.with_suffix(".md"), (
         f"# SQLite write path: the counters' CPU per frame, commit by commit ({per_commit} frames per commit)\n\n"
         f"{machine_line(result['machine'])}; {result['time']}; load average {result['load_avg_1min']:.1f}. "
         f"`python3 -m taskcodec.bench.storage_counters write-toggle OUT {cameras} {per_commit} {seconds} "
-        f"{prefill_s}` under /tmp/bench.lock: one store ({prefill_s} s of rows of {cameras} one-fps cameras "
+        f"{prefill_s} {history_h}` under /tmp/bench.lock: one store ({history_h} earlier hours of counter rows, "
+        f"frame_rollup keyed ({result['rollup_key']}); {prefill_s} s of rows of {cameras} one-fps cameras "
         f"stored first), then {seconds} s of frames through store_batches (tokens checked, one-frame batches, "
         f"{per_commit} per durable commit), the counter statements switched commit by commit between the four "
         f"variants below ({result['commits_per_variant']} commits each); process CPU time of each call.\n\n"
@@ -268,7 +285,7 @@ if __name__ == "__main__":
         sys.exit("usage: python3 -m taskcodec.bench.storage_counters write-ab OLD_STORAGE.py OUT [CAMERAS "
                  "PER_COMMIT SECONDS PREFILL_S ROUNDS]\n"
                  "       python3 -m taskcodec.bench.storage_counters write-toggle OUT [CAMERAS PER_COMMIT SECONDS "
-                 "PREFILL_S]\n"
+                 "PREFILL_S HISTORY_H]\n"
                  "       python3 -m taskcodec.bench.storage_counters reads-ab OLD_STORAGE.py OUT [CAMERAS SECONDS "
                  "ROUNDS]\n"
                  "       python3 -m taskcodec.bench.storage_counters queries OUT BEFORE.json AFTER.json")

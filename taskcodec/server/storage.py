@@ -183,6 +183,9 @@ MIGRATIONS: list[str] = [
     # counts for all cameras together per minute and per hour; ts_min / ts_max bound the capture times counted in
     # each counter row (deletions leave them wider than the frames left: still bounds), so a count whose range ends
     # or starts inside a minute or hour can still use the counter when no counted frame lies on the other side.
+    # frame_rollup is rebuilt keyed by hour first: the rows an insert updates (the current hour of every camera) sit
+    # together in a few pages instead of one page per camera (each camera's history between them), which halved
+    # the per-camera counter's cost per frame with 3 days of history (bench storage_counters); by camera: an index.
     # The backfill (counts of the existing rows and blocks) is _backfill_counters, run in this step's transaction.
     """
     CREATE TABLE IF NOT EXISTS fleet_counts (
@@ -196,8 +199,22 @@ MIGRATIONS: list[str] = [
         ts_max INTEGER,
         PRIMARY KEY (unit_ms, cell, prediction, model_id)
     ) WITHOUT ROWID;
-    ALTER TABLE frame_rollup ADD COLUMN ts_min INTEGER;
-    ALTER TABLE frame_rollup ADD COLUMN ts_max INTEGER;
+    CREATE TABLE frame_rollup_by_hour_first (
+        camera_id TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        prediction INTEGER NOT NULL,
+        model_id TEXT NOT NULL,
+        frames INTEGER NOT NULL,
+        payload_bytes INTEGER NOT NULL,
+        ts_min INTEGER,
+        ts_max INTEGER,
+        PRIMARY KEY (hour, camera_id, prediction, model_id)
+    ) WITHOUT ROWID;
+    INSERT INTO frame_rollup_by_hour_first (camera_id, hour, prediction, model_id, frames, payload_bytes)
+        SELECT camera_id, hour, prediction, model_id, frames, payload_bytes FROM frame_rollup;
+    DROP TABLE frame_rollup;
+    ALTER TABLE frame_rollup_by_hour_first RENAME TO frame_rollup;
+    CREATE INDEX IF NOT EXISTS frame_rollup_by_camera ON frame_rollup (camera_id, hour);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -875,9 +892,9 @@ class SQLiteStorage:
                 break
         while True:  # their rollup rows (their rows are gone already, each taken out of the counters)
             with self._transaction() as w:
-                n = w.execute("DELETE FROM frame_rollup WHERE (camera_id, hour, prediction, model_id) IN (SELECT "
-                              "camera_id, hour, prediction, model_id FROM frame_rollup INDEXED BY frame_rollup_by_hour "
-                              "WHERE hour < ? LIMIT ?)", (hour, int(chunk))).rowcount
+                n = w.execute("DELETE FROM frame_rollup WHERE (hour, camera_id, prediction, model_id) IN (SELECT "
+                              "hour, camera_id, prediction, model_id FROM frame_rollup WHERE hour < ? LIMIT ?)",
+                              (hour, int(chunk))).rowcount
                 if n < chunk:
                     for unit in FLEET_UNITS:  # and the fleet counts of those hours
                         w.execute("DELETE FROM fleet_counts WHERE unit_ms = ? AND cell < ?",

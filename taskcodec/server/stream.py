@@ -45,7 +45,7 @@ CLOSE = {wire.Code.UNAUTHORIZED: 1008, wire.Code.UNKNOWN_MODEL: 1008, wire.Code.
 MAX_REQUEST_LINE = 8192
 _ECHO_CODES = frozenset(int(c) for c in WSCloseCode if 1000 <= int(c) <= 1014 and int(c) not in (1005, 1006))
 MAX_QUEUED = 4  # messages of one connection waiting before its reading is paused (a camera has one in flight)
-# Under load the event loop naps NAP_S once per iteration (StreamFront._nap): at 1000 messages/s one wake-up reads ~9
+# Under load the event loop naps NAP_S once per iteration (LoopNap): at 1000 messages/s one wake-up reads ~9
 # of them instead of one (bench/results/serve_load_cpu_r6.md); below NAP_MIN_RATE messages/s it never naps.
 NAP_S = 0.008
 NAP_MIN_RATE = 300.0
@@ -341,6 +341,39 @@ class _FirstMessageGuard(asyncio.Protocol):
         self.ws.resume_writing()
 
 
+class LoopNap:
+    """Once per event-loop iteration that read cameras' messages, and only while they arrive at ``min_rate`` per
+    second or more: sleep ``nap_s`` there (the GIL released). The sockets that become ready meanwhile are then read by
+    one epoll_wait, instead of the loop going to sleep and being woken for every message (a context switch, an
+    epoll_wait and the wake-up path per message: at 1000 one-fps cameras ~0.8 context switches of the loop thread per
+    message before, ~0.1 with an 8 ms nap). Adds at most ``nap_s`` to a reply under load; a lone camera never waits.
+    The embedded server's stream front end and the cluster gateway each have one. Per message the caller does
+    ``nap.count += 1`` and, ``if not nap.armed``, ``nap.arm()`` (inline: a method call per message costs more)."""
+
+    __slots__ = ("nap_s", "min_rate", "armed", "napping", "count", "window")
+
+    def __init__(self, nap_s: float = NAP_S, min_rate: float = NAP_MIN_RATE):
+        self.nap_s, self.min_rate = nap_s, min_rate
+        self.armed = False    # a _nap is scheduled for this loop iteration
+        self.napping = False  # the message rate is high enough to nap
+        self.count = 0        # messages since ``window`` began
+        self.window = 0.0
+
+    def arm(self) -> None:
+        self.armed = True
+        asyncio.get_running_loop().call_soon(self._nap)
+
+    def _nap(self) -> None:
+        self.armed = False
+        now = time.monotonic()
+        dt = now - self.window
+        if dt >= 0.1:
+            self.napping = self.count >= self.min_rate * dt
+            self.count, self.window = 0, now
+        if self.napping and self.nap_s > 0:
+            time.sleep(self.nap_s)
+
+
 class StreamFront:
     """What every stream connection shares: the ingest service, limits, the gate, metrics and logs (create_app)."""
 
@@ -355,30 +388,7 @@ class StreamFront:
         self.sessions: set[_Connection] = set()  # authenticated connections (the idle sweep)
         self._sweeper = None
         self._checking = False
-        self.nap_s = NAP_S
-        self._armed = False      # a _nap is scheduled for this loop iteration
-        self._napping = False    # the message rate is high enough to nap once per iteration
-        self._count = 0          # messages since _window began
-        self._window = 0.0
-
-    def arm(self) -> None:
-        """A camera's message was read (``_count`` counts them) and no _nap is scheduled: schedule one."""
-        self._armed = True
-        asyncio.get_running_loop().call_soon(self._nap)
-
-    def _nap(self) -> None:
-        """Once per loop iteration that read messages. While cameras' messages arrive at NAP_MIN_RATE/s or more,
-        sleep nap_s here (the GIL released): the sockets that become ready meanwhile are then read by one
-        epoll_wait, instead of the loop going to sleep and being woken for every message (a context switch, an
-        epoll_wait and the wake-up path per message). Adds at most nap_s to a reply; a lone camera never waits."""
-        self._armed = False
-        now = time.monotonic()
-        dt = now - self._window
-        if dt >= 0.1:
-            self._napping = self._count >= NAP_MIN_RATE * dt
-            self._count, self._window = 0, now
-        if self._napping and self.nap_s > 0:
-            time.sleep(self.nap_s)
+        self.nap = LoopNap()
 
     def authenticated(self, conn: "_Connection") -> None:
         self.sessions.add(conn)
@@ -480,6 +490,7 @@ class _Connection(WSListener):
         self.ack_epoch = -1  # the epoch of ack_prefix: ACK type byte + epoch varint (encode_ack)
         self.ack_prefix = b""
         self.received = front.metrics.bytes_received  # a LocalCounter (event loop only)
+        self.nap = front.nap
         self.submit = self.service.submit_nowait
 
     # picows callbacks --------------------------------------------------------------------------------------------
@@ -504,10 +515,10 @@ class _Connection(WSListener):
                 return
         if self.closing:
             return
-        front = self.front
-        front._count += 1
-        if not front._armed:
-            front.arm()
+        nap = self.nap
+        nap.count += 1
+        if not nap.armed:
+            nap.arm()
         self.received.value += len(data) if data is not None else 0
         if self.session is None:
             self._hello(data)

@@ -33,7 +33,7 @@ from picows.picows import WSProtocol
 from taskcodec import wire
 from taskcodec.server.auth import verify_token
 from taskcodec.server.cluster.pgstore import PgStore, PgStoreError
-from taskcodec.server.stream import _FirstMessageGuard, decode_batch
+from taskcodec.server.stream import LoopNap, _FirstMessageGuard, decode_batch
 
 log = logging.getLogger("taskcodec.gateway")
 
@@ -94,6 +94,7 @@ class Gateway:
         self._waiting: dict[int, _Camera] = {}   # publish number -> the connection waiting for its PubAck
         self._out: list[tuple[_Camera, int, bytes, dict]] = []
         self._flush_task: asyncio.TimerHandle | None = None
+        self.nap = LoopNap()  # under load one event-loop wake-up reads many cameras' messages (server/stream.py)
 
     async def start(self) -> None:
         # subjects are ours (SUBJECT and our inbox + a number), never a camera's: no per-publish subject check
@@ -217,6 +218,7 @@ class _Camera(WSListener):
         self.closing = self.gone = False
         self.timer = None
         self.peer = "?"
+        self.nap = gw.nap
 
     def on_ws_connected(self, transport) -> None:
         self.t = transport
@@ -246,6 +248,10 @@ class _Camera(WSListener):
             self._refuse(wire.Code.BAD_MESSAGE, "expected a binary message in one frame")
             return
         raw = frame.get_payload_as_bytes()
+        nap = self.nap
+        nap.count += 1
+        if not nap.armed:
+            nap.arm()
         if self.hello is None:
             self._on_hello(raw)
         elif not self.ready or self.inflight is not None:

@@ -184,8 +184,9 @@ MIGRATIONS: list[str] = [
     # each counter row (deletions leave them wider than the frames left: still bounds), so a count whose range ends
     # or starts inside a minute or hour can still use the counter when no counted frame lies on the other side.
     # frame_rollup is rebuilt keyed by hour first: the rows an insert updates (the current hour of every camera) sit
-    # together in a few pages instead of one page per camera (each camera's history between them), which halved
-    # the per-camera counter's cost per frame with 3 days of history (bench storage_counters); by camera: an index.
+    # together in a few pages instead of one page per camera (each camera's history between them): with 72 hours of
+    # counters the per-camera one cost 8.2 µs per frame keyed by camera first, 3.4 keyed by hour first
+    # (bench/results/storage_counters/*write_toggle_57_72h.md); reads by camera: an index.
     # The backfill (counts of the existing rows and blocks) is _backfill_counters, run in this step's transaction.
     """
     CREATE TABLE IF NOT EXISTS fleet_counts (

@@ -171,6 +171,21 @@ def test_counters_plan_reads_the_counters_not_the_frames(tmp_path):
     st.close()
 
 
+# frame_rollup as schema step 4 created it until step 6 existed (the storage.py of commit bb0b1ff)
+V5_ROLLUP = """
+    CREATE TABLE frame_rollup (
+        camera_id TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        prediction INTEGER NOT NULL,
+        model_id TEXT NOT NULL,
+        frames INTEGER NOT NULL,
+        payload_bytes INTEGER NOT NULL,
+        PRIMARY KEY (camera_id, hour, prediction, model_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX frame_rollup_by_hour ON frame_rollup (hour, camera_id, prediction);
+"""
+
+
 def _make_version_5(path, rows, compact_settle_s):
     """A database as the previous storage code left it: frame_rollup counted the packed hours only, no ts bounds,
     no fleet_counts, user_version 5."""
@@ -181,8 +196,7 @@ def _make_version_5(path, rows, compact_settle_s):
     conn = sqlite3.connect(path)
     conn.execute("DROP TABLE fleet_counts")
     conn.execute("DROP TABLE frame_rollup")
-    conn.executescript(S.MIGRATIONS[4][S.MIGRATIONS[4].index("CREATE TABLE IF NOT EXISTS frame_rollup"):
-                                        S.MIGRATIONS[4].index("CREATE TABLE IF NOT EXISTS packed_cameras")])
+    conn.executescript(V5_ROLLUP)
     for cam, epoch, models, fmt, data in conn.execute("SELECT camera_id, epoch, models, format, data "
                                                       "FROM frame_blocks").fetchall():
         b = S.decode_block(cam, epoch, models, fmt, data)
@@ -211,6 +225,8 @@ def test_migration_backfills_the_counters_from_rows_and_blocks(tmp_path):
         assert conn.execute("SELECT count(*) FROM frame_blocks").fetchone()[0] > 0
     st = S.SQLiteStorage(db, auto_compact=False)
     assert st.schema_version() == S.SCHEMA_VERSION
+    sql = st._reader().execute("SELECT sql FROM sqlite_master WHERE name = 'frame_rollup'").fetchone()[0]
+    assert "PRIMARY KEY (hour, camera_id" in sql and "ts_min" in sql
     _check_queries(st, t0, max(r[3] for r in rows), rng)
     st.store_frames([_row("cam-0", 5000 + i, now + 1000 * i, rng) for i in range(30)])
     st.compact(settle_s=0)

@@ -135,6 +135,8 @@ MIGRATIONS: list[str] = [
     # packed frames (issue 12 item 4): compaction moves frames stored more than COMPACT_SETTLE_S before the last
     # hour boundary out of `frames` into one block per (camera, epoch, capture hour) (columns, zlib; see
     # encode_block), counts them in an hourly rollup and in per-camera totals; `frames` keeps the recent part.
+    # (frame_rollup as created here since schema step 6 exists; databases that reached version 5 before have it
+    # keyed by camera first, without the ts bounds, counting packed frames only: step 6 rebuilds it.)
     """
     CREATE TABLE IF NOT EXISTS frame_blocks (
         camera_id TEXT NOT NULL,
@@ -160,9 +162,11 @@ MIGRATIONS: list[str] = [
         model_id TEXT NOT NULL,
         frames INTEGER NOT NULL,
         payload_bytes INTEGER NOT NULL,
-        PRIMARY KEY (camera_id, hour, prediction, model_id)
+        ts_min INTEGER,
+        ts_max INTEGER,
+        PRIMARY KEY (hour, camera_id, prediction, model_id)
     ) WITHOUT ROWID;
-    CREATE INDEX IF NOT EXISTS frame_rollup_by_hour ON frame_rollup (hour, camera_id, prediction);
+    CREATE INDEX IF NOT EXISTS frame_rollup_by_camera ON frame_rollup (camera_id, hour);
     CREATE TABLE IF NOT EXISTS packed_cameras (
         camera_id TEXT PRIMARY KEY,
         generation INTEGER NOT NULL,
@@ -183,11 +187,12 @@ MIGRATIONS: list[str] = [
     # counts for all cameras together per minute and per hour; ts_min / ts_max bound the capture times counted in
     # each counter row (deletions leave them wider than the frames left: still bounds), so a count whose range ends
     # or starts inside a minute or hour can still use the counter when no counted frame lies on the other side.
-    # frame_rollup is rebuilt keyed by hour first: the rows an insert updates (the current hour of every camera) sit
-    # together in a few pages instead of one page per camera (each camera's history between them): with 72 hours of
-    # counters the per-camera one cost 8.2 µs per frame keyed by camera first, 3.4 keyed by hour first
-    # (bench/results/storage_counters/*write_toggle_57_72h.md); reads by camera: an index.
-    # The backfill (counts of the existing rows and blocks) is _backfill_counters, run in this step's transaction.
+    # frame_rollup is keyed by hour first (an older one is rebuilt): the rows an insert updates (the current hour of
+    # every camera) sit together in a few pages instead of one page per camera (each camera's history between them):
+    # with 72 hours of counters the per-camera one cost 8.2 µs per frame keyed by camera first, 3.4 keyed by hour
+    # first (bench/results/storage_counters/*write_toggle_57_72h.md); reads by camera: an index.
+    # The rebuild and the backfill (counts of the existing rows and blocks) are _counters_step, run in this step's
+    # transaction.
     """
     CREATE TABLE IF NOT EXISTS fleet_counts (
         unit_ms INTEGER NOT NULL,
@@ -200,22 +205,6 @@ MIGRATIONS: list[str] = [
         ts_max INTEGER,
         PRIMARY KEY (unit_ms, cell, prediction, model_id)
     ) WITHOUT ROWID;
-    CREATE TABLE frame_rollup_by_hour_first (
-        camera_id TEXT NOT NULL,
-        hour INTEGER NOT NULL,
-        prediction INTEGER NOT NULL,
-        model_id TEXT NOT NULL,
-        frames INTEGER NOT NULL,
-        payload_bytes INTEGER NOT NULL,
-        ts_min INTEGER,
-        ts_max INTEGER,
-        PRIMARY KEY (hour, camera_id, prediction, model_id)
-    ) WITHOUT ROWID;
-    INSERT INTO frame_rollup_by_hour_first (camera_id, hour, prediction, model_id, frames, payload_bytes)
-        SELECT camera_id, hour, prediction, model_id, frames, payload_bytes FROM frame_rollup;
-    DROP TABLE frame_rollup;
-    ALTER TABLE frame_rollup_by_hour_first RENAME TO frame_rollup;
-    CREATE INDEX IF NOT EXISTS frame_rollup_by_camera ON frame_rollup (camera_id, hour);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -378,8 +367,40 @@ def _backfill_counters(w: sqlite3.Connection) -> None:
                     time.monotonic() - t0)
 
 
+_ROLLUP_REBUILD = """
+    CREATE TABLE frame_rollup_by_hour_first (
+        camera_id TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        prediction INTEGER NOT NULL,
+        model_id TEXT NOT NULL,
+        frames INTEGER NOT NULL,
+        payload_bytes INTEGER NOT NULL,
+        ts_min INTEGER,
+        ts_max INTEGER,
+        PRIMARY KEY (hour, camera_id, prediction, model_id)
+    ) WITHOUT ROWID;
+    INSERT INTO frame_rollup_by_hour_first (camera_id, hour, prediction, model_id, frames, payload_bytes)
+        SELECT camera_id, hour, prediction, model_id, frames, payload_bytes FROM frame_rollup;
+    DROP TABLE frame_rollup;
+    ALTER TABLE frame_rollup_by_hour_first RENAME TO frame_rollup;
+    CREATE INDEX IF NOT EXISTS frame_rollup_by_camera ON frame_rollup (camera_id, hour);
+"""
+
+
+def _counters_step(w: sqlite3.Connection) -> None:
+    """Schema step 5 -> 6, after its SQL: a frame_rollup of the older layout (keyed by camera first, no ts bounds)
+    rebuilt keyed by hour first (a new database has the new one from step 4: nothing dropped, no free pages), then
+    the counters backfilled."""
+    sql = w.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'frame_rollup'").fetchone()[0]
+    if "ts_min" not in sql:
+        for statement in _ROLLUP_REBUILD.split(";"):
+            if statement.strip():
+                w.execute(statement)
+    _backfill_counters(w)
+
+
 # Python steps run after a schema step's SQL, in its transaction (the step's index -> function of the writer)
-MIGRATION_STEPS = {5: _backfill_counters}
+MIGRATION_STEPS = {5: _counters_step}
 
 
 class StorageError(RuntimeError):

@@ -259,15 +259,11 @@ _COUNT_ROWS_SQL = [
       "ON CONFLICT DO UPDATE SET frames = frames + excluded.frames, payload_bytes = payload_bytes + "
       "excluded.payload_bytes, ts_min = min(ts_min, excluded.ts_min), ts_max = max(ts_max, excluded.ts_max)"
       for unit in FLEET_UNITS]]
-_ADD_SQL = [
-    "INSERT INTO frame_rollup (camera_id, hour, prediction, model_id, frames, payload_bytes, ts_min, ts_max) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET frames = frames + excluded.frames, payload_bytes = "
-    "payload_bytes + excluded.payload_bytes, ts_min = min(ts_min, excluded.ts_min), "
-    "ts_max = max(ts_max, excluded.ts_max)",
+_ADD_FLEET_SQL = (
     "INSERT INTO fleet_counts (unit_ms, cell, prediction, model_id, frames, payload_bytes, ts_min, ts_max) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET frames = frames + excluded.frames, payload_bytes = "
     "payload_bytes + excluded.payload_bytes, ts_min = min(ts_min, excluded.ts_min), "
-    "ts_max = max(ts_max, excluded.ts_max)"]
+    "ts_max = max(ts_max, excluded.ts_max)")
 
 
 def _rowid_mark(w: sqlite3.Connection) -> int:
@@ -298,12 +294,6 @@ def _aggregate(rows: Iterable[tuple]) -> tuple[dict, dict]:
                 a[2] = min(a[2], ts)
                 a[3] = max(a[3], ts)
     return per_camera, fleet
-
-
-def _add_counts(w: sqlite3.Connection, rows: Iterable[tuple]) -> None:
-    """Add (camera, ts_capture_ms, prediction, model_id, payload_bytes) tuples to the counters."""
-    for sql, acc in zip(_ADD_SQL, _aggregate(rows)):
-        w.executemany(sql, [(*k, *v) for k, v in acc.items()])
 
 
 def _take_counts(w: sqlite3.Connection, rows: Iterable[tuple]) -> None:
@@ -361,7 +351,7 @@ def _backfill_counters(w: sqlite3.Connection) -> None:
         if blocks % 100_000 == 0:
             log.warning("counting packed blocks into the fleet counters: %d done (%.0f s)", blocks,
                         time.monotonic() - t0)
-    w.executemany(_ADD_SQL[1], [(*k, *v) for k, v in fleet.items()])
+    w.executemany(_ADD_FLEET_SQL, [(*k, *v) for k, v in fleet.items()])
     if blocks:
         log.warning("counted the frames of %d packed blocks into the fleet counters in %.1f s", blocks,
                     time.monotonic() - t0)

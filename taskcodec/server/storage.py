@@ -21,8 +21,8 @@ existing database readable by others is tightened to 0600 with a log line.
 
 Two parts: the frames table (one row per frame, ~175 B on disk) holds the recent frames; ``compact()`` (a
 background thread of the server every 5 minutes, `taskcodec db compact`) moves the frames stored before the last hour
-boundary (less 10 minutes) into packed blocks, one per (camera, epoch, capture hour), ~20-30 B per 6-byte frame,
-with an hourly class-count rollup. Every frame is in exactly one part; the reader API below this class
+boundary (less 10 minutes) into packed blocks, one per (camera, epoch, capture hour), ~20-30 B per 6-byte frame.
+Every frame is in exactly one part; the reader API below this class
 (select_frames, count_frames, camera_frames, frames_by_keys, frames_of_model) reads both, and writers look a batch's
 seq range up in the blocks inside their transaction, so a re-sent frame of a packed hour is still a duplicate.
 

@@ -45,7 +45,7 @@ CLOSE = {wire.Code.UNAUTHORIZED: 1008, wire.Code.UNKNOWN_MODEL: 1008, wire.Code.
 MAX_REQUEST_LINE = 8192
 _ECHO_CODES = frozenset(int(c) for c in WSCloseCode if 1000 <= int(c) <= 1014 and int(c) not in (1005, 1006))
 MAX_QUEUED = 4  # messages of one connection waiting before its reading is paused (a camera has one in flight)
-# Under load the event loop naps NAP_S once per iteration (LoopNap): at 1000 messages/s one wake-up reads ~9
+# Under load the event loop naps NAP_S once per iteration (LoopNap): at 1000 messages/s one wake-up reads about 8
 # of them instead of one (bench/results/serve_load_cpu_r6.md); below NAP_MIN_RATE messages/s it never naps.
 NAP_S = 0.008
 NAP_MIN_RATE = 300.0

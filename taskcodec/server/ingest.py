@@ -2,9 +2,9 @@
 BATCHes, and say what to reply. The WebSocket and HTTP endpoints (app.py) are thin shells around it, and tests and
 fuzzing call it directly.
 
-Throughput comes from micro-batching across connections: every connection puts its batch on one asyncio queue; a
-single worker takes everything waiting, decodes it, runs *one* classifier call and *one* SQLite transaction (one
-fsync) for all of it, in a worker thread, and then answers each connection. Under light load a micro-batch is one
+Throughput comes from micro-batching across connections: every connection puts its batch on one queue; the loop
+hands everything waiting to a single worker thread, which decodes it, runs *one* classifier call and *one* SQLite
+transaction (one fsync) for all of it; the loop then answers each connection. Under light load a micro-batch is one
 message (no added wait); under heavy load batches grow by themselves while the previous one is committing.
 
 Replies, per frame: ACK once durably stored (a re-sent frame with the same payload is acked again as a duplicate);
@@ -176,7 +176,7 @@ class IngestService:
         # One thread: decode holds the GIL anyway, and a single writer keeps SQLite transactions simple.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest")
         # Waiting jobs: (session, batch, done) tuples; ``done(replies)`` is called on the event loop. A plain deque and
-        # one future per micro-batch to wake the worker: no asyncio.Queue, no future per message.
+        # loop callbacks: no asyncio.Queue, no task, no future per message or per micro-batch.
         self._jobs: collections.deque = collections.deque()
         self._queued_frames = 0  # frames in self._jobs
         # The micro-batch cycle is callbacks on the loop (_next, _dispatch, _delivered), not a task: each await of a

@@ -168,6 +168,17 @@ class Reader:
             raise WireError(f"{len(self.data) - self.pos} trailing bytes")
 
 
+def check_identity(camera_id: str, token: "bytes | str") -> bytes:
+    """A camera's id and token as a HELLO can carry them (id 1..255 bytes of UTF-8, token at most 255 bytes); the
+    token as bytes. Uplinks call it when configured, so a bad id or token is refused before anything is captured."""
+    token = token.encode() if isinstance(token, str) else token
+    if not 0 < len(camera_id.encode()) < 256:
+        raise ValueError("camera id must be 1..255 bytes of utf-8")
+    if len(token) > 255:
+        raise ValueError("token must be at most 255 bytes")
+    return token
+
+
 @dataclass(frozen=True)
 class Hello:
     model_tag: bytes

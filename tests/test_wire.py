@@ -136,3 +136,19 @@ def test_expect_returns_the_kind_or_says_what_was_wrong():
         wire.expect(None, wire.Batch)
     with pytest.raises(wire.WireError, match=r"^malformed BATCH: "):
         wire.expect(batch.encode()[:-1], wire.Batch)
+
+
+def test_uplinks_refuse_an_identity_no_hello_can_carry():
+    from taskcodec.runtime.mqtt_uplink import MqttUplinkConfig
+    from taskcodec.runtime.uplink import UplinkConfig
+
+    assert wire.check_identity("cam-1", "secret") == b"secret"
+    assert wire.check_identity("é" * 127, b"t" * 255) == b"t" * 255      # 254 bytes of UTF-8, 255-byte token
+    for camera_id, token in (("", b"t"), ("é" * 128, b"t"), ("cam", b"t" * 256)):
+        with pytest.raises(ValueError, match="camera id|token"):
+            wire.check_identity(camera_id, token)
+        with pytest.raises(ValueError, match="camera id|token"):
+            UplinkConfig("ws://127.0.0.1:8000", camera_id, token)
+        with pytest.raises(ValueError, match="camera id|token"):
+            MqttUplinkConfig("mqtt://127.0.0.1:1883", camera_id, token)
+    assert UplinkConfig("ws://127.0.0.1:8000", "cam", "tok").token == b"tok"

@@ -176,12 +176,7 @@ class MqttUplinkConfig:
 
     def __post_init__(self) -> None:
         self.host, self.port, self.tls = parse_broker(self.broker)
-        if isinstance(self.token, str):
-            self.token = self.token.encode()
-        if not 0 < len(self.camera_id.encode()) < 256:
-            raise ValueError("camera id must be 1..255 bytes of utf-8")
-        if len(self.token) > 255:
-            raise ValueError("token must be at most 255 bytes")
+        self.token = wire.check_identity(self.camera_id, self.token)
         if not 1 <= self.frames_per_message <= wire.MAX_FRAMES_PER_BATCH:
             raise ValueError(f"frames per message must be 1..{wire.MAX_FRAMES_PER_BATCH}")
         if not 1 <= self.max_in_flight <= 65535:

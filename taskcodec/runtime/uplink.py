@@ -95,12 +95,7 @@ class UplinkConfig:
 
     def __post_init__(self) -> None:
         self.url = stream_url(self.server)
-        if isinstance(self.token, str):
-            self.token = self.token.encode()
-        if not 0 < len(self.camera_id.encode()) < 256:
-            raise ValueError("camera id must be 1..255 bytes of utf-8")
-        if len(self.token) > 255:
-            raise ValueError("token must be at most 255 bytes")
+        self.token = wire.check_identity(self.camera_id, self.token)
         if self.max_delay < 0:
             raise ValueError(f"max delay must be >= 0 seconds, got {self.max_delay}")
         if not 1 <= self.max_batch <= wire.MAX_FRAMES_PER_BATCH:

@@ -267,7 +267,9 @@ def test_listings_across_cameras_skip_the_blocks_a_page_of_rows_already_beats(tm
     now = int(time.time() * 1000)
     rows = sorted(_rows(now - 3 * H, cameras=4, per_camera=1200, step_ms=9_000), key=lambda r: r[4])
     st.store_frames(rows)  # in stored-time order, as a server appends them
-    st.compact(settle_s=0)  # the closed hours packed, the newest hour as rows
+    # the hours closed 40-100 minutes before the newest frame packed, the rest as rows (whatever the time of day)
+    boundary = (rows[-1][4] - 40 * 60_000) // H * H
+    st.compact(settle_s=0, now=boundary)
     conn = st._reader()
     assert conn.execute("SELECT count(*) FROM frames").fetchone()[0] > 200
     every = sorted(_all_frames(st), key=_key)

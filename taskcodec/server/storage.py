@@ -60,6 +60,20 @@ log = logging.getLogger("taskcodec.server.storage")
 # (camera_id, epoch, seq, ts_capture_ms, ts_stored_ms, model_id, payload, prediction, confidence)
 FrameRow = tuple[str, int, int, int, int, str, bytes, int, float]
 
+# frame_rollup's columns and key (hour first: one micro-batch's per-camera counter rows share the current hour's
+# pages), for schema step 4 on a new database and for step 6's rebuild of an older layout
+ROLLUP_COLUMNS = """(
+        camera_id TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        prediction INTEGER NOT NULL,
+        model_id TEXT NOT NULL,
+        frames INTEGER NOT NULL,
+        payload_bytes INTEGER NOT NULL,
+        ts_min INTEGER,
+        ts_max INTEGER,
+        PRIMARY KEY (hour, camera_id, prediction, model_id)
+    ) WITHOUT ROWID"""
+
 # Schema steps; step i brings user_version from i to i + 1. Step 0 is the original schema (databases made before
 # versioning have user_version 0 and its tables: IF NOT EXISTS makes the step a no-op for them).
 MIGRATIONS: list[str] = [
@@ -155,17 +169,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX IF NOT EXISTS frame_blocks_by_seq ON frame_blocks (camera_id, epoch, seq_hi);
     CREATE INDEX IF NOT EXISTS frame_blocks_by_hour ON frame_blocks (hour, camera_id, n);
-    CREATE TABLE IF NOT EXISTS frame_rollup (
-        camera_id TEXT NOT NULL,
-        hour INTEGER NOT NULL,
-        prediction INTEGER NOT NULL,
-        model_id TEXT NOT NULL,
-        frames INTEGER NOT NULL,
-        payload_bytes INTEGER NOT NULL,
-        ts_min INTEGER,
-        ts_max INTEGER,
-        PRIMARY KEY (hour, camera_id, prediction, model_id)
-    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS frame_rollup """ + ROLLUP_COLUMNS + """;
     CREATE INDEX IF NOT EXISTS frame_rollup_by_camera ON frame_rollup (camera_id, hour);
     CREATE TABLE IF NOT EXISTS packed_cameras (
         camera_id TEXT PRIMARY KEY,
@@ -358,17 +362,7 @@ def _backfill_counters(w: sqlite3.Connection) -> None:
 
 
 _ROLLUP_REBUILD = """
-    CREATE TABLE frame_rollup_by_hour_first (
-        camera_id TEXT NOT NULL,
-        hour INTEGER NOT NULL,
-        prediction INTEGER NOT NULL,
-        model_id TEXT NOT NULL,
-        frames INTEGER NOT NULL,
-        payload_bytes INTEGER NOT NULL,
-        ts_min INTEGER,
-        ts_max INTEGER,
-        PRIMARY KEY (hour, camera_id, prediction, model_id)
-    ) WITHOUT ROWID;
+    CREATE TABLE frame_rollup_by_hour_first """ + ROLLUP_COLUMNS + """;
     INSERT INTO frame_rollup_by_hour_first (camera_id, hour, prediction, model_id, frames, payload_bytes)
         SELECT camera_id, hour, prediction, model_id, frames, payload_bytes FROM frame_rollup;
     DROP TABLE frame_rollup;

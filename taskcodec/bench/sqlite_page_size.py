@@ -1,6 +1,6 @@
 """Does a smaller SQLite page size cut the embedded store's steady-state write cost? (issue 12 item 5)
 
-``python3 -m taskcodec.bench.sqlite_page_size OUT [cameras per_commit seconds prefill_s rounds]``: for each page size
+``python3 -m taskcodec.bench.sqlite_page_size OUT [cameras per_commit seconds prefill_s rounds] [--what-if]``: for each page size
 (4096, 2048, 1024) one template store (a new file with that page size, then SQLiteStorage) with ``prefill_s`` seconds of
 rows of every one-fps camera (store_frames, one second of all cameras per call); then ``rounds`` interleaved rounds
 (order rotated each round): a copy of the template is opened, 5 s of frames go through store_batches untimed (cache
@@ -28,6 +28,9 @@ from taskcodec.bench.storage_size import _sizes, _sqlite_queries
 from taskcodec.report import machine_info, machine_line, utc_now, write_json, write_text
 
 PAGE_SIZES = (4096, 2048, 1024)
+# --what-if: the same rounds on the 4096 store without one of the per-camera B-trees every frame touches, to size what
+# a layout with one per-camera index could save (the product keeps both: a camera's time-ordered listings use it)
+WHAT_IF = {"4096, no capture-time index": (4096, "DROP INDEX frames_by_capture_time")}
 
 
 def _new_file(path: Path, page_size: int) -> None:
@@ -48,8 +51,10 @@ WARMUP_S = 5
 
 
 def run(out: Path, cameras: int = 1000, per_commit: int = 57, seconds: int = 30, prefill_s: int = 1200,
-        rounds: int = 4, log=print) -> dict[str, Any]:
+        rounds: int = 4, log=print, what_if: bool = False) -> dict[str, Any]:
     from taskcodec.server import storage as st_mod
+
+    variants = {str(p): (p, None) for p in PAGE_SIZES} | (WHAT_IF if what_if else {})
 
     rng0 = np.random.default_rng(0)
     epochs = [int(x) for x in rng0.integers(0, 1 << 62, cameras, dtype=np.int64)]
@@ -62,8 +67,9 @@ def run(out: Path, cameras: int = 1000, per_commit: int = 57, seconds: int = 30,
     end_ms = max(r[3] for r in timed) + 1
     res: dict[str, Any] = {"machine": machine_info(), "time": utc_now(), "cameras": cameras,
                            "frames_per_commit": per_commit, "seconds": seconds, "warmup_s": WARMUP_S,
-                           "prefill_s": prefill_s, "rounds": rounds, "page_sizes": list(PAGE_SIZES),
-                           "prefill_us_per_frame": {}, "us_per_frame": {str(p): [] for p in PAGE_SIZES},
+                           "prefill_s": prefill_s, "rounds": rounds, "page_sizes": list(variants),
+                           "variant_sql": {k: v[1] for k, v in variants.items() if v[1]},
+                           "prefill_us_per_frame": {}, "us_per_frame": {k: [] for k in variants},
                            "load_avg_1min": [], "template_bytes_per_frame": {}}
     with tempfile.TemporaryDirectory(prefix="taskcodec-pagesize-", dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
@@ -86,16 +92,21 @@ def run(out: Path, cameras: int = 1000, per_commit: int = 57, seconds: int = 30,
             res["template_bytes_per_frame"][str(p)] = sz["file"] / (cameras * prefill_s)
             log(f"template {p}: prefill {res['prefill_us_per_frame'][str(p)]:.1f} µs CPU/frame, "
                 f"{res['template_bytes_per_frame'][str(p)]:.1f} B/frame (rows)")
+        names = list(variants)
         for r in range(rounds):
-            order = list(PAGE_SIZES[r % 3:] + PAGE_SIZES[:r % 3])
+            order = names[r % len(names):] + names[:r % len(names)]
             if r % 2:
                 order.reverse()
-            for p in order:
+            for name in order:
+                p, sql = variants[name]
                 db = tmp / f"r{p}.db"
                 for suffix in ("", "-wal", "-shm"):
                     Path(f"{db}{suffix}").unlink(missing_ok=True)
                 shutil.copyfile(tmp / f"t{p}.db", db)
                 os.chmod(db, 0o600)
+                if sql:
+                    with sqlite3.connect(db) as conn:
+                        conn.execute(sql)
                 st = st_mod.SQLiteStorage(db, auto_compact=False)
                 for i in range(0, len(warm), per_commit):
                     st.store_batches([st_mod.BatchRows(row[0], "h", [row]) for row in warm[i:i + per_commit]])
@@ -107,50 +118,56 @@ def run(out: Path, cameras: int = 1000, per_commit: int = 57, seconds: int = 30,
                     cpu += time.process_time() - t
                 wall = time.perf_counter() - t_wall
                 io1 = _io()
-                res.setdefault("write_calls_per_frame", {}).setdefault(str(p), []).append(
+                res.setdefault("write_calls_per_frame", {}).setdefault(name, []).append(
                     (io1["syscw"] - io0["syscw"]) / len(timed))
-                res.setdefault("write_bytes_per_frame", {}).setdefault(str(p), []).append(
+                res.setdefault("write_bytes_per_frame", {}).setdefault(name, []).append(
                     (io1["wchar"] - io0["wchar"]) / len(timed))
-                if r == rounds - 1:
-                    res.setdefault("queries_rows", {})[str(p)] = _sqlite_queries(st, cameras, end_ms)
+                if r == rounds - 1 and not sql:  # compaction reads through the capture-time index
+                    res.setdefault("queries_rows", {})[name] = _sqlite_queries(st, cameras, end_ms)
                     t = time.process_time()
                     c = st.compact(settle_s=0, align_hour=False)
-                    res.setdefault("compact_us_per_frame", {})[str(p)] = (1e6 * (time.process_time() - t)
+                    res.setdefault("compact_us_per_frame", {})[name] = (1e6 * (time.process_time() - t)
                                                                           / max(c["frames"], 1))
-                    res.setdefault("queries_packed", {})[str(p)] = _sqlite_queries(st, cameras, end_ms)
+                    res.setdefault("queries_packed", {})[name] = _sqlite_queries(st, cameras, end_ms)
                 st.close()
-                res["us_per_frame"][str(p)].append(1e6 * cpu / len(timed))
+                res["us_per_frame"][name].append(1e6 * cpu / len(timed))
                 res["load_avg_1min"].append(os.getloadavg()[0])
-                log(f"round {r}: page {p}: {res['us_per_frame'][str(p)][-1]:.1f} µs CPU/frame ({wall:.1f} s wall, "
-                    f"load {os.getloadavg()[0]:.1f}), {res['write_calls_per_frame'][str(p)][-1]:.1f} write calls, "
-                    f"{res['write_bytes_per_frame'][str(p)][-1]:.0f} B written per frame")
-                if r == rounds - 1:
+                log(f"round {r}: {name}: {res['us_per_frame'][name][-1]:.1f} µs CPU/frame ({wall:.1f} s wall, "
+                    f"load {os.getloadavg()[0]:.1f}), {res['write_calls_per_frame'][name][-1]:.1f} write calls, "
+                    f"{res['write_bytes_per_frame'][name][-1]:.0f} B written per frame")
+                if r == rounds - 1 and not sql:  # compaction reads through the capture-time index
                     n = cameras * (prefill_s + WARMUP_S + seconds)
                     sz = _sizes(db)
                     conn = sqlite3.connect(db)
                     conn.execute("VACUUM")
                     vac = conn.execute("PRAGMA page_count").fetchone()[0] * p
                     conn.close()
-                    res.setdefault("packed_bytes_per_frame", {})[str(p)] = {
+                    res.setdefault("packed_bytes_per_frame", {})[name] = {
                         "file": sz["file"] / n, "in_use": sz["in_use"] / n, "vacuumed": vac / n}
     res["median_us_per_frame"] = {k: float(np.median(v)) for k, v in res["us_per_frame"].items()}
     base = np.array(res["us_per_frame"]["4096"])
     res["median_difference_vs_4096"] = {k: float(np.median(np.array(v) - base)) for k, v in res["us_per_frame"].items()}
-    stem = out / "sqlite_page_size"
+    stem = out / ("sqlite_page_size_what_if" if what_if else "sqlite_page_size")
     write_json(stem.with_suffix(".json"), res)
     write_text(stem.with_suffix(".md"), markdown(res))
     return res
 
 
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
 def markdown(res: dict[str, Any]) -> str:
     ps = [str(p) for p in res["page_sizes"]]
     q_names = list(res["queries_rows"][ps[0]])
+    qs = [p for p in ps if p in res["queries_rows"]]  # what-if variants: write CPU only
     lines = [
         "# SQLite page size vs the embedded store's steady-state write CPU (issue 12 item 5)\n",
         f"{machine_line(res['machine'])}; {res['time']}; load average {min(res['load_avg_1min']):.1f}–"
         f"{max(res['load_avg_1min']):.1f} (shared 2-core box).\n",
         f"`flock /tmp/bench.lock nice -n 5 python3 -m taskcodec.bench.sqlite_page_size bench/results "
-        f"{res['cameras']} {res['frames_per_commit']} {res['seconds']} {res['prefill_s']} {res['rounds']}`: per page "
+        f"{res['cameras']} {res['frames_per_commit']} {res['seconds']} {res['prefill_s']} {res['rounds']}"
+        f"{' --what-if' if res.get('variant_sql') else ''}`: per page "
         f"size one store (a new file created with PRAGMA page_size=N, then SQLiteStorage) with {res['prefill_s']} s "
         f"of rows of each of "
         f"{res['cameras']} one-fps cameras; {res['rounds']} interleaved rounds (order rotated): a copy of it opened, "
@@ -158,6 +175,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"checked, one-frame batches, {res['frames_per_commit']} per durable commit, synchronous=FULL); process CPU "
         f"per frame, checkpoints included (wal_autocheckpoint is in pages: the same pages per checkpoint at every "
         f"page size).\n",
+        *([f"What-if variants (the 4096 store's copy changed before it is opened, not a product layout): "
+           + "; ".join(f"{k}: `{v}`" for k, v in res["variant_sql"].items()) + ".\n"] if res.get("variant_sql") else []),
         "| page size | µs CPU/frame per round | median | median difference vs 4096 (per round) | write calls / frame "
         "| bytes written / frame (WAL + checkpoint) | prefill store_frames µs/frame |",
         "|---|---|---|---|---|---|---|"]
@@ -165,25 +184,26 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {p} | {', '.join(f'{x:.1f}' for x in res['us_per_frame'][p])} | "
                      f"**{res['median_us_per_frame'][p]:.1f}** | {res['median_difference_vs_4096'][p]:+.1f} | "
                      f"{np.median(res['write_calls_per_frame'][p]):.1f} | "
-                     f"{np.median(res['write_bytes_per_frame'][p]):.0f} | {res['prefill_us_per_frame'][p]:.1f} |")
+                     f"{np.median(res['write_bytes_per_frame'][p]):.0f} | {_num(res['prefill_us_per_frame'].get(p))} |")
     lines += ["", "Bytes on disk per frame (all frames of the store: prefill + warm-up + timed):", "",
               "| page size | rows (template, before compaction) | packed: file | packed: in use | packed: after VACUUM "
               "| compaction µs CPU/frame |", "|---|---|---|---|---|---|"]
-    for p in ps:
+    for p in [p for p in ps if p in res["packed_bytes_per_frame"]]:
         b = res["packed_bytes_per_frame"][p]
         lines.append(f"| {p} | {res['template_bytes_per_frame'][p]:.1f} | {b['file']:.1f} | {b['in_use']:.1f} | "
                      f"{b['vacuumed']:.1f} | {res['compact_us_per_frame'][p]:.1f} |")
     lines += ["", "Read queries (storage_size._sqlite_queries, median of 7, ms; rows = before compaction, packed = "
               "after), one run each, last round's store:", "",
-              "| query | " + " | ".join(f"{p} rows" for p in ps) + " | " + " | ".join(f"{p} packed" for p in ps)
-              + " |", "|---" * (1 + 2 * len(ps)) + "|"]
+              "| query | " + " | ".join(f"{p} rows" for p in qs) + " | " + " | ".join(f"{p} packed" for p in qs)
+              + " |", "|---" * (1 + 2 * len(qs)) + "|"]
     for q in q_names:
-        lines.append(f"| {q} | " + " | ".join(f"{res['queries_rows'][p][q]['median_ms']:.2f}" for p in ps) + " | "
-                     + " | ".join(f"{res['queries_packed'][p][q]['median_ms']:.2f}" for p in ps) + " |")
+        lines.append(f"| {q} | " + " | ".join(f"{res['queries_rows'][p][q]['median_ms']:.2f}" for p in qs) + " | "
+                     + " | ".join(f"{res['queries_packed'][p][q]['median_ms']:.2f}" for p in qs) + " |")
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    args = [a for a in sys.argv[1:] if a != "--what-if"]
+    if not args:
         sys.exit(__doc__)
-    run(Path(sys.argv[1]), *[int(x) for x in sys.argv[2:]])
+    run(Path(args[0]), *[int(x) for x in args[1:]], what_if="--what-if" in sys.argv)

@@ -281,22 +281,27 @@ def _count_new_rows(w: sqlite3.Connection, mark: int) -> None:
         w.execute(sql, (mark,))
 
 
+def _accumulate(acc: dict[tuple, list], key: tuple, n: int, nbytes: int, lo: int, hi: int) -> None:
+    """Add n frames of nbytes payload, captured within [lo, hi], to the counter ``acc[key]`` ([n, bytes, lo, hi])."""
+    a = acc.get(key)
+    if a is None:
+        acc[key] = [n, nbytes, lo, hi]
+    else:
+        a[0] += n
+        a[1] += nbytes
+        a[2] = min(a[2], lo)
+        a[3] = max(a[3], hi)
+
+
 def _aggregate(rows: Iterable[tuple]) -> tuple[dict, dict]:
     """(camera, ts_capture_ms, prediction, model_id, payload_bytes) tuples summed per counter key:
     ({(camera, hour, class, model): [n, bytes, ts_min, ts_max]}, {(unit, cell, class, model): [...]})."""
     per_camera: dict[tuple, list] = {}
     fleet: dict[tuple, list] = {}
     for cam, ts, pred, model, nbytes in rows:
-        for acc, key in ((per_camera, (cam, ts // HOUR_MS, pred, model)),
-                         *((fleet, (unit, ts // unit, pred, model)) for unit in FLEET_UNITS)):
-            a = acc.get(key)
-            if a is None:
-                acc[key] = [1, nbytes, ts, ts]
-            else:
-                a[0] += 1
-                a[1] += nbytes
-                a[2] = min(a[2], ts)
-                a[3] = max(a[3], ts)
+        _accumulate(per_camera, (cam, ts // HOUR_MS, pred, model), 1, nbytes, ts, ts)
+        for unit in FLEET_UNITS:
+            _accumulate(fleet, (unit, ts // unit, pred, model), 1, nbytes, ts, ts)
     return per_camera, fleet
 
 
@@ -343,14 +348,7 @@ def _backfill_counters(w: sqlite3.Connection) -> None:
                      np.maximum.reduceat(ts, starts).tolist())
         for (m, pred, midx), n, nbytes, lo, hi in groups:
             for key in ((MINUTE_MS, m, pred, b.models[midx]), (HOUR_MS, m // 60, pred, b.models[midx])):
-                a = fleet.get(key)
-                if a is None:
-                    fleet[key] = [n, nbytes, lo, hi]
-                else:
-                    a[0] += n
-                    a[1] += nbytes
-                    a[2] = min(a[2], lo)
-                    a[3] = max(a[3], hi)
+                _accumulate(fleet, key, n, nbytes, lo, hi)
         blocks += 1
         if blocks % 100_000 == 0:
             log.warning("counting packed blocks into the fleet counters: %d done (%.0f s)", blocks,

@@ -287,3 +287,39 @@ def test_readers_see_each_frame_once_while_a_compaction_runs(tmp_path):
     assert all(s == (len(rows),) * 3 for s in seen), [s for s in seen if s != (len(rows),) * 3][:3]
     reader.close()
     st.close()
+
+
+def test_step_7_drops_the_capture_time_index_and_one_camera_stays_in_time_order_across_a_clock_jump(tmp_path):
+    """A version-6 file (with frames_by_capture_time, as every earlier file has) loses that index on open; one
+    camera's listings, counts and compaction then go through the primary key and still follow capture time when the
+    camera's clock jumped back (seq order and time order disagree)."""
+    db = tmp_path / "v6.db"
+    now = int(time.time() * 1000)
+    rows = _rows(now, cameras=2, per_camera=600)
+    # cam-0's clock jumps back 40 minutes at seq 300: its later seqs carry earlier capture times
+    rows = [r[:3] + (r[3] - 40 * 60_000,) + r[4:] if r[0] == "cam-0" and r[2] >= 300 else r for r in rows]
+    with sqlite3.connect(db) as conn:
+        for step in S.MIGRATIONS[:6]:
+            conn.executescript(step)
+        conn.execute("CREATE INDEX frames_by_capture_time ON frames (camera_id, ts_capture_ms)")
+        conn.execute("PRAGMA user_version=6")
+    st = S.SQLiteStorage(db, auto_compact=False)
+    assert st.store_frames(rows) == len(rows)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == S.SCHEMA_VERSION == 7
+        assert "frames_by_capture_time" not in {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+    by_time = sorted((r for r in rows if r[0] == "cam-0"), key=lambda r: (r[3], r[0], r[1], r[2]))
+    conn = st._reader()
+    for before_compaction in (True, False):
+        newest = S.select_frames(conn, S.FrameFilter(cameras=("cam-0",)), order="desc", limit=50)
+        assert [r[2] for r in newest] == [r[2] for r in by_time[::-1][:50]]
+        assert [r[2] for r in _page_through(conn, S.FrameFilter(cameras=("cam-0",)), "asc", 97)] == \
+            [r[2] for r in by_time]
+        counts = S.count_frames(conn, S.FrameFilter(cameras=("cam-0",)), H)
+        assert sum(v[0] for v in counts.values()) == 600
+        if before_compaction:
+            # (the newest row stays: its rowid is never reused)
+            assert st.compact(settle_s=0, align_hour=False)["frames"] == len(rows) - 1
+            assert conn.execute("SELECT count(*) FROM frames").fetchone()[0] == 1
+    st.close()

@@ -6,8 +6,8 @@ second apart, the bundle's model id, 6-byte payloads, a class and a confidence),
 per camera (as the server commits them under load).
 
 Layouts:
-* ``current``: the server's schema (SQLiteStorage.store_batches, the real write path; its three B-trees: the primary
-  key (camera_id, epoch, seq), frames_by_capture_time, frames_by_time);
+* ``current``: the server's schema (SQLiteStorage.store_batches, the real write path; its B-trees: the table, the
+  primary key (camera_id, epoch, seq), frames_by_time; frames_by_capture_time too before schema step 7);
 * ``compact``: an integer camera key and an integer model key, the confidence as an integer in 1/10000, the stored
   time as a delta, a WITHOUT ROWID table keyed (cam, epoch, seq) and one index (ts, cam, prediction);
 * ``packed``: one row per camera, epoch and hour of capture: the frames' seqs and capture times as delta-coded

@@ -9,7 +9,8 @@ that check to the whole app), so ``until_ts=`` or a misspelt ``clas_name=`` neve
 
 Times: ``since`` is inclusive, ``until`` exclusive, both on the camera's capture clock, given as milliseconds since
 the epoch or ISO 8601 (``2026-12-04T10:00:00Z``; no zone means UTC). Every query is answered from an index
-(``frames_by_capture_time`` for one camera, ``frames_by_time`` otherwise: see storage.SCHEMA) for the recent part,
+(the primary key (camera_id, epoch, seq) for named cameras, their recent rows then sorted by time; ``frames_by_time``
+otherwise: see storage.MIGRATIONS) for the recent part,
 from the packed blocks of the hours the query covers for the packed part; counts from the insert-time counters
 (per minute and hour of all cameras, per hour of each camera) wherever the interval and the range's ends allow, the
 rest from rows and blocks (storage's reader API: select_frames, count_frames); the tests check the query plans. Reads use their own read-only connections, so they

@@ -75,7 +75,8 @@ ROLLUP_COLUMNS = """(
     ) WITHOUT ROWID"""
 
 # Schema steps; step i brings user_version from i to i + 1. Step 0 is the original schema (databases made before
-# versioning have user_version 0 and its tables: IF NOT EXISTS makes the step a no-op for them).
+# versioning have user_version 0 and its tables: IF NOT EXISTS makes the step a no-op for them), less the index that
+# step 7 drops (so a new file has no freed page of it).
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE IF NOT EXISTS cameras (
@@ -95,8 +96,7 @@ MIGRATIONS: list[str] = [
         confidence REAL NOT NULL,
         PRIMARY KEY (camera_id, epoch, seq)
     );
-    CREATE INDEX IF NOT EXISTS frames_by_capture_time ON frames (camera_id, ts_capture_ms);
-    """,
+    """,  # (it also created frames_by_capture_time, dropped by step 7: a new database no longer makes it)
     # operator API keys (issue 11)
     """
     CREATE TABLE IF NOT EXISTS operators (
@@ -210,10 +210,23 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (unit_ms, cell, prediction, model_id)
     ) WITHOUT ROWID;
     """,
+    # one per-camera B-tree per frame (issue 12 item 5): each stored frame of a live camera dirtied a leaf of *two*
+    # per-camera indexes — the primary key (camera_id, epoch, seq) and (camera_id, ts_capture_ms) — and with
+    # hundreds of interleaved cameras every such leaf is its own page in each commit (written to the WAL, then
+    # checkpointed). The capture-time index goes; a camera's recent rows are found through the primary key (one
+    # camera's rows: at most the ~70 minutes compaction leaves unpacked, sorted by time after the seek) and
+    # frames_by_time still orders all cameras. Steady-state write CPU with 20 minutes of rows per camera, 1000
+    # cameras: bench/results/sqlite_layout.md.
+    """
+    DROP INDEX IF EXISTS frames_by_capture_time;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 SCHEMA = "\n".join(MIGRATIONS)  # the whole current schema, for readers of the code
 COUNTERS_VERSION = 6  # the schema version from which frame_rollup and fleet_counts count every stored frame
+# the primary key's index of `frames` (SQLite names a table's first UNIQUE/PRIMARY KEY index so): the one per-camera
+# index of the recent rows, named where the planner must not pick the time-first frames_by_time for one camera
+FRAMES_KEY_INDEX = "sqlite_autoindex_frames_1"
 
 # The writer connection's page cache (KiB; SQLite's default is 2 MiB). Under many cameras every frame dirties a leaf
 # of each per-camera index (one per camera); with the default cache those leaves are read back from the file (a pread
@@ -995,7 +1008,7 @@ class SQLiteStorage:
 
     def _compact_camera(self, w: sqlite3.Connection, cam: str, watermark: int, chunk: int) -> tuple[int, int]:
         rows = w.execute("SELECT rowid, camera_id, epoch, seq, ts_capture_ms, ts_stored_ms, model_id, payload, "
-                         "prediction, confidence FROM frames INDEXED BY frames_by_capture_time WHERE camera_id = ? "
+                         f"prediction, confidence FROM frames INDEXED BY {FRAMES_KEY_INDEX} WHERE camera_id = ? "
                          "AND rowid <= ? ORDER BY ts_capture_ms LIMIT ?", (cam, watermark, chunk)).fetchall()
         if not rows:
             return 0, 0
@@ -1345,7 +1358,8 @@ _HOT_COLUMNS = "camera_id, epoch, seq, ts_capture_ms, ts_stored_ms, model_id, {p
 def hot_frames_sql(f: FrameFilter, *, order: str = "asc", after: tuple | None = None, limit: int = 1000,
                    payload: bool = False) -> tuple[str, list]:
     """The recent part (the frames table) in (ts_capture_ms, camera_id, epoch, seq) order, after the key ``after``.
-    One camera: its (camera_id, ts_capture_ms) index gives the order; otherwise frames_by_time does."""
+    Named cameras: their rows through the primary key (camera_id first), sorted by time (only the recent rows that
+    compaction has not packed); otherwise frames_by_time gives the order."""
     sql, args = f.hot_where()
     if after is not None:
         sql += f" AND (ts_capture_ms, camera_id, epoch, seq) {'>' if order == 'asc' else '<'} (?, ?, ?, ?)"
@@ -1515,8 +1529,8 @@ def camera_frames(conn: sqlite3.Connection, camera_id: str, *, since_seq: int | 
 
 
 def hot_counts_sql(f: FrameFilter, interval_ms: int, by_camera: bool, with_bytes: bool = False) -> tuple[str, list]:
-    """Counts by (bucket, camera or NULL, class) of the recent part; from frames_by_time / frames_by_capture_time
-    alone unless ``with_bytes`` (payload sizes are in the table)."""
+    """Counts by (bucket, camera or NULL, class) of the recent part; from frames_by_time (or the primary key for named
+    cameras) alone unless ``with_bytes`` (payload sizes are in the table)."""
     where, args = f.hot_where()
     cam = "camera_id" if by_camera else "NULL"
     extra = ", sum(length(payload))" if with_bytes else ""
@@ -1634,7 +1648,7 @@ def _split_range(since: int | None, until: int | None, units: list[int]
 
 def _count_exact(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, by_camera: bool, with_bytes: bool,
                  add) -> None:
-    """Count the frames matching ``f`` from the rows (frames_by_time / frames_by_capture_time) and the blocks of the
+    """Count the frames matching ``f`` from the rows (frames_by_time, or the primary key for named cameras) and the blocks of the
     range's hours (decoded), passing each (bucket, camera or None, class, frames, bytes) to ``add``."""
     sql, args = hot_counts_sql(f, interval_ms, by_camera, with_bytes)
     for row in conn.execute(sql, args):

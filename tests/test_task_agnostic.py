@@ -81,6 +81,7 @@ def test_bits_at_equal_accuracy_interpolates_on_the_vc_curve():
     assert run_name("bince", 0.01, "views", {"channels": [64, 128, 256]}) == "bince-views-channels64x128x256_beta0.01"
     assert recipe({"objective": "bince", "channels": [64, 128, 256], "latent_dim": 128}) == \
         "channels 64/128/256, 128-d latent"
+    assert recipe({"objective": "bince", "head_layers": 0, "seed": 1}) == "no head, seed 1"
 
 
 def test_sweep_collects_rows_and_writes_gain_table(tmp_path):

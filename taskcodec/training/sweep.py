@@ -69,6 +69,8 @@ def recipe(row: dict) -> str:
         parts.append("channels " + "/".join(str(c) for c in row["channels"]))
     if row.get("latent_dim", 64) != 64:
         parts.append(f"{row['latent_dim']}-d latent")
+    if row.get("seed", 0):  # a repeat of a recipe with another seed: how far one run's number is from noise
+        parts.append(f"seed {row['seed']}")
     return ", ".join(parts)
 
 
@@ -118,6 +120,8 @@ def _row_from_run(run: Path) -> dict:
         ev = json.loads((run / "evaluation.json").read_text())
         row.update({k: ev[k] for k in ("coded_bits_mean", "accuracy_mlp", "accuracy_linear", "n_test") if k in ev})
     row["run"] = str(run)
+    if (run / "config.json").is_file():  # metrics.json does not repeat the seed
+        row.setdefault("seed", json.loads((run / "config.json").read_text()).get("seed", 0))
     if (run / "data.json").is_file():
         row["data"] = json.loads((run / "data.json").read_text()).get("data")
     return row

@@ -291,9 +291,14 @@ def plot(rows: list[dict], path: Path, caption: str = "", raw_cnn: float | None 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    runs = [r for r in rows if not str(r.get("run", "")).startswith("bundle")]
+    protocols = {(r.get("epochs"), r.get("n_train")) for r in runs}
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        groups.setdefault(series_label(r), []).append(r)
+        label = series_label(r)
+        if len(protocols) > 1 and r in runs:  # a curve joins runs of one training length only
+            label += f" — {r.get('epochs')} epochs"
+        groups.setdefault(label, []).append(r)
     for label, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["coded_bits_mean"])
         style = "*" if label.startswith("bundle") else "o-"
@@ -311,8 +316,6 @@ def plot(rows: list[dict], path: Path, caption: str = "", raw_cnn: float | None 
     ax.set_xscale("log")
     ax.set_xlabel("actual coded bits per image (mean, log scale)")
     ax.set_ylabel("MLP probe accuracy on symbols (%)")
-    runs = [r for r in rows if not str(r.get("run", "")).startswith("bundle")]
-    protocols = {(r.get("epochs"), r.get("n_train")) for r in runs}
     sub = (f"\ncurves: {runs[0].get('epochs')} epochs on {runs[0].get('n_train')} training images each"
            f"{'; ★ shipped bundles (own training)' if len(runs) < len(rows) else ''}" if len(protocols) == 1 and runs
            else "")

@@ -42,6 +42,32 @@ def test_head_layers_zero_puts_infonce_on_the_bottleneck():
     assert isinstance(Compressor(CompressorConfig()).head, torch.nn.Sequential)
 
 
+def test_more_views_per_image_are_all_positives_of_each_other():
+    from taskcodec.training.objectives import bince, supcon_loss
+
+    m = Compressor(CompressorConfig(head_layers=0, views=3))
+    x = torch.rand(4, 1, 28, 28)
+    seen = {}
+    real = supcon_loss
+
+    def spy(features, positives, temperature):
+        seen["positives"] = positives
+        return real(features, positives, temperature)
+
+    import taskcodec.training.objectives as objectives
+    objectives.supcon_loss, saved = spy, objectives.supcon_loss
+    try:
+        loss, bits = bince(m, x, x + 0.01, None, 0.1, x - 0.01)
+    finally:
+        objectives.supcon_loss = saved
+    assert bits.shape[0] == 12 and torch.isfinite(loss)
+    pos = seen["positives"]  # item i of view a and item j of view b: positives exactly when i == j
+    assert pos.shape == (12, 12) and pos.sum().item() == 4 * 9 and pos[1, 5] and pos[1, 9] and not pos[1, 6]
+    with pytest.raises(ValueError):
+        CompressorConfig(views=1)
+    assert recipe({"objective": "bince", "head_layers": 0, "views": 4}) == "no head, 4 views/image"
+
+
 def test_probes_use_the_full_train_set_when_asked(tmp_path):
     cfg = CompressorConfig(objective="bince", augmentations="views", epochs=1, train_subset=256, test_subset=200,
                            batch_size=64, probe_epochs=1, quantile_steps=100, probe_full_train=True, beta_warmup=0.5)

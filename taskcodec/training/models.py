@@ -44,14 +44,16 @@ class CompressorConfig:
     head_layers: int = 2      # BINCE projection head: 2 = MLP D->256->head_dim, 0 = InfoNCE on the bottleneck itself
     probe_full_train: bool = False  # fit the probes on all 60k training images even when train_subset is set
     conv_depth: int = 1       # 3x3 convs per encoder stage: the stride-2 one, then conv_depth - 1 at stride 1
+    views: int = 2            # BINCE: augmented views per image in a batch (all of one image are positives)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         self.image_shape = tuple(int(s) for s in self.image_shape)
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if not 0.0 <= self.beta_warmup <= 1.0 or self.head_layers not in (0, 2) or self.conv_depth < 1:
-            raise ValueError("beta_warmup must be in [0, 1], head_layers 0 or 2 and conv_depth >= 1")
+        if not 0.0 <= self.beta_warmup <= 1.0 or self.head_layers not in (0, 2) or self.conv_depth < 1 \
+                or self.views < 2:
+            raise ValueError("beta_warmup must be in [0, 1], head_layers 0 or 2, conv_depth >= 1 and views >= 2")
         if self.beta < 0 or self.epochs < 0 or self.batch_size < 2 or self.latent_dim < 1:
             raise ValueError("beta >= 0, epochs >= 0, batch_size >= 2 and latent_dim >= 1 are required")
         from taskcodec.training.augmentations import get_augmentation

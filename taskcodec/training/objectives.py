@@ -42,14 +42,16 @@ def supcon_loss(features: torch.Tensor, positives: torch.Tensor, temperature: fl
 
 
 def bince(model: Compressor, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None,
-          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distortion, bits [2N]) for two standardised views; labels enable same-class positives."""
-    n = view1.shape[0]
-    y_hat, bits = model(torch.cat([view1, view2]))
-    idx = torch.arange(2 * n, device=view1.device)
+          temperature: float, *more: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distortion, bits [kN]) for k >= 2 standardised views of the same N images (every view of an image is a
+    positive of the others); labels enable same-class positives."""
+    views = [view1, view2, *more]
+    n, k = view1.shape[0], len(views)
+    y_hat, bits = model(torch.cat(views))
+    idx = torch.arange(k * n, device=view1.device)
     positives = (idx.view(-1, 1) % n) == (idx.view(1, -1) % n)
     if labels is not None:
-        lab = torch.cat([labels, labels])
+        lab = labels.repeat(k)
         positives = positives | (lab.view(-1, 1) == lab.view(1, -1))
     return supcon_loss(model.head(y_hat), positives, temperature), bits
 
@@ -69,7 +71,8 @@ def compute_loss(model: Compressor, x01: torch.Tensor, pos01: torch.Tensor, labe
     if cfg.objective == "bince":
         v1 = model.standardise(aug(x01, gen))
         v2 = model.standardise(aug(pos01, gen))
-        distortion, bits = bince(model, v1, v2, labels if aug.uses_labels else None, cfg.temperature)
+        more = [model.standardise(aug(x01, gen)) for _ in range(cfg.views - 2)]
+        distortion, bits = bince(model, v1, v2, labels if aug.uses_labels else None, cfg.temperature, *more)
     else:
         view01 = aug(x01, gen)
         target = x01 if cfg.objective == "vic" else view01

@@ -69,6 +69,8 @@ def recipe(row: dict) -> str:
         parts.append("channels " + "/".join(str(c) for c in row["channels"]))
     if row.get("latent_dim", 64) != 64:
         parts.append(f"{row['latent_dim']}-d latent")
+    if row.get("views", 2) != 2:
+        parts.append(f"{row['views']} views/image")
     if row.get("seed", 0):  # a repeat of a recipe with another seed: how far one run's number is from noise
         parts.append(f"seed {row['seed']}")
     return ", ".join(parts)
@@ -168,7 +170,7 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
            **probe_accuracies(s_tr, ytr, s_te, yte, cfg.get("probe_epochs", 30), cfg.get("probe_hidden", 512)),
            "train_time_s": bundle.manifest.get("training", {}).get("metrics", {}).get("train_time_s"),
            "run": f"bundle {bundle_path}", "model_id": bundle.model_id, "data": str(parse_data(data_dir)),
-           **{k: cfg[k] for k in ("head_layers", "batch_size", "temperature", "beta_warmup", "conv_depth") if k in cfg}}
+           **{k: cfg[k] for k in ("head_layers", "batch_size", "temperature", "beta_warmup", "conv_depth", "views") if k in cfg}}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(row, indent=2))
@@ -178,7 +180,7 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
 def _bundle_series(row: dict, bundle, bundle_path) -> dict:
     """A bundle is its own point on the plot (its training protocol differs from the sweep's runs)."""
     cfg = bundle.manifest.get("training", {}).get("config", {})
-    row.update({k: cfg[k] for k in ("head_layers", "batch_size", "temperature", "beta_warmup", "conv_depth") if k in cfg})
+    row.update({k: cfg[k] for k in ("head_layers", "batch_size", "temperature", "beta_warmup", "conv_depth", "views") if k in cfg})
     row["series"] = (f"bundle {bundle.manifest.get('name', Path(bundle_path).name)}: {row['objective'].upper()} "
                      f"({row['augmentations']}{', ' + recipe(row) if recipe(row) else ''}), {row['epochs']} epochs "
                      f"on {row['n_train']}")

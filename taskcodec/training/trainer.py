@@ -212,7 +212,7 @@ def train(config: CompressorConfig, data_dir: str | Path | None = None, out: str
         "accuracy_linear": accuracy(linear, s_te, yte), "accuracy_mlp": accuracy(mlp, s_te, yte),
         "train_accuracy_mlp": accuracy(mlp, s_tr[:10000], yprobe[:10000]), "n_probe_train": int(len(s_tr)),
         "batch_size": cfg.batch_size, "beta_warmup": cfg.beta_warmup, "head_layers": cfg.head_layers,
-        "temperature": cfg.temperature, "conv_depth": cfg.conv_depth, "channels": list(cfg.channels),
+        "temperature": cfg.temperature, "conv_depth": cfg.conv_depth, "views": cfg.views, "channels": list(cfg.channels),
         "estimated_bits_model": model_bits,
         "estimated_bits_tables": float(tables.estimated_bits(s_te).mean()) if len(s_te) else 0.0,
         "coded_bits_mean": float(coded.mean()) if len(coded) else 0.0,

@@ -57,7 +57,7 @@ def test_more_views_per_image_are_all_positives_of_each_other():
     import taskcodec.training.objectives as objectives
     objectives.supcon_loss, saved = spy, objectives.supcon_loss
     try:
-        loss, bits = bince(m, x, x + 0.01, None, 0.1, x - 0.01)
+        loss, bits = bince(m, [x, x + 0.01, x - 0.01], None, 0.1)
     finally:
         objectives.supcon_loss = saved
     assert bits.shape[0] == 12 and torch.isfinite(loss)

@@ -1529,8 +1529,9 @@ def camera_frames(conn: sqlite3.Connection, camera_id: str, *, since_seq: int | 
 
 
 def hot_counts_sql(f: FrameFilter, interval_ms: int, by_camera: bool, with_bytes: bool = False) -> tuple[str, list]:
-    """Counts by (bucket, camera or NULL, class) of the recent part; from frames_by_time (or the primary key for named
-    cameras) alone unless ``with_bytes`` (payload sizes are in the table)."""
+    """Counts by (bucket, camera or NULL, class) of the recent part: from frames_by_time alone unless ``with_bytes``
+    (payload sizes are in the table); named cameras' rows are found through the primary key and read from the
+    table."""
     where, args = f.hot_where()
     cam = "camera_id" if by_camera else "NULL"
     extra = ", sum(length(payload))" if with_bytes else ""
@@ -1648,8 +1649,8 @@ def _split_range(since: int | None, until: int | None, units: list[int]
 
 def _count_exact(conn: sqlite3.Connection, f: FrameFilter, interval_ms: int, by_camera: bool, with_bytes: bool,
                  add) -> None:
-    """Count the frames matching ``f`` from the rows (frames_by_time, or the primary key for named cameras) and the blocks of the
-    range's hours (decoded), passing each (bucket, camera or None, class, frames, bytes) to ``add``."""
+    """Count the frames matching ``f`` from the rows (hot_counts_sql) and the blocks of the range's hours (decoded),
+    passing each (bucket, camera or None, class, frames, bytes) to ``add``."""
     sql, args = hot_counts_sql(f, interval_ms, by_camera, with_bytes)
     for row in conn.execute(sql, args):
         add(row[0], row[1], row[2], row[3], row[4] or 0 if with_bytes else 0)

@@ -10,6 +10,7 @@ Reconstruction distortion is the squared error summed over pixels in [0, 1] unit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,14 +42,13 @@ def supcon_loss(features: torch.Tensor, positives: torch.Tensor, temperature: fl
     return -((log_prob * pos).sum(1) / pos.sum(1).clamp_min(1)).mean()
 
 
-def bince(model: Compressor, view1: torch.Tensor, view2: torch.Tensor, labels: torch.Tensor | None,
-          temperature: float, *more: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bince(model: Compressor, views: Sequence[torch.Tensor], labels: torch.Tensor | None,
+          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(distortion, bits [kN]) for k >= 2 standardised views of the same N images (every view of an image is a
     positive of the others); labels enable same-class positives."""
-    views = [view1, view2, *more]
-    n, k = view1.shape[0], len(views)
-    y_hat, bits = model(torch.cat(views))
-    idx = torch.arange(k * n, device=view1.device)
+    n, k = views[0].shape[0], len(views)
+    y_hat, bits = model(torch.cat(list(views)))
+    idx = torch.arange(k * n, device=views[0].device)
     positives = (idx.view(-1, 1) % n) == (idx.view(1, -1) % n)
     if labels is not None:
         lab = labels.repeat(k)
@@ -69,10 +69,9 @@ def compute_loss(model: Compressor, x01: torch.Tensor, pos01: torch.Tensor, labe
     cfg = model.config
     beta = cfg.beta if beta is None else beta
     if cfg.objective == "bince":
-        v1 = model.standardise(aug(x01, gen))
-        v2 = model.standardise(aug(pos01, gen))
-        more = [model.standardise(aug(x01, gen)) for _ in range(cfg.views - 2)]
-        distortion, bits = bince(model, v1, v2, labels if aug.uses_labels else None, cfg.temperature, *more)
+        # the first view of each image and its positive's view (itself or a same-class image), then any more views
+        views = [model.standardise(aug(src, gen)) for src in (x01, pos01, *[x01] * (cfg.views - 2))]
+        distortion, bits = bince(model, views, labels if aug.uses_labels else None, cfg.temperature)
     else:
         view01 = aug(x01, gen)
         target = x01 if cfg.objective == "vic" else view01

@@ -52,6 +52,10 @@ def run_name(objective: str, beta: float, augmentations: str | None = None, opti
     return f"{objective}-{augmentations.replace('+', '_')}{extra}_beta{beta:g}"
 
 
+# the training-config keys a bundle row copies from its manifest for recipe() (a run's metrics.json has them)
+BUNDLE_RECIPE_KEYS = ("head_layers", "batch_size", "temperature", "beta_warmup", "conv_depth", "views")
+
+
 def recipe(row: dict) -> str:
     """What differs from the default recipe (projection head, batch 256, temperature 0.1, no rate warm-up)."""
     parts = []
@@ -170,7 +174,7 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
            **probe_accuracies(s_tr, ytr, s_te, yte, cfg.get("probe_epochs", 30), cfg.get("probe_hidden", 512)),
            "train_time_s": bundle.manifest.get("training", {}).get("metrics", {}).get("train_time_s"),
            "run": f"bundle {bundle_path}", "model_id": bundle.model_id, "data": str(parse_data(data_dir)),
-           **{k: cfg[k] for k in ("head_layers", "batch_size", "temperature", "beta_warmup", "conv_depth", "views") if k in cfg}}
+           **{k: cfg[k] for k in BUNDLE_RECIPE_KEYS if k in cfg}}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(row, indent=2))
@@ -180,7 +184,7 @@ def bundle_row(bundle_path: str | Path, data_dir: str | Path | None = None, cach
 def _bundle_series(row: dict, bundle, bundle_path) -> dict:
     """A bundle is its own point on the plot (its training protocol differs from the sweep's runs)."""
     cfg = bundle.manifest.get("training", {}).get("config", {})
-    row.update({k: cfg[k] for k in ("head_layers", "batch_size", "temperature", "beta_warmup", "conv_depth", "views") if k in cfg})
+    row.update({k: cfg[k] for k in BUNDLE_RECIPE_KEYS if k in cfg})
     row["series"] = (f"bundle {bundle.manifest.get('name', Path(bundle_path).name)}: {row['objective'].upper()} "
                      f"({row['augmentations']}{', ' + recipe(row) if recipe(row) else ''}), {row['epochs']} epochs "
                      f"on {row['n_train']}")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from taskcodec.bench.storage_counters import _seconds_of_frames
+from taskcodec.bench.storage_counters import _seconds_of_frames, _store_as_server
 from taskcodec.bench.storage_size import _sizes, _sqlite_queries
 from taskcodec.report import machine_info, machine_line, utc_now, write_json, write_text
 
@@ -51,6 +51,8 @@ def _io() -> dict[str, int]:
     """This process's write()/pwrite() calls and bytes so far (/proc/self/io: syscw, wchar)."""
     with open("/proc/self/io") as f:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
+
+
 WARMUP_S = 5
 
 
@@ -112,14 +114,9 @@ def run(out: Path, cameras: int = 1000, per_commit: int = 57, seconds: int = 30,
                 shutil.copyfile(tmp / f"t{names.index(name)}.db", db)
                 os.chmod(db, 0o600)
                 st = st_mod.SQLiteStorage(db, auto_compact=False)
-                for i in range(0, len(warm), per_commit):
-                    st.store_batches([st_mod.BatchRows(row[0], "h", [row]) for row in warm[i:i + per_commit]])
-                cpu, t_wall, io0 = 0.0, time.perf_counter(), _io()
-                for i in range(0, len(timed), per_commit):
-                    batches = [st_mod.BatchRows(row[0], "h", [row]) for row in timed[i:i + per_commit]]
-                    t = time.process_time()
-                    st.store_batches(batches)
-                    cpu += time.process_time() - t
+                _store_as_server(st, warm, per_commit, st_mod.BatchRows)
+                t_wall, io0 = time.perf_counter(), _io()
+                cpu = _store_as_server(st, timed, per_commit, st_mod.BatchRows)
                 wall = time.perf_counter() - t_wall
                 io1 = _io()
                 res.setdefault("write_calls_per_frame", {}).setdefault(name, []).append(
